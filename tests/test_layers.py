@@ -1,0 +1,210 @@
+"""Finite-difference checks of every backward function, and step-vs-sequence agreement."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from dtrain import layers
+from gradcheck import numeric_grad, rel_error
+
+RNG = np.random.default_rng(1234)
+
+
+def randn(*shape):
+    return RNG.standard_normal(shape)
+
+
+def test_rnn_step_backward():
+    N, D, H = 4, 5, 6
+    x, h, Wx, Wh, b = randn(N, D), randn(N, H), randn(D, H), randn(H, H), randn(H)
+    out, cache = layers.rnn_step_forward(x, h, Wx, Wh, b)
+    dout = randn(*out.shape)
+    grads = layers.rnn_step_backward(dout, cache)
+    for arr, g in zip((x, h, Wx, Wh, b), grads):
+        num = numeric_grad(lambda: layers.rnn_step_forward(x, h, Wx, Wh, b)[0], arr, dout)
+        assert rel_error(num, g) < 1e-7
+
+
+def test_lstm_step_backward():
+    N, D, H = 4, 5, 6
+    x, h, c = randn(N, D), randn(N, H), randn(N, H)
+    Wx, Wh, b = randn(D, 4 * H), randn(H, 4 * H), randn(4 * H)
+    nh, nc, cache = layers.lstm_step_forward(x, h, c, Wx, Wh, b)
+    dnh, dnc = randn(*nh.shape), randn(*nc.shape)
+    grads = layers.lstm_step_backward(dnh, dnc, cache)
+
+    def f_both():
+        a, b_, _ = layers.lstm_step_forward(x, h, c, Wx, Wh, b)
+        return np.concatenate([a, b_])
+
+    dboth = np.concatenate([dnh, dnc])
+    for arr, g in zip((x, h, c, Wx, Wh, b), grads):
+        num = numeric_grad(f_both, arr, dboth)
+        assert rel_error(num, g) < 1e-7
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_sequence_backward(cell):
+    N, T, D, H = 3, 5, 4, 6
+    G = 4 * H if cell == "lstm" else H
+    # weights of realistic scale (1/sqrt(fan-in)) keep the gates away from saturation,
+    # where centred differences lose digits
+    x, h0, b = randn(N, T, D), randn(N, H), 0.1 * randn(G)
+    Wx, Wh = randn(D, G) / np.sqrt(D), randn(H, G) / np.sqrt(H)
+    fwd = layers.lstm_forward if cell == "lstm" else layers.rnn_forward
+    bwd = layers.lstm_backward if cell == "lstm" else layers.rnn_backward
+    out, cache = fwd(x, h0, Wx, Wh, b)
+    dout = randn(*out.shape)
+    grads = bwd(dout, cache)
+    for arr, g in zip((x, h0, Wx, Wh, b), grads):
+        num = numeric_grad(lambda: fwd(x, h0, Wx, Wh, b)[0], arr, dout)
+        assert rel_error(num, g) < 1e-7
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_sequence_matches_steps(cell):
+    """The packed fast path equals a loop over the plain step functions."""
+    N, T, D, H = 5, 7, 6, 8
+    G = 4 * H if cell == "lstm" else H
+    x, h0, Wx, Wh, b = randn(N, T, D), randn(N, H), randn(D, G), randn(H, G), randn(G)
+    dout = randn(N, T, H)
+    if cell == "lstm":
+        h_seq, cache = layers.lstm_forward(x, h0, Wx, Wh, b)
+        seq_grads = layers.lstm_backward(dout, cache)
+    else:
+        h_seq, cache = layers.rnn_forward(x, h0, Wx, Wh, b)
+        seq_grads = layers.rnn_backward(dout, cache)
+    # step loop
+    h, c = h0, np.zeros_like(h0)
+    caches, hs = [], []
+    for t in range(T):
+        if cell == "lstm":
+            h, c, cc = layers.lstm_step_forward(x[:, t], h, c, Wx, Wh, b)
+        else:
+            h, cc = layers.rnn_step_forward(x[:, t], h, Wx, Wh, b)
+        caches.append(cc)
+        hs.append(h)
+    np.testing.assert_allclose(h_seq, np.stack(hs, axis=1), rtol=1e-13, atol=1e-14)
+    dx = np.zeros_like(x)
+    dWx, dWh, db = np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)
+    dh_next, dc_next = np.zeros_like(h0), np.zeros_like(h0)
+    for t in reversed(range(T)):
+        if cell == "lstm":
+            dx[:, t], dh_next, dc_next, a, bb, cb = layers.lstm_step_backward(
+                dout[:, t] + dh_next, dc_next, caches[t])
+        else:
+            dx[:, t], dh_next, a, bb, cb = layers.rnn_step_backward(dout[:, t] + dh_next, caches[t])
+        dWx += a
+        dWh += bb
+        db += cb
+    for got, want in zip(seq_grads, (dx, dh_next, dWx, dWh, db)):
+        assert rel_error(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_packed_variable_lengths(cell):
+    """Packed rows that stop early equal per-row full-length runs truncated."""
+    H, D = 5, 4
+    G = 4 * H if cell == "lstm" else H
+    lengths = [6, 4, 4, 1]
+    N, T = len(lengths), max(lengths)
+    x, h0, Wx, Wh, b = randn(N, T, D), randn(N, H), randn(D, G), randn(H, G), randn(G)
+    batch_sizes = [sum(L > t for L in lengths) for t in range(T)]
+    rows = [(t, n) for t in range(T) for n in range(N) if lengths[n] > t]
+    xp_ = np.stack([x[n, t] for t, n in rows])
+    dH = randn(len(rows), H)
+    fwd = layers.lstm_packed_forward if cell == "lstm" else layers.rnn_packed_forward
+    bwd = layers.lstm_packed_backward if cell == "lstm" else layers.rnn_packed_backward
+    Hp, cache = fwd(xp_, h0, Wx, Wh, b, batch_sizes)
+    Hp = Hp.copy()
+    dx_p, dh0, dWx, dWh, db = [a.copy() for a in bwd(dH, cache)]
+    # reference: full sequences with zero upstream gradient beyond each row's length
+    full_fwd = layers.lstm_forward if cell == "lstm" else layers.rnn_forward
+    full_bwd = layers.lstm_backward if cell == "lstm" else layers.rnn_backward
+    h_full, fc = full_fwd(x, h0, Wx, Wh, b)
+    dfull = np.zeros((N, T, H))
+    for k, (t, n) in enumerate(rows):
+        dfull[n, t] = dH[k]
+        np.testing.assert_allclose(Hp[k], h_full[n, t], rtol=1e-12, atol=1e-14)
+    rdx, rdh0, rdWx, rdWh, rdb = full_bwd(dfull, fc)
+    for got, want in ((dh0, rdh0), (dWx, rdWx), (dWh, rdWh), (db, rdb)):
+        assert rel_error(got, want) < 1e-12
+    for k, (t, n) in enumerate(rows):
+        np.testing.assert_allclose(dx_p[k], rdx[n, t], rtol=1e-11, atol=1e-13)
+
+
+def test_word_embedding_backward_dense_and_sparse():
+    N, T, V, D = 3, 6, 7, 4
+    x = RNG.integers(0, V, size=(N, T))
+    W = randn(V, D)
+    out, cache = layers.word_embedding_forward(x, W)
+    dout = randn(*out.shape)
+    dW = layers.word_embedding_backward(dout, cache)
+    num = numeric_grad(lambda: layers.word_embedding_forward(x, W)[0], W, dout)
+    assert rel_error(num, dW) < 1e-9
+    ids, rows = layers.word_embedding_backward(dout, cache, sparse=True)
+    assert np.all(np.diff(ids) > 0)
+    assert set(ids.tolist()) == set(x.ravel().tolist())
+    np.testing.assert_allclose(rows, dW[ids], rtol=1e-14)
+
+
+def test_temporal_affine_backward():
+    N, T, D, M = 2, 3, 4, 5
+    x, w, b = randn(N, T, D), randn(D, M), randn(M)
+    out, cache = layers.temporal_affine_forward(x, w, b)
+    dout = randn(*out.shape)
+    grads = layers.temporal_affine_backward(dout, cache)
+    for arr, g in zip((x, w, b), grads):
+        num = numeric_grad(lambda: layers.temporal_affine_forward(x, w, b)[0], arr, dout)
+        assert rel_error(num, g) < 1e-8
+
+
+def test_temporal_softmax_loss():
+    N, T, V = 5, 4, 6
+    x = randn(N, T, V)
+    y = RNG.integers(0, V, size=(N, T))
+    mask = RNG.random((N, T)) > 0.3
+    loss, dx = layers.temporal_softmax_loss(x, y, mask)
+    num = numeric_grad(lambda: layers.temporal_softmax_loss(x, y, mask)[0], x)
+    assert rel_error(num, dx) < 1e-7
+    # the packed form agrees
+    sel = mask.reshape(-1)
+    loss2, d2 = layers.softmax_cross_entropy(x.reshape(-1, V)[sel].copy(), y.reshape(-1)[sel], N)
+    assert abs(loss - loss2) < 1e-12
+    np.testing.assert_allclose(d2, dx.reshape(-1, V)[sel], rtol=1e-12, atol=1e-15)
+
+
+def test_temporal_softmax_loss_sanity():
+    """CS231n's sanity values: loss ~ 2.3, 23, 2.2 for 10 classes."""
+    def check(N, T, V, p):
+        x = 0.001 * np.random.default_rng(0).standard_normal((N, T, V))
+        y = np.random.default_rng(1).integers(V, size=(N, T))
+        mask = np.random.default_rng(2).random((N, T)) <= p
+        return layers.temporal_softmax_loss(x, y, mask)[0]
+    assert abs(check(100, 1, 10, 1.0) - 2.3) < 0.01
+    assert abs(check(100, 10, 10, 1.0) - 23.0) < 0.1
+    assert abs(check(5000, 10, 10, 0.1) - 2.3) < 0.1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stable_nonlinearities(dtype):
+    x = np.array([-1e4, -100, -20, 0, 20, 100, 1e4], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = layers.sigmoid(x)
+        p = layers.softmax_rows(np.stack([x, -x]))
+        loss, d = layers.softmax_cross_entropy(np.stack([x, -x]), np.array([0, 3]), 2)
+    assert np.all(np.isfinite(s)) and np.all(np.isfinite(p)) and np.isfinite(loss)
+    assert np.all(np.isfinite(d))
+    assert s[0] == 0 and s[-1] == 1 and abs(s[3] - 0.5) < 1e-7
+    np.testing.assert_allclose(layers.sigmoid(np.linspace(-8, 8, 17)),
+                               1 / (1 + np.exp(-np.linspace(-8, 8, 17))), rtol=1e-13)
+    # LSTM step at huge pre-activations stays finite
+    H = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h, c, _ = layers.lstm_step_forward(np.full((2, 1), 1e4, dtype), np.zeros((2, H), dtype),
+                                           np.zeros((2, H), dtype), np.full((1, 4 * H), 1.0, dtype),
+                                           np.zeros((H, 4 * H), dtype), np.zeros(4 * H, dtype))
+    assert np.all(np.isfinite(h)) and np.all(np.isfinite(c))
