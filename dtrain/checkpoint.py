@@ -206,7 +206,8 @@ def _write(group, key: str, value, where: str) -> None:
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "OUSV" or value.dtype.fields is not None:
             raise ValueError(f"save_checkpoint: {name} has unsupported dtype {value.dtype}")
-        value = np.ascontiguousarray(value)
+        if not value.flags.c_contiguous:
+            value = value.copy(order="C")
         if value.ndim and value.size:
             ds = group.create_dataset(key, data=value, fletcher32=True)
         else:
@@ -307,7 +308,7 @@ def _read_dataset(obj, path: Path, key: str):
             raise CheckpointError(
                 f"checkpoint {path}: key '{key}' has unsupported dtype {obj.dtype}"
             )
-        return obj[()] if obj.shape == () else obj[...]
+        return np.asarray(obj[...])
     raise CheckpointError(f"checkpoint {path}: key '{key}' has unknown kind {kind!r}")
 
 
