@@ -300,17 +300,22 @@ class Communicator:
             raise ValueError(
                 f"allgatherv: ranks {bad} send rows of another trailing shape or dtype than rank 0"
             )
-        row = int(np.prod(arr.shape[1:], dtype=np.int64))
-        counts = headers[:, 0] * row
-        displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        out = np.empty((int(headers[:, 0].sum()),) + arr.shape[1:], dtype=arr.dtype)
+        out = self._allgatherv_rows(arr, headers[:, 0])
+        self.comm_seconds += time.perf_counter() - t0
+        return out
+
+    def _allgatherv_rows(self, arr: np.ndarray, row_counts) -> np.ndarray:
+        """Allgatherv of a contiguous host array whose per-rank row counts are known."""
         from mpi4py.util.dtlib import from_numpy_dtype
 
+        row = int(np.prod(arr.shape[1:], dtype=np.int64))
+        counts = np.asarray(row_counts, dtype=np.int64) * row
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        out = np.empty((int(np.sum(row_counts)),) + arr.shape[1:], dtype=arr.dtype)
         mpitype = from_numpy_dtype(arr.dtype)
         self.comm.Allgatherv(
             [arr, arr.size, mpitype], [out, (counts.tolist(), displs.tolist()), mpitype]
         )
-        self.comm_seconds += time.perf_counter() - t0
         self.bytes_moved += self._ring_bytes(out.nbytes, 1)
         return out
 
@@ -384,16 +389,19 @@ class Communicator:
         xp = np
         if _is_cupy(out):
             import cupy as xp
-        all_ids = xp.asarray(self.allgatherv(ids.astype(np.int64) if not _is_cupy(ids) else ids))
-        all_rows = xp.asarray(self.allgatherv(rows))
         t0 = time.perf_counter()
+        # The counts are known, so no shape exchange: two Allgatherv calls.
+        host_ids = np.ascontiguousarray(ids.get() if _is_cupy(ids) else ids, dtype=np.int64)
+        host_rows = np.ascontiguousarray(rows.get() if _is_cupy(rows) else rows)
+        all_ids = xp.asarray(self._allgatherv_rows(host_ids, counts))
+        all_rows = xp.asarray(self._allgatherv_rows(host_rows, counts))
+        self.comm_seconds += time.perf_counter() - t0
         out[...] = 0
         start = 0
         for c in counts.tolist():  # rank order on every rank: bitwise identical sums
             if c:
                 out[all_ids[start : start + c]] += all_rows[start : start + c]
             start += c
-        self.comm_seconds += time.perf_counter() - t0
         return {"mode": "sparse", "bytes": est["sparse"], "rows": total}
 
     # -------------------------------------------------------------- consistency

@@ -86,3 +86,22 @@ def test_missing_mpi_library_gives_one_line_hint():
     )
     hint = [ln for ln in res.stdout.splitlines() if ln.startswith("HINT")]
     assert hint and "pip install mpich" in hint[0], res.stdout + res.stderr
+
+
+def _gpu_available():
+    try:
+        from dtrain.backend import gpu_available
+
+        return gpu_available()
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_cupy_collectives(nprocs):
+    res = run_job(nprocs, "cupy_suite.py", timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"OK cupy size={nprocs}" in res.stdout
