@@ -8,7 +8,6 @@ rank keeps data-parallel replicas identical.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 

@@ -1,0 +1,75 @@
+"""Fused CPU kernels against the plain xp reference."""
+
+import numpy as np
+import pytest
+
+from dtrain import kernels, layers
+from dtrain.model import CaptioningModel
+from dtrain.optim import Adam
+
+numba = pytest.importorskip("numba")
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-4)])
+def test_model_with_kernels_matches_plain(cell, dtype, tol):
+    rng = np.random.default_rng(0)
+    w2i = {"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3, **{f"w{i}": i for i in range(4, 50)}}
+    fast = CaptioningModel(w2i, input_dim=16, wordvec_dim=12, hidden_dim=20, cell_type=cell,
+                           dtype=dtype, seed=1, use_kernels=True)
+    plain = CaptioningModel(w2i, input_dim=16, wordvec_dim=12, hidden_dim=20, cell_type=cell,
+                            dtype=dtype, seed=1, use_kernels=False)
+    assert fast.kernels is not None and plain.kernels is None
+    caps = np.zeros((11, 13), np.int32)
+    for n in range(11):
+        L = rng.integers(1, 11)
+        caps[n, 0], caps[n, 1 : L + 1], caps[n, L + 1] = 1, rng.integers(3, 50, L), 2
+    caps[3, 2] = 0
+    feats = rng.standard_normal((11, 16))
+    lf, gf = fast.loss(feats, caps)
+    lp, gp = plain.loss(feats, caps)
+    assert abs(lf - lp) <= tol * abs(lp)
+    for k in gp:
+        assert np.max(np.abs(gf[k] - gp[k])) <= tol * np.max(np.abs(gp[k])), k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_kernel_extreme_values(dtype):
+    k = kernels.CpuKernels(dtype)
+    scores = np.array([[1e4, -1e4, 0.0], [0.0, 0.0, 0.0], [-50, 50, 3]], dtype=dtype)
+    targets = np.array([1, 2, 0])
+    ref_loss, ref_d = layers.softmax_cross_entropy(scores.copy(), targets, 3)
+    s = scores.copy()
+    loss = k.softmax_cross_entropy(s, targets, 3)
+    assert np.isfinite(loss) and np.all(np.isfinite(s))
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    np.testing.assert_allclose(s, ref_d, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_kernel_matches_plain(dtype):
+    rng = np.random.default_rng(3)
+    n = 5000
+    p1 = rng.standard_normal(n).astype(dtype)
+    p2 = p1.copy()
+    a1 = Adam(n, lr=3e-3, dtype=dtype, kernels=kernels.CpuKernels(dtype))
+    a2 = Adam(n, lr=3e-3, dtype=dtype)
+    for _ in range(4):
+        g = rng.standard_normal(n).astype(dtype)
+        a1.step(p1, g)
+        a2.step(p2, g)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(p1, p2, rtol=tol, atol=tol)
+    np.testing.assert_allclose(a1.m, a2.m, rtol=tol, atol=tol)
+
+
+def test_lstm_kernel_saturated_gates_finite():
+    k = kernels.CpuKernels(np.float32)
+    H = 4
+    a = np.full((2, 4 * H), 1e4, np.float32)
+    a[1] = -1e4
+    r = np.zeros_like(a)
+    c, tc, h = (np.empty((2, H), np.float32) for _ in range(3))
+    k.lstm_step_forward(a, r, np.zeros((2, H), np.float32), c, tc, h)
+    assert np.all(np.isfinite(h)) and np.all(np.isfinite(c))
+    assert np.all(a[0] == 1.0) and np.all(a[1, : 3 * H] == 0.0)
