@@ -425,7 +425,7 @@ class Communicator:
         bad = [r for r in range(self.size) if not np.array_equal(table[r], table[0])]
         if bad:
             sums = table[:, 1].view(np.float64)
-            detail = ", ".join(f"rank {r} sum {sums[r]!r}" for r in [0] + bad[:4])
+            detail = ", ".join(f"rank {r} sum {float(sums[r])!r}" for r in [0] + bad[:4])
             raise DivergenceError(
                 f"{what} diverged across ranks: rank(s) {bad} differ from rank 0 ({detail})"
             )
