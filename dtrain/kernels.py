@@ -24,7 +24,7 @@ import numpy as np
 _CPU = None
 
 
-def _build_cpu():
+def _build_cpu(parallel):
     from numba import njit, prange
 
     opts = {"cache": True, "fastmath": False, "nogil": True}
@@ -34,7 +34,7 @@ def _build_cpu():
         # logistic through tanh: stable for any finite x (no exp overflow)
         return 0.5 * (1.0 + math.tanh(0.5 * x))
 
-    @njit(parallel=True, **opts)
+    @njit(parallel=parallel, **opts)
     def lstm_fwd(a, r, prev_c, c, tc, h):
         n, G = a.shape
         H = G // 4
@@ -54,7 +54,7 @@ def _build_cpu():
                 tc[row, j] = t
                 h[row, j] = o * t
 
-    @njit(parallel=True, **opts)
+    @njit(parallel=parallel, **opts)
     def lstm_bwd(d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc):
         n, G = a.shape
         H = G // 4
@@ -78,14 +78,14 @@ def _build_cpu():
                 d[row, 3 * H + j] = dc * i * (1.0 - g * g)
                 dc_rec[row, j] = dc * f
 
-    @njit(parallel=True, **opts)
+    @njit(parallel=parallel, **opts)
     def rnn_fwd(a, r):
         n, H = a.shape
         for row in prange(n):
             for j in range(H):
                 a[row, j] = math.tanh(a[row, j] + r[row, j])
 
-    @njit(parallel=True, **opts)
+    @njit(parallel=parallel, **opts)
     def rnn_bwd(d, dh_up, dh_rec, n_next, h):
         n, H = h.shape
         for row in prange(n):
@@ -97,7 +97,7 @@ def _build_cpu():
                 hv = h[row, j]
                 d[row, j] = dh * (1.0 - hv * hv)
 
-    @njit(parallel=True, **opts)
+    @njit(parallel=parallel, **opts)
     def softmax_xent(scores, targets, inv_norm, row_loss):
         M, V = scores.shape
         for row in prange(M):
@@ -118,7 +118,7 @@ def _build_cpu():
                 scores[row, k] *= scale
             scores[row, y] -= inv_norm
 
-    @njit(parallel=True, **opts)
+    @njit(parallel=parallel, **opts)
     def adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         step = lr / bias1
         inv_b2 = 1.0 / bias2
@@ -140,8 +140,9 @@ class CpuKernels:
 
     def __init__(self, dtype):
         global _CPU
+        parallel = os.environ.get("DTRAIN_PARALLEL_KERNELS", "0") == "1"
         if _CPU is None:
-            _CPU = _build_cpu()
+            _CPU = _build_cpu(parallel)
         (self._lstm_fwd, self._lstm_bwd, self._rnn_fwd, self._rnn_bwd,
          self._softmax_xent, self._adam) = _CPU
         self.dtype = np.dtype(dtype)

@@ -201,7 +201,7 @@ class CaptioningModel:
     # ------------------------------------------------------------------
     # Training loss (the fast path)
 
-    def loss(self, features, captions, normalizer=None, embed_grad="dense"):
+    def loss(self, features, captions, normalizer=None, embed_grad="dense", forward_only=False):
         """Loss and gradients of a caption batch.
 
         ``features`` (N, D) and ``captions`` (N, T+1) ids (host or device).
@@ -211,16 +211,17 @@ class CaptioningModel:
         views. With ``embed_grad="sparse"`` the W_embed gradient is left out
         of the buffer and kept in ``embed_grad_sparse`` as (ids, rows).
         """
-        xp = self.xp
         host_captions = captions if isinstance(captions, np.ndarray) else captions.get()
         packed = pack_captions(host_captions, self._null)
         normalizer = host_captions.shape[0] if normalizer is None else normalizer
-        return self.loss_packed(features, packed, normalizer, embed_grad)
+        return self.loss_packed(features, packed, normalizer, embed_grad, forward_only)
 
-    def loss_packed(self, features, packed, normalizer, embed_grad="dense"):
+    def loss_packed(self, features, packed, normalizer, embed_grad="dense", forward_only=False):
         xp, ws, dtype = self.xp, self.ws, self.dtype
         p, g = self.params, self.grads
         if not packed.batch_sizes:  # no real token anywhere: zero loss and gradient
+            if forward_only:
+                return 0.0, None
             self.grad_buffer.fill(0)
             self.embed_grad_sparse = (xp.zeros(0, np.int64), xp.zeros((0, self.wordvec_dim), dtype))
             return 0.0, self.grads
@@ -258,6 +259,8 @@ class CaptioningModel:
             dscores = scores
         else:
             loss, dscores = layers.softmax_cross_entropy(scores, targets, normalizer, dscores=scores)
+        if forward_only:
+            return float(loss), None
         xp.matmul(scored.T, dscores, out=g["W_vocab"])
         dscores.sum(axis=0, out=g["b_vocab"])
         dscored = ws.get("dscored", scored.shape, dtype, xp)
