@@ -130,7 +130,10 @@ def parse(argv: list[str]):
     p.add_argument("-m", "--module", default="dtrain", help="module to run (default: dtrain)")
     p.add_argument("--mpiexec", help="launcher (default: the mpiexec beside this Python)")
     p.add_argument(
-        "--mpiexec-arg", action="append", default=[], metavar="ARG",
+        "--mpiexec-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
         help="extra launcher argument (repeat for several)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")

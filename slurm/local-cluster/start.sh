@@ -47,7 +47,18 @@ CRED_EXPIRE=${CRED_EXPIRE:-10}
 MEM_MB=${MEM_MB:-$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 ))}
 
 mkdir -p "$SLURM_ROOT"/{munge,state,spool,log}
-chmod 755 "$SLURM_ROOT/munge"   # 700 makes munged log "Socket is inaccessible"
+# munged refuses a socket unless every directory above it is executable by
+# all ("Socket is inaccessible"): a private parent (mode 700) cannot be used.
+chmod 755 "$SLURM_ROOT" "$SLURM_ROOT/munge"
+d=$SLURM_ROOT
+while [ "$d" != / ]; do
+    d=$(dirname "$d")
+    if [ "$(( 0$(stat -c %a "$d") & 01 ))" -eq 0 ]; then
+        echo "start.sh: $d is not executable by others (mode $(stat -c %a "$d")); munged needs" \
+            "every directory above its socket to be. Choose another SLURM_ROOT." >&2
+        exit 2
+    fi
+done
 # munge key: 1024 random bytes, mode 0400, owned by the user running munged
 if [ ! -f "$SLURM_ROOT/munge/munge.key" ]; then
     dd if=/dev/urandom of="$SLURM_ROOT/munge/munge.key" bs=1024 count=1 status=none

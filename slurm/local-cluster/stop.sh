@@ -2,26 +2,47 @@
 # Stop the one-node Slurm cluster that start.sh started under $SLURM_ROOT.
 # Cancels its jobs, then ends exactly its daemons by the pids in their pid
 # files (TERM, then KILL after 10 s), plus any slurmstepd left behind by this
-# instance (one holding a file under $SLURM_ROOT open). Safe to run twice.
+# instance (one holding a file under $SLURM_ROOT open) and the job processes
+# under it. Safe to run twice.
 SLURM_ROOT=${SLURM_ROOT:-$PWD/local-slurm}
 [ -d "$SLURM_ROOT" ] || { echo "stop.sh: no $SLURM_ROOT" >&2; exit 0; }
 SLURM_ROOT=$(cd "$SLURM_ROOT" && pwd)
 export SLURM_CONF="$SLURM_ROOT/slurm.conf"
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-stop_pid() {  # pid name: TERM, wait up to 10 s, then KILL
-    local pid=$1 name=$2
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill "$pid" 2>/dev/null
-    for _ in $(seq 40); do
-        kill -0 "$pid" 2>/dev/null || { echo "stop.sh: stopped $name ($pid)"; return 0; }
-        sleep 0.25
+running() {  # pid: exists and is not a zombie (an unreaped zombie passes kill -0)
+    local line='' st=''
+    read -r line 2>/dev/null <"/proc/$1/stat" || return 1
+    read -r st _ <<<"${line##*) }"
+    [ "$st" != Z ]
+}
+alive() { [ -f "$1" ] && running "$(cat "$1")"; }
+# stop PID NAME ...: TERM them all at once, wait up to 10 s, then KILL the rest.
+stop() {
+    local pids=() names=() i
+    local comm
+    while [ $# -gt 0 ]; do
+        comm=
+        read -r comm 2>/dev/null <"/proc/$1/comm"
+        # only a live process of that name: a stale pid file may name a reused pid
+        [ "$comm" = "$2" ] && kill "$1" 2>/dev/null && { pids+=("$1"); names+=("$2"); }
+        shift 2
     done
-    kill -9 "$pid" 2>/dev/null && echo "stop.sh: killed -9 $name ($pid)"
+    for _ in $(seq 100); do
+        for i in "${!pids[@]}"; do
+            running "${pids[$i]}" && continue
+            echo "stop.sh: stopped ${names[$i]} (${pids[$i]})"
+            unset "pids[$i]"
+        done
+        [ ${#pids[@]} -eq 0 ] && return 0
+        sleep 0.1
+    done
+    for i in "${!pids[@]}"; do
+        kill -9 "${pids[$i]}" 2>/dev/null && echo "stop.sh: killed -9 ${names[$i]} (${pids[$i]})"
+    done
 }
 
 # Cancel this cluster's jobs first, so no job step outlives the daemons.
-if alive "$SLURM_ROOT/slurmctld.pid"; then
+if alive "$SLURM_ROOT/slurmctld.pid" && alive "$SLURM_ROOT/slurmd.pid"; then
     jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
     if [ -n "$jobs" ]; then
         # shellcheck disable=SC2086
@@ -32,12 +53,43 @@ if alive "$SLURM_ROOT/slurmctld.pid"; then
         done
     fi
 fi
-[ -f "$SLURM_ROOT/slurmd.pid" ] && stop_pid "$(cat "$SLURM_ROOT/slurmd.pid")" slurmd
-for d in /proc/[0-9]*; do   # orphaned slurmstepd of this instance
-    [ "$(readlink "$d/exe" 2>/dev/null)" = /usr/sbin/slurmstepd ] || continue
-    ls -l "$d/fd" 2>/dev/null | grep -q "$SLURM_ROOT" && stop_pid "${d#/proc/}" slurmstepd
+targets=()
+for f in slurmd.pid:slurmd slurmctld.pid:slurmctld munge/munged.pid:munged; do
+    [ -f "$SLURM_ROOT/${f%%:*}" ] && targets+=("$(cat "$SLURM_ROOT/${f%%:*}")" "${f##*:}")
 done
-[ -f "$SLURM_ROOT/slurmctld.pid" ] && stop_pid "$(cat "$SLURM_ROOT/slurmctld.pid")" slurmctld
-[ -f "$SLURM_ROOT/munge/munged.pid" ] && stop_pid "$(cat "$SLURM_ROOT/munge/munged.pid")" munged
+# A slurmstepd of this instance still running (slurmd died, or a job did not
+# end), and the job processes under it.
+declare -A children=()
+for stat in /proc/[0-9]*/stat; do
+    line=
+    read -r line 2>/dev/null <"$stat" || continue
+    read -r _ ppid _ <<<"${line##*) }"   # fields after "pid (comm) ": state ppid ...
+    pid=${stat#/proc/}
+    children[$ppid]+=" ${pid%/stat}"
+done
+add_tree() {  # pid: it and its descendants, with their names
+    local comm=
+    read -r comm 2>/dev/null <"/proc/$1/comm" || return 0
+    targets+=("$1" "$comm")
+    local c
+    for c in ${children[$1]:-}; do add_tree "$c"; done
+}
+for d in /proc/[0-9]*; do
+    comm=
+    read -r comm 2>/dev/null <"$d/comm" || continue   # builtins: no fork per process
+    [ "$comm" = slurmstepd ] || continue
+    running "${d#/proc/}" || continue
+    # ours: started with our SLURM_CONF, or holding a file under $SLURM_ROOT
+    if tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_ROOT/slurm.conf"; then
+        add_tree "${d#/proc/}"
+        continue
+    fi
+    for fd in "$d"/fd/*; do
+        case "$(readlink "$fd" 2>/dev/null)" in
+            "$SLURM_ROOT"/*) add_tree "${d#/proc/}"; break ;;
+        esac
+    done
+done
+[ ${#targets[@]} -gt 0 ] && stop "${targets[@]}"
 rm -f "$SLURM_ROOT/slurmd.pid" "$SLURM_ROOT/slurmctld.pid" "$SLURM_ROOT/munge/munged.pid"
 exit 0
