@@ -242,7 +242,7 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
     da = _buffer(ws, "rnn_da", (total, H), dtype, xp)
     n0 = batch_sizes[0] if batch_sizes else 0
     dh_rec = _buffer(ws, "rnn_dh_rec", (n0, H), dtype, xp)
-    dh0 = xp.zeros((h0.shape[0], H), dtype=dtype)
+    dh0 = _buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
@@ -323,7 +323,7 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
     dh = _buffer(ws, "lstm_dh", (n0, H), dtype, xp)
     dc = _buffer(ws, "lstm_dc", (n0, H), dtype, xp)
     tmp = _buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
-    dh0 = xp.zeros((h0.shape[0], H), dtype=dtype)
+    dh0 = _buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
