@@ -4,9 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
-from gradcheck import numeric_grad, rel_error
 
 from dtrain import layers
+from gradcheck import numeric_grad, rel_error
 
 RNG = np.random.default_rng(1234)
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from gradcheck import norm_error, numeric_grad
 
 from dtrain.model import CaptioningModel, pack_captions
 from dtrain.optim import Adam
+from gradcheck import norm_error, numeric_grad
 
 
 def cs231n_model(cell):

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from dtrain_run import dtrain_cmd, run_dtrain, train_losses
 
 from dtrain.checkpoint import latest_checkpoint, load_checkpoint
+from dtrain_run import dtrain_cmd, run_dtrain, train_losses
 
 SMALL = ["--batch-size", "8", "--hidden-dim", "12", "--wordvec-dim", "8", "--dtype", "float64",
          "--log-every", "1", "--eval-images", "8", "--eval-captions", "16", "--max-length", "6",

@@ -1,0 +1,45 @@
+"""The command line: config mapping, bench output (not timings), help."""
+
+import json
+
+import pytest
+
+from dtrain.cli import build_parser
+from dtrain.config import TrainConfig, config_from_args
+from dtrain_run import run_dtrain
+
+
+def test_flags_map_onto_config():
+    args = build_parser().parse_args(["train", "--batch-size", "64", "--cell", "rnn", "--lr", "0.01",
+                                      "--steps", "5", "--resume", "--threads-per-rank", "3", "--debug"])
+    cfg = config_from_args(args)
+    assert cfg == TrainConfig(batch_size=64, cell="rnn", lr=0.01, steps=5, resume="latest",
+                              threads_per_rank=3, debug=True)
+    assert cfg.total_steps(100) == 5
+    assert TrainConfig(epochs=1.5).total_steps(100) == 150
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr-decay", "0"), ("--log-every", "0")])
+def test_invalid_values_name_the_flag(flag, value):
+    args = build_parser().parse_args(["train", flag, value])
+    with pytest.raises(ValueError, match=flag):
+        config_from_args(args)
+
+
+def test_bench_reports_fields(tmp_path):
+    out = tmp_path / "b.json"
+    p = run_dtrain(None, "bench", "-N", 8, "-T", 16, "-D", 16, "-W", 8, "-H", 16, "-V", 40,
+                   "--steps", 3, "--warmup", 1, "--json", out, timeout=120)
+    assert "ms/step" in p.stdout and "tokens/s" in p.stdout and "BLAS" in p.stdout
+    r = json.loads(out.read_text())
+    assert r["median_ms"] > 0 and r["tokens_per_s"] > 0 and r["gflops"] > 0
+    assert 0.5 < r["real_token_fraction"] < 1.0
+
+
+def test_bench_under_mpiexec_reports_communication(tmp_path):
+    out = tmp_path / "b.json"
+    run_dtrain(None, "bench", "--ranks", 2, "-N", 8, "-T", 6, "-D", 16, "-W", 8, "-H", 16, "-V", 40,
+               "--steps", 3, "--warmup", 1, "--json", out, "--embed-reduce", "sparse", timeout=120)
+    r = json.loads(out.read_text())
+    assert r["ranks"] == 2 and r["embed_reduce"] == "sparse" and r["bytes_per_step"] > 0
+    assert 0 <= r["comm_share"] < 1
