@@ -94,11 +94,14 @@ def _vocab(V):
     return w
 
 
-def _torch_step_factory(args, threads, features, captions):
+def _torch_step_factory(args, threads, features, captions, device="cpu"):
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
+    if device != "cpu":  # exact float32 on both sides: no TF32 in cuBLAS/cuDNN (dtrain uses none)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(args.seed)
     tdtype = torch.float32 if args.dtype == "float32" else torch.float64
     V, W, H, D = args.vocab_size, args.wordvec_dim, args.hidden_dim, args.input_dim
@@ -122,10 +125,10 @@ def _torch_step_factory(args, threads, features, captions):
                 out, _ = self.rnn(x, h0)
             return self.vocab(out)
 
-    model = TorchCaptioner().to(tdtype)
+    model = TorchCaptioner().to(tdtype).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    feats = torch.from_numpy(features).to(tdtype)
-    caps = torch.from_numpy(captions.astype(np.int64))
+    feats = torch.from_numpy(features).to(tdtype).to(device)
+    caps = torch.from_numpy(captions.astype(np.int64)).to(device)
     cin, cout = caps[:, :-1], caps[:, 1:]
     N = caps.shape[0]
 
@@ -157,7 +160,11 @@ def run_bench(args):
     from .optim import Adam
 
     comm = Communicator()
-    device = backend.resolve_device(args.device)
+    try:
+        device = backend.resolve_device(args.device)
+    except backend.DeviceError as exc:
+        print(f"dtrain: error: {exc}", file=sys.stderr)
+        return 2
     xp = backend.select(device, comm.local_rank)
     threads = args.threads or max(1, (os.cpu_count() or 1) // comm.local_size)
     try:
@@ -178,6 +185,25 @@ def run_bench(args):
     model = CaptioningModel(_vocab(args.vocab_size), args.input_dim, args.wordvec_dim,
                             args.hidden_dim, args.cell, dtype=dtype, seed=args.seed, xp=xp,
                             use_kernels=not args.no_kernels)
+    if device == "gpu":
+        from .gpu_graph import print_gpu_lines, run_gpu_bench
+
+        factory = None
+        if args.compare_torch and comm.size == 1:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                print("--compare-torch: PyTorch is not importable", file=sys.stderr)
+                return 2
+            factory = lambda: _torch_step_factory(args, threads, features, captions, device="cuda")  # noqa: E731
+        result = run_gpu_bench(args, comm, model, features, captions, my_feats, my_caps, factory)
+        if comm.is_root:
+            print_result(result)
+            print_gpu_lines(result)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
+        return 0
     from . import kernels as kernel_mod
 
     opt = Adam(model.num_params, xp=xp, dtype=dtype,

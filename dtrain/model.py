@@ -137,6 +137,88 @@ def pack_captions(captions, null_idx):
     )
 
 
+@dataclass
+class FixedBatch:
+    """A caption batch in the fixed-shape layout (the GPU graph mode).
+
+    Every one of the N rows runs all T steps, T being the batch's longest
+    caption, so a step's shapes depend on (N, T) alone and one captured CUDA
+    graph per shape replays every batch of that shape. Arrays are time-major
+    (position t*N + n), int32, and of fixed length M = T*N: every position is
+    scored and ``weights`` (1 real target, 0 padding) masks the loss inside
+    the softmax kernel. The embedding gradient is summed per word over the
+    positions inside a caption: ``order`` lists them grouped by word (stable),
+    word s's group is order[seg_start[s]:seg_start[s+1]], ``ids[s]`` its word;
+    the unused tail (s >= num_ids) holds empty segments with id -1.
+    """
+
+    N: int
+    T: int
+    words: np.ndarray  # (M,) input word per position
+    targets: np.ndarray  # (M,) target word per position
+    weights: np.ndarray  # (M,) 1.0 where the target is a real token, else 0.0
+    order: np.ndarray  # (M,) positions grouped by input word; tail unused
+    seg_start: np.ndarray  # (M+1,) start of each word's group in ``order``
+    ids: np.ndarray  # (M,) word of each group, -1 for the unused tail
+    num_ids: int
+    num_tokens: int
+
+
+def fixed_batch(captions, null_idx, dtype=np.float32):
+    """Lay out (N, T+1) caption ids (host NumPy) for the fixed-shape mode."""
+    captions = np.asarray(captions)
+    N = captions.shape[0]
+    cin, cout = captions[:, :-1], captions[:, 1:]
+    mask = cout != null_idx
+    has_token = mask.any(axis=1)
+    lengths = np.where(has_token, cin.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
+    T = max(1, int(lengths.max()) if N else 1)
+    M = T * N
+    words = np.ascontiguousarray(cin[:, :T].T, dtype=np.int32).reshape(M)
+    targets = np.ascontiguousarray(cout[:, :T].T, dtype=np.int32).reshape(M)
+    weights = np.ascontiguousarray(mask[:, :T].T, dtype=dtype).reshape(M)
+    inside = (np.arange(T)[:, None] < lengths[None, :]).reshape(M)
+    pos = np.flatnonzero(inside)
+    grouped = pos[np.argsort(words[pos], kind="stable")]
+    sorted_words = words[grouped]
+    starts = np.flatnonzero(np.r_[True, sorted_words[1:] != sorted_words[:-1]]) if pos.size else pos[:0]
+    S = starts.size
+    order = np.zeros(M, dtype=np.int32)
+    order[: pos.size] = grouped
+    seg_start = np.full(M + 1, pos.size, dtype=np.int32)
+    seg_start[:S] = starts
+    ids = np.full(M, -1, dtype=np.int32)
+    ids[:S] = sorted_words[starts]
+    return FixedBatch(N=N, T=T, words=words, targets=targets, weights=weights, order=order,
+                      seg_start=seg_start, ids=ids, num_ids=int(S), num_tokens=int(mask.sum()))
+
+
+def _masked_softmax_xp(scores, targets, weights, normalizer, row_loss):
+    """Plain xp reference of the masked softmax kernel (in place in ``scores``)."""
+    xp = _module_of(scores)
+    rows = xp.arange(scores.shape[0])
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    target_logit = shifted[rows, targets]
+    xp.exp(shifted, out=scores)
+    sums = scores.sum(axis=1)
+    row_loss[...] = (xp.log(sums) - target_logit) * weights
+    scores /= sums[:, None]
+    scores[rows, targets] -= 1.0
+    scores *= (weights / normalizer)[:, None]
+
+
+def _embedding_grad_segments_xp(dx, order, seg_start, ids, rows, dense):
+    """Plain xp reference of the per-word embedding gradient sums."""
+    xp = _module_of(dx)
+    counts = seg_start[1:] - seg_start[:-1]
+    segment = xp.repeat(xp.arange(ids.shape[0]), counts.tolist() if xp is not np else counts)
+    rows.fill(0)
+    xp.add.at(rows, segment, dx[order[: segment.shape[0]]])
+    dense.fill(0)
+    real = ids >= 0
+    dense[ids[real]] = rows[real]
+
+
 class CaptioningModel:
     """CS231n CaptioningRNN with a flat parameter buffer and a packed fast path."""
 
@@ -281,6 +363,60 @@ class CaptioningModel:
             g["W_embed"].fill(0)
             g["W_embed"][ids] = rows
         return float(loss), self.grads
+
+    # ------------------------------------------------------------------
+    # Fixed-shape mode (GPU): every row for all T steps, so CUDA graphs replay
+
+    def loss_fixed(self, features, batch, normalizer, ws=None, loss_out=None):
+        """Loss and gradients of a :class:`FixedBatch` whose arrays are on this
+        model's device: all N rows run all T steps, every position is scored and
+        the 0/1 weights mask the loss. Same mathematics as :meth:`loss`; no
+        device synchronisation and no data-dependent shape, so the call can be
+        captured as a CUDA graph. Returns (loss, grads) with the loss a 0-d
+        float64 array left on the device (``loss_out`` if given). Both the dense
+        W_embed gradient and the row-sparse ``embed_grad_sparse`` are filled.
+        """
+        xp, dtype, kern = self.xp, self.dtype, self.kernels
+        ws = self.ws if ws is None else ws
+        p, g = self.params, self.grads
+        N, T = batch.N, batch.T
+        M, H = N * T, self.hidden_dim
+        h0 = ws.get("fx_h0", (N, H), dtype, xp)
+        xp.matmul(features, p["W_proj"], out=h0)
+        h0 += p["b_proj"]
+        x = ws.get("fx_embed", (M, self.wordvec_dim), dtype, xp)
+        xp.take(p["W_embed"], batch.words, axis=0, out=x)
+        forward = layers.lstm_packed_forward if self.cell_type == "lstm" else layers.rnn_packed_forward
+        backward = layers.lstm_packed_backward if self.cell_type == "lstm" else layers.rnn_packed_backward
+        hidden, cache = forward(x, h0, p["Wx"], p["Wh"], p["b"], [N] * T, ws, kern)
+
+        scores = ws.get("fx_scores", (M, self.vocab_size), dtype, xp)
+        xp.matmul(hidden, p["W_vocab"], out=scores)
+        scores += p["b_vocab"]
+        row_loss = ws.get("fx_row_loss", (M,), np.float64, xp)
+        if hasattr(kern, "softmax_cross_entropy_masked"):
+            kern.softmax_cross_entropy_masked(scores, batch.targets, batch.weights, normalizer, row_loss)
+        else:
+            _masked_softmax_xp(scores, batch.targets, batch.weights, normalizer, row_loss)
+        loss = ws.get("fx_loss", (), np.float64, xp) if loss_out is None else loss_out
+        row_loss.sum(out=loss)
+        xp.divide(loss, normalizer, out=loss)
+
+        xp.matmul(hidden.T, scores, out=g["W_vocab"])
+        scores.sum(axis=0, out=g["b_vocab"])
+        dhidden = ws.get("fx_dhidden", (M, H), dtype, xp)
+        xp.matmul(scores, p["W_vocab"].T, out=dhidden)
+        dx, dh0, *_ = backward(dhidden, cache, ws, kern, out=(g["Wx"], g["Wh"], g["b"]))
+        xp.matmul(features.T, dh0, out=g["W_proj"])
+        dh0.sum(axis=0, out=g["b_proj"])
+
+        rows = ws.get("fx_embed_rows", (M, self.wordvec_dim), dtype, xp)
+        if hasattr(kern, "embedding_grad_segments"):
+            kern.embedding_grad_segments(dx, batch.order, batch.seg_start, batch.ids, rows, g["W_embed"])
+        else:
+            _embedding_grad_segments_xp(dx, batch.order, batch.seg_start, batch.ids, rows, g["W_embed"])
+        self.embed_grad_sparse = (batch.ids[: batch.num_ids], rows[: batch.num_ids])
+        return loss, self.grads
 
     # ------------------------------------------------------------------
     # The plain computation (CS231n layer by layer), the reference for tests

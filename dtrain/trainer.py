@@ -107,6 +107,14 @@ class Trainer:
 
         self.adam = Adam(self.model.num_params, lr=cfg.lr, xp=self.xp, dtype=self.model.dtype,
                          kernels=kernels.for_arrays(self.xp, self.model.dtype))
+        # GPU: the fixed-shape step, one CUDA graph per batch shape (gpu_graph.py); on one
+        # rank Adam is inside the graph and the loss stays on the device until logged
+        self.gpu_step = None
+        if device == "gpu":
+            from .gpu_graph import GpuTrainStep
+
+            self.gpu_step = GpuTrainStep(self.model, self.adam, graphs=not os.environ.get("DTRAIN_NO_GRAPHS"))
+        self.loss_on_device = self.gpu_step is not None and comm.size == 1
         try:
             self.sampler = ShardedSampler(self.train_split.num_captions, cfg.batch_size, comm.rank,
                                           comm.size, cfg.seed, cfg.replacement)
@@ -172,6 +180,10 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         self.log(self.banner())
+        if self.gpu_step is not None:
+            from .gpu_graph import reduce_path
+
+            self.log(f"gpu step: {self.gpu_step.describe()}; gradient reduce: {reduce_path(comm)}")
         B = cfg.batch_size
         dense_embed = comm.size == 1 or cfg.embed_reduce == "dense"
         interval = {"loss": 0.0, "tokens": 0.0, "steps": 0, "time": 0.0, "comm": 0.0, "bytes": 0,
@@ -183,10 +195,15 @@ class Trainer:
             epoch = self.sampler.epoch
             idx = self.sampler.next_shard()
             captions, features = self.train_split.batch(idx)
-            features = backend.to_device(features, xp)
             lr = cfg.lr * cfg.lr_decay ** epoch
-            loss, _ = model.loss(features, captions, normalizer=B,
-                                 embed_grad="dense" if dense_embed else "sparse")
+            if self.gpu_step is not None:  # batch in through pinned memory, one graph replay
+                loss = self.gpu_step.forward_backward(features, captions, B, lr, fuse_adam=comm.size == 1)
+                if comm.size > 1:
+                    loss = float(loss)  # the gradient reduce below synchronises anyway
+            else:
+                features = backend.to_device(features, xp)
+                loss, _ = model.loss(features, captions, normalizer=B,
+                                     embed_grad="dense" if dense_embed else "sparse")
             tokens = int((captions[:, 1:] != model._null).sum())
             if cfg.debug:
                 self._debug_checks(loss, features, captions, first=self.step == start_step)
@@ -208,7 +225,8 @@ class Trainer:
             else:
                 stop = self.stop_signal is not None
             comm_s = time.perf_counter() - t1
-            self.adam.step(model.param_buffer, model.grad_buffer, lr=lr)
+            if not self.loss_on_device:  # (one GPU rank: Adam ran inside the step's graph)
+                self.adam.step(model.param_buffer, model.grad_buffer, lr=lr)
             self.step += 1
             dt = time.perf_counter() - t0
 
@@ -219,8 +237,9 @@ class Trainer:
             interval["comm"] += comm_s
             interval["bytes"] += comm.bytes_moved
             interval["modes"][mode] = interval["modes"].get(mode, 0) + 1
-            self.history["step"].append(self.step)
-            self.history["loss"].append(loss)
+            if not self.loss_on_device:  # a device loss is recorded when it is logged
+                self.history["step"].append(self.step)
+                self.history["loss"].append(loss)
             if cfg.debug:
                 print(f"[rank {comm.rank}] step {self.step}: compute {1e3 * (t1 - t0):.1f} ms, "
                       f"comm {1e3 * comm_s:.1f} ms, total {1e3 * dt:.1f} ms", flush=True)
@@ -310,7 +329,10 @@ class Trainer:
         done = self.step - start_step
         elapsed = time.perf_counter() - run_start
         eta = elapsed / max(done, 1) * (self.total_steps - self.step)
-        loss = iv["loss"] / iv["steps"]
+        loss = float(iv["loss"]) / iv["steps"]  # on one GPU: the one copy of the loss out
+        if self.loss_on_device:
+            self.history["step"].append(self.step)
+            self.history["loss"].append(loss)
         epoch = self.step / self.sampler.steps_per_epoch
         mode = max(iv["modes"], key=iv["modes"].get) if iv["modes"] else "local"
         self.log(f"step {self.step:>6}/{self.total_steps} | epoch {epoch:6.2f} | loss {loss:7.4f} | "
