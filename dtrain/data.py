@@ -80,15 +80,18 @@ def validate_vocab(word_to_idx, idx_to_word, path="vocabulary") -> tuple[dict[st
         raise _fail(path, "idx_to_word", "a list of words", "no such key")
     if word_to_idx is None:
         raise _fail(path, "word_to_idx", "a word -> index object", "no such key")
-    if not isinstance(idx_to_word, list) or not all(isinstance(w, str) for w in idx_to_word):
+    if not isinstance(idx_to_word, list):
         raise _fail(path, "idx_to_word", "a list of strings", type(idx_to_word).__name__)
+    for i, w in enumerate(idx_to_word):
+        if not isinstance(w, str):
+            raise _fail(path, "idx_to_word", "a list of strings", f"{w!r} at index {i}")
     if not isinstance(word_to_idx, dict) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in word_to_idx.values()
     ):
         raise _fail(path, "word_to_idx", "an object of word -> integer", "other values")
     for tok in SPECIAL_TOKENS:
         if tok not in word_to_idx:
-            raise _fail(path, "word_to_idx", f"the special token {tok}", "it missing")
+            raise _fail(path, "word_to_idx", f"the special token {tok}", "no entry for it")
     if len(word_to_idx) != len(idx_to_word):
         raise _fail(path, "word_to_idx", f"{len(idx_to_word)} entries (as idx_to_word)",
                     len(word_to_idx))
