@@ -59,10 +59,11 @@ def _final_step(ckpt_dir):
 
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
-    from dtrain.synthetic import write_synthetic
-
+    """The built-in data set, small: `python -m dtrain data synth`."""
     out = tmp_path_factory.mktemp("synth")
-    write_synthetic(out, train_images=400, val_images=50, seed=0)
+    cmd = [sys.executable, "-m", "dtrain", "data", "synth", "--out", str(out)]
+    cmd += ["--train-images", "400", "--val-images", "50"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     return out
 
 
