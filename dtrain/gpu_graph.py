@@ -21,6 +21,7 @@ Where capture is not supported the same code runs eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import statistics
 import time
@@ -114,6 +115,14 @@ class GpuTrainStep:
         self._done = cupy.cuda.Event(disable_timing=True)
         self.ev_start = cupy.cuda.Event()
         self.ev_end = cupy.cuda.Event()
+        self.matmul = None
+        try:
+            from .gpu_kernels import CublasMatmul
+
+            self.matmul = CublasMatmul(self.stream)
+        except Exception as exc:  # no direct cuBLAS: CuPy's matmul cannot be captured
+            self.fallback_reason = f"direct cuBLAS unavailable: {type(exc).__name__}: {exc}"
+            self.use_graphs = False
 
     def describe(self) -> str:
         if self.use_graphs:
@@ -123,6 +132,18 @@ class GpuTrainStep:
         return "eager launches"
 
     # ------------------------------------------------------------------ the step
+    @contextlib.contextmanager
+    def _capturable_matmul(self):
+        """``cupy.matmul`` is our direct cuBLAS gemm while the step runs (see
+        gpu_kernels.CublasMatmul: CuPy's own refuses to be captured)."""
+        cp, saved = self.cp, self.cp.matmul
+        if self.matmul is not None:
+            cp.matmul = self.matmul
+        try:
+            yield
+        finally:
+            cp.matmul = saved
+
     def _body(self, st):
         model, adam = self.model, self.adam
         model.loss_fixed(st.dev["features"], st.batch, st.normalizer, ws=st.ws, loss_out=st.loss)
@@ -133,7 +154,7 @@ class GpuTrainStep:
     def _capture(self, st):
         cp, s = self.cp, self.stream
         try:
-            with cp.cuda.using_allocator(st.pool.malloc):
+            with cp.cuda.using_allocator(st.pool.malloc), self._capturable_matmul():
                 s.begin_capture()
                 try:
                     self._body(st)
@@ -191,7 +212,7 @@ class GpuTrainStep:
                 st.graph.launch(s)
                 self.replays += 1
             else:
-                with cp.cuda.using_allocator(st.pool.malloc):
+                with cp.cuda.using_allocator(st.pool.malloc), self._capturable_matmul():
                     self._body(st)
                 self.eager_runs += 1
                 if st.rows is None:  # the (M, W) buffer loss_fixed sums the embedding rows into
