@@ -132,7 +132,7 @@ def test_default_size_generates_in_under_a_minute(tmp_path):
         assert data.split("train").num_images == 20000 and data.split("val").num_images == 2000
 
 
-def _train_bleu4(data, shuffle_features, steps=500, batch=64):
+def _train_bleu4(data, shuffle_features, steps=500, batch=64, lr=5e-3, hidden=64):
     """Train a small captioner on the synthetic train split, return val BLEU-4."""
     from dtrain.model import CaptioningModel
     from dtrain.optim import Adam
@@ -145,8 +145,8 @@ def _train_bleu4(data, shuffle_features, steps=500, batch=64):
     if "use_kernels" in inspect.signature(CaptioningModel).parameters:
         kwargs["use_kernels"] = False  # plain NumPy: fastest here for this tiny model
     model = CaptioningModel(data.word_to_idx, input_dim=data.feature_dim, wordvec_dim=32,
-                            hidden_dim=64, cell_type="rnn", dtype=np.float32, seed=0, **kwargs)
-    opt = Adam(model.param_buffer.size, lr=5e-3, xp=np)
+                            hidden_dim=hidden, cell_type="rnn", dtype=np.float32, seed=0, **kwargs)
+    opt = Adam(model.param_buffer.size, lr=lr, xp=np)
     sampler = ShardedSampler(train.num_captions, batch, seed=0)
     for _ in range(steps):
         idx = sampler.next_shard()
@@ -166,4 +166,4 @@ def test_learnable_from_the_features(tmp_path):
         seeing = _train_bleu4(data, shuffle_features=False)
         blind = _train_bleu4(data, shuffle_features=True)
     print(f"val BLEU-4: with features {seeing:.3f}, features shuffled {blind:.3f}")
-    assert seeing > blind + 0.05 and seeing > 1.5 * blind, (seeing, blind)
+    assert seeing > blind + 0.08 and seeing > 2 * blind, (seeing, blind)
