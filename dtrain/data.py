@@ -230,6 +230,8 @@ class Split:
             return self._memory[rows]
         if self._ds is None:
             raise ValueError(f"{self.name} split is closed")
+        if rows.size == 0:
+            return np.empty((0, self.feature_dim), np.float32)
         # HDF5 point selections must be increasing: read each needed row once, in order.
         unique, inverse = np.unique(rows, return_inverse=True)
         block = _read(self._ds, self._features_path, "features", unique)
@@ -384,7 +386,7 @@ class CocoData:
                 f"({len(np.unique(s.image_idxs))} captioned), {s.captions.shape[1]} slots, "
                 f"words/caption {lengths.min() if lengths.size else 0}-"
                 f"{lengths.max() if lengths.size else 0} (mean {lengths.mean() if lengths.size else 0:.1f}), "
-                f"<UNK> {100 * unk_frac:.2f}%, features {'in memory' if s.in_memory else 'read per batch'}")
+                f"<UNK> {100 * unk_frac:.2f}%")
             if s.num_captions:
                 lines.append(f"    e.g. \"{decode_captions(s.captions[0], self.idx_to_word)}\"")
         return "\n".join(lines)

@@ -112,6 +112,9 @@ def test_reader_round_trip(layout, budget):
             out = s.features(rows)
             assert out.dtype == np.float32
             np.testing.assert_array_equal(out, feats[rows])
+            assert s.features([]).shape == (0, 6)
+            with pytest.raises(IndexError):
+                s.features([len(feats)])
             sel = np.array([5, 2, 2, 0])
             c, f = s.batch(sel)
             np.testing.assert_array_equal(c, caps[sel])
