@@ -387,28 +387,32 @@ def _from_packed(p, N, T):
     return xp.ascontiguousarray(p.reshape(T, N, -1).transpose(1, 0, 2))
 
 
-def rnn_forward(x, h0, Wx, Wh, b):
+def _full_sequence_forward(packed_forward, x, h0, Wx, Wh, b):
     N, T, _ = x.shape
-    Hp, core = rnn_packed_forward(_to_packed(x), h0, Wx, Wh, b, [N] * T)
+    Hp, core = packed_forward(_to_packed(x), h0, Wx, Wh, b, [N] * T)
     return _from_packed(Hp, N, T), (core, N, T)
+
+
+def _full_sequence_backward(packed_backward, dh, cache):
+    core, N, T = cache
+    dx_p, dh0, dWx, dWh, db = packed_backward(_to_packed(dh), core)
+    return _from_packed(dx_p, N, T), dh0, dWx, dWh, db
+
+
+def rnn_forward(x, h0, Wx, Wh, b):
+    return _full_sequence_forward(rnn_packed_forward, x, h0, Wx, Wh, b)
 
 
 def rnn_backward(dh, cache):
-    core, N, T = cache
-    dx_p, dh0, dWx, dWh, db = rnn_packed_backward(_to_packed(dh), core)
-    return _from_packed(dx_p, N, T), dh0, dWx, dWh, db
+    return _full_sequence_backward(rnn_packed_backward, dh, cache)
 
 
 def lstm_forward(x, h0, Wx, Wh, b):
-    N, T, _ = x.shape
-    Hp, core = lstm_packed_forward(_to_packed(x), h0, Wx, Wh, b, [N] * T)
-    return _from_packed(Hp, N, T), (core, N, T)
+    return _full_sequence_forward(lstm_packed_forward, x, h0, Wx, Wh, b)
 
 
 def lstm_backward(dh, cache):
-    core, N, T = cache
-    dx_p, dh0, dWx, dWh, db = lstm_packed_backward(_to_packed(dh), core)
-    return _from_packed(dx_p, N, T), dh0, dWx, dWh, db
+    return _full_sequence_backward(lstm_packed_backward, dh, cache)
 
 
 # ---------------------------------------------------------------------------
