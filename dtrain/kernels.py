@@ -58,6 +58,8 @@ def _build_cpu(parallel):
     def lstm_bwd(d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc):
         n, G = a.shape
         H = G // 4
+        dt = a.dtype.type  # constants in the array's dtype: no float64 promotion
+        one = dt(1.0)
         for row in prange(n):
             carried = row < n_next
             for j in range(H):
@@ -67,15 +69,15 @@ def _build_cpu(parallel):
                 g = a[row, 3 * H + j]
                 t = tc[row, j]
                 dh = dh_up[row, j]
-                dc = 0.0
+                dc = dt(0.0)
                 if carried:
                     dh += dh_rec[row, j]
                     dc = dc_rec[row, j]
-                dc += dh * o * (1.0 - t * t)
-                d[row, j] = dc * g * i * (1.0 - i)
-                d[row, H + j] = dc * prev_c[row, j] * f * (1.0 - f)
-                d[row, 2 * H + j] = dh * t * o * (1.0 - o)
-                d[row, 3 * H + j] = dc * i * (1.0 - g * g)
+                dc += dh * o * (one - t * t)
+                d[row, j] = dc * g * i * (one - i)
+                d[row, H + j] = dc * prev_c[row, j] * f * (one - f)
+                d[row, 2 * H + j] = dh * t * o * (one - o)
+                d[row, 3 * H + j] = dc * i * (one - g * g)
                 dc_rec[row, j] = dc * f
 
     @njit(parallel=parallel, **opts)
@@ -118,17 +120,24 @@ def _build_cpu(parallel):
                 scores[row, k] *= scale
             scores[row, y] -= inv_norm
 
-    @njit(parallel=parallel, **opts)
+    # Adam is memory-bound: keep its arithmetic in the buffer's dtype (no float64
+    # promotion) and let LLVM vectorise the sqrt and division (fastmath), which
+    # nearly halves its time in float32; float64 runs stay float64.
+    @njit(parallel=parallel, cache=True, nogil=True, fastmath=True)
     def adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2):
-        step = lr / bias1
-        inv_b2 = 1.0 / bias2
+        dt = p.dtype.type
+        step = dt(lr / bias1)
+        inv_b2 = dt(1.0 / bias2)
+        c1, c1m = dt(b1), dt(1.0 - b1)
+        c2, c2m = dt(b2), dt(1.0 - b2)
+        e = dt(eps)
         for k in prange(p.size):
             gk = g[k]
-            mk = b1 * m[k] + (1.0 - b1) * gk
-            vk = b2 * v[k] + (1.0 - b2) * gk * gk
+            mk = c1 * m[k] + c1m * gk
+            vk = c2 * v[k] + c2m * gk * gk
             m[k] = mk
             v[k] = vk
-            p[k] -= step * mk / (math.sqrt(vk * inv_b2) + eps)
+            p[k] -= step * mk / (np.sqrt(vk * inv_b2) + e)
 
     @njit(parallel=parallel, **opts)
     def lstm_preact(a, r):
@@ -137,39 +146,45 @@ def _build_cpu(parallel):
         # tanh(z) = 2 / (1 + e^-2z) - 1, with no overflow anywhere
         n, G = a.shape
         H = G // 4
+        dt = a.dtype.type  # constants in the array's dtype: no float64 promotion
+        lim, two = dt(80.0), dt(2.0)
         for row in prange(n):
             for j in range(3 * H):
                 z = -(a[row, j] + r[row, j])
-                a[row, j] = min(max(z, -80.0), 80.0)
+                a[row, j] = min(max(z, -lim), lim)
             for j in range(3 * H, G):
-                z = -2.0 * (a[row, j] + r[row, j])
-                a[row, j] = min(max(z, -80.0), 80.0)
+                z = -two * (a[row, j] + r[row, j])
+                a[row, j] = min(max(z, -lim), lim)
 
     @njit(parallel=parallel, **opts)
     def lstm_cell(a, prev_c, c, tc):
         # a holds the exps; finish the gates, update c, and leave -2c (clamped) in tc
         n, G = a.shape
         H = G // 4
+        dt = a.dtype.type
+        one, two, lim = dt(1.0), dt(2.0), dt(80.0)
         for row in prange(n):
             for j in range(H):
-                i = 1.0 / (1.0 + a[row, j])
-                f = 1.0 / (1.0 + a[row, H + j])
-                g = 2.0 / (1.0 + a[row, 3 * H + j]) - 1.0
+                i = one / (one + a[row, j])
+                f = one / (one + a[row, H + j])
+                g = two / (one + a[row, 3 * H + j]) - one
                 a[row, j] = i
                 a[row, H + j] = f
-                a[row, 2 * H + j] = 1.0 / (1.0 + a[row, 2 * H + j])
+                a[row, 2 * H + j] = one / (one + a[row, 2 * H + j])
                 a[row, 3 * H + j] = g
                 cc = f * prev_c[row, j] + i * g
                 c[row, j] = cc
-                tc[row, j] = min(max(-2.0 * cc, -80.0), 80.0)
+                tc[row, j] = min(max(-two * cc, -lim), lim)
 
     @njit(parallel=parallel, **opts)
     def lstm_out(a, tc, h):
         # tc holds exp(-2c): tanh(c) = 2 / (1 + exp(-2c)) - 1; h = o * tanh(c)
         n, H = h.shape
+        dt = h.dtype.type
+        one, two = dt(1.0), dt(2.0)
         for row in prange(n):
             for j in range(H):
-                t = 2.0 / (1.0 + tc[row, j]) - 1.0
+                t = two / (one + tc[row, j]) - one
                 tc[row, j] = t
                 h[row, j] = a[row, 2 * H + j] * t
 
