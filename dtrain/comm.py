@@ -461,7 +461,8 @@ def run_guarded(comm: Communicator, fn, *args, **kwargs):
     prints the traceback and ``dtrain: rank R/P failed: ExcType: msg`` to
     stderr, then MPI-aborts, so no other rank is left waiting in a
     collective. Exceptions whose class sets ``user_error = True`` (bad input,
-    divergence) print the one line alone. Returns fn's result.
+    divergence) print ``dtrain: error: msg (rank R/P)`` alone and exit with 2.
+    Returns fn's result.
     """
     try:
         return fn(*args, **kwargs)
@@ -479,7 +480,10 @@ def run_guarded(comm: Communicator, fn, *args, **kwargs):
         _print_err(f"dtrain: rank {comm.rank}/{comm.size} failed: interrupted (KeyboardInterrupt)")
         comm._abort_now(130)
     except BaseException as exc:
-        if not getattr(exc, "user_error", False):
-            _print_err(traceback.format_exc())
+        if getattr(exc, "user_error", False):
+            # bad input or flags: the one line says what to fix; exit status 2 as for usage errors
+            _print_err(f"dtrain: error: {exc} (rank {comm.rank}/{comm.size})")
+            comm._abort_now(2)
+        _print_err(traceback.format_exc())
         _print_err(f"dtrain: rank {comm.rank}/{comm.size} failed: {type(exc).__name__}: {exc}")
         comm._abort_now(1)
