@@ -443,6 +443,10 @@ class Communicator:
             pass
         if self.size == 1:
             sys.exit(code)
+        # The launcher relays each rank's output through a pipe; MPI_Abort tears the job
+        # down at once, and lines still in flight can be lost. A short pause lets the
+        # message that explains the abort reach the user first.
+        time.sleep(0.5)
         self.MPI.COMM_WORLD.Abort(code)
 
 
@@ -484,6 +488,9 @@ def run_guarded(comm: Communicator, fn, *args, **kwargs):
             # bad input or flags: the one line says what to fix; exit status 2 as for usage errors
             _print_err(f"dtrain: error: {exc} (rank {comm.rank}/{comm.size})")
             comm._abort_now(2)
+        # the one line first, so it survives even if the traceback is cut short
+        summary = f"dtrain: rank {comm.rank}/{comm.size} failed: {type(exc).__name__}: {exc}"
+        _print_err(summary)
         _print_err(traceback.format_exc())
-        _print_err(f"dtrain: rank {comm.rank}/{comm.size} failed: {type(exc).__name__}: {exc}")
+        _print_err(summary)
         comm._abort_now(1)
