@@ -1,6 +1,5 @@
 """The built-in synthetic data set: layout, determinism, cache, and learnability."""
 
-import inspect
 import json
 import os
 import time
@@ -141,11 +140,8 @@ def _train_bleu4(data, shuffle_features, steps=500, batch=64, lr=5e-3, hidden=64
     feats = train.features(np.arange(train.num_images))
     if shuffle_features:  # the same features, each given to another image
         feats = feats[np.random.default_rng(1).permutation(len(feats))]
-    kwargs = {}
-    if "use_kernels" in inspect.signature(CaptioningModel).parameters:
-        kwargs["use_kernels"] = False  # plain NumPy: fastest here for this tiny model
     model = CaptioningModel(data.word_to_idx, input_dim=data.feature_dim, wordvec_dim=32,
-                            hidden_dim=hidden, cell_type="rnn", dtype=np.float32, seed=0, **kwargs)
+                            hidden_dim=hidden, cell_type="rnn", dtype=np.float32, seed=0)
     opt = Adam(model.param_buffer.size, lr=lr, xp=np)
     sampler = ShardedSampler(train.num_captions, batch, seed=0)
     for _ in range(steps):
