@@ -335,7 +335,31 @@ class Communicator:
             "sparse": self._ring_bytes(total_rows * (width * itemsize + 8), 1),
         }
 
-    def reduce_embedding_grad_(self, ids, rows, out, mode: str = "auto") -> dict:
+    def allgather_scalars(self, values) -> np.ndarray:
+        """Every rank's small float64 vector, as a (size, k) array in rank order.
+
+        The trainer sends (embedding rows touched, loss, tokens, stop flag) in
+        this one call: the row counts decide the embedding reduction, and the
+        rest is summed locally in rank order (so identically on every rank).
+        """
+        values = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        if self.size == 1:
+            return values.reshape(1, -1).copy()
+        out = np.empty((self.size, values.size), dtype=np.float64)
+        t0 = time.perf_counter()
+        self.comm.Allgather(values, out)
+        self.comm_seconds += time.perf_counter() - t0
+        return out
+
+    def choose_embedding_mode(self, counts, vocab: int, width: int, itemsize: int,
+                              mode: str = "auto") -> tuple[str, dict]:
+        """"sparse" or "dense" for the embedding gradient, from every rank's row count."""
+        est = self.embedding_bytes(int(np.sum(counts)), vocab, width, itemsize)
+        if mode == "auto":
+            mode = "sparse" if est["sparse"] < est["dense"] else "dense"
+        return mode, est
+
+    def reduce_embedding_grad_(self, ids, rows, out, mode: str = "auto", counts=None) -> dict:
         """SUM over ranks of a row-sparse gradient, written densely into ``out``.
 
         ``ids``: (n_r,) unique sorted int word ids this rank touched;
@@ -371,14 +395,17 @@ class Communicator:
             out[ids] = rows
             return {"mode": "dense" if mode == "dense" else "sparse", "bytes": 0, "rows": n}
 
-        t0 = time.perf_counter()
-        counts = np.empty(self.size, dtype=np.int64)
-        self.comm.Allgather(np.array([n], dtype=np.int64), counts)
+        if counts is None:  # not known yet: one small Allgather of the row counts
+            t0 = time.perf_counter()
+            counts = np.empty(self.size, dtype=np.int64)
+            self.comm.Allgather(np.array([n], dtype=np.int64), counts)
+            self.comm_seconds += time.perf_counter() - t0
+        counts = np.asarray(counts, dtype=np.int64)
+        if int(counts[self.rank]) != n:
+            raise ValueError(f"reduce_embedding_grad_: counts[{self.rank}] = {int(counts[self.rank])}, "
+                             f"but this rank has {n} rows")
         total = int(counts.sum())
-        est = self.embedding_bytes(total, V, W, out.dtype.itemsize)
-        if mode == "auto":
-            mode = "sparse" if est["sparse"] < est["dense"] else "dense"
-        self.comm_seconds += time.perf_counter() - t0
+        mode, est = self.choose_embedding_mode(counts, V, W, out.dtype.itemsize, mode)
 
         if mode == "dense":
             out[...] = 0

@@ -211,17 +211,30 @@ class Trainer:
             comm.reset_stats()
             mode = "local"
             if comm.size > 1:
-                if dense_embed:  # one fused call for everything
+                stop_flag = 1.0 if self.stop_signal else 0.0
+                if dense_embed:  # W_embed's gradient is in the buffer: one fused call for all
                     comm.allreduce_sum_(model.grad_buffer, buckets=cfg.buckets)
+                    totals = comm.allreduce_scalars(np.array([loss, tokens, stop_flag]))
+                    loss, tokens, stop = float(totals[0]), float(totals[1]), totals[2] > 0
                     mode = "dense"
                 else:
-                    comm.allreduce_sum_(model.grad_buffer[: model.embed_offset], buckets=cfg.buckets)
+                    # One small Allgather carries every rank's embedding row count (which
+                    # decides sparse or dense) with its loss, tokens and stop flag.
                     ids, rows = model.embed_grad_sparse
-                    stats = comm.reduce_embedding_grad_(ids, rows, model.grads["W_embed"], mode=cfg.embed_reduce)
-                    mode = stats["mode"]
-                # global loss, tokens and "stop requested" in one small collective
-                totals = comm.allreduce_scalars(np.array([loss, tokens, 1.0 if self.stop_signal else 0.0]))
-                loss, tokens, stop = float(totals[0]), float(totals[1]), totals[2] > 0
+                    meta = comm.allgather_scalars([ids.shape[0], loss, tokens, stop_flag])
+                    counts = meta[:, 0].astype(np.int64)
+                    loss, tokens, stop = float(meta[:, 1].sum()), float(meta[:, 2].sum()), meta[:, 3].any()
+                    g_embed = model.grads["W_embed"]
+                    mode, _ = comm.choose_embedding_mode(counts, *g_embed.shape, g_embed.dtype.itemsize,
+                                                         cfg.embed_reduce)
+                    if mode == "dense":  # scatter locally, then one fused call for all
+                        if self.gpu_step is None:  # (the GPU step fills both forms)
+                            g_embed.fill(0)
+                            g_embed[ids] = rows
+                        comm.allreduce_sum_(model.grad_buffer, buckets=cfg.buckets)
+                    else:
+                        comm.allreduce_sum_(model.grad_buffer[: model.embed_offset], buckets=cfg.buckets)
+                        comm.reduce_embedding_grad_(ids, rows, g_embed, mode="sparse", counts=counts)
             else:
                 stop = self.stop_signal is not None
             comm_s = time.perf_counter() - t1
