@@ -158,6 +158,7 @@ def run_bench(args):
     from .comm import Communicator
     from .model import CaptioningModel, pack_captions
     from .optim import Adam
+    from .trainer import reduce_gradients
 
     comm = Communicator()
     try:
@@ -222,16 +223,15 @@ def run_bench(args):
 
     def dtrain_step():
         t0 = time.perf_counter()
-        model.loss_packed(dev_feats, packed, args.batch_size,
-                          embed_grad="sparse" if comm.size > 1 else "dense")
+        dense = comm.size == 1 or embed_mode == "dense"
+        loss, _ = model.loss_packed(dev_feats, packed, args.batch_size,
+                                    embed_grad="dense" if dense else "sparse")
         sync()
         t1 = time.perf_counter()
-        stats = {"mode": "none", "bytes": 0}
-        if comm.size > 1:
-            ids, rows = model.embed_grad_sparse
-            comm.reset_stats()
-            comm.allreduce_sum_(model.grad_buffer[: model.embed_offset])
-            stats = comm.reduce_embedding_grad_(ids, rows, model.grads["W_embed"], mode=embed_mode)
+        comm.reset_stats()  # the trainer's reduction, exactly
+        _, _, _, mode = reduce_gradients(comm, model, loss, packed.num_tokens, False, embed_mode,
+                                         dense_filled=dense)
+        stats = {"mode": mode, "bytes": comm.bytes_moved}
         t2 = time.perf_counter()
         opt.step(model.param_buffer, model.grad_buffer)
         sync()
@@ -261,7 +261,7 @@ def run_bench(args):
         times.append(dt)
         comm_times.append(ct)
         modes.append(stats.get("mode"))
-        bytes_moved.append(stats.get("bytes", 0) + (model.embed_offset * dtype.itemsize if comm.size > 1 else 0))
+        bytes_moved.append(stats["bytes"])
         if torch_step:
             t0 = time.perf_counter()
             torch_step()

@@ -209,34 +209,9 @@ class Trainer:
                 self._debug_checks(loss, features, captions, first=self.step == start_step)
             t1 = time.perf_counter()
             comm.reset_stats()
-            mode = "local"
-            if comm.size > 1:
-                stop_flag = 1.0 if self.stop_signal else 0.0
-                if dense_embed:  # W_embed's gradient is in the buffer: one fused call for all
-                    comm.allreduce_sum_(model.grad_buffer, buckets=cfg.buckets)
-                    totals = comm.allreduce_scalars(np.array([loss, tokens, stop_flag]))
-                    loss, tokens, stop = float(totals[0]), float(totals[1]), totals[2] > 0
-                    mode = "dense"
-                else:
-                    # One small Allgather carries every rank's embedding row count (which
-                    # decides sparse or dense) with its loss, tokens and stop flag.
-                    ids, rows = model.embed_grad_sparse
-                    meta = comm.allgather_scalars([ids.shape[0], loss, tokens, stop_flag])
-                    counts = meta[:, 0].astype(np.int64)
-                    loss, tokens, stop = float(meta[:, 1].sum()), float(meta[:, 2].sum()), meta[:, 3].any()
-                    g_embed = model.grads["W_embed"]
-                    mode, _ = comm.choose_embedding_mode(counts, *g_embed.shape, g_embed.dtype.itemsize,
-                                                         cfg.embed_reduce)
-                    if mode == "dense":  # scatter locally, then one fused call for all
-                        if self.gpu_step is None:  # (the GPU step fills both forms)
-                            g_embed.fill(0)
-                            g_embed[ids] = rows
-                        comm.allreduce_sum_(model.grad_buffer, buckets=cfg.buckets)
-                    else:
-                        comm.allreduce_sum_(model.grad_buffer[: model.embed_offset], buckets=cfg.buckets)
-                        comm.reduce_embedding_grad_(ids, rows, g_embed, mode="sparse", counts=counts)
-            else:
-                stop = self.stop_signal is not None
+            loss, tokens, stop, mode = reduce_gradients(
+                comm, model, loss, tokens, self.stop_signal is not None, cfg.embed_reduce, cfg.buckets,
+                dense_filled=dense_embed or self.gpu_step is not None)
             comm_s = time.perf_counter() - t1
             if not self.loss_on_device:  # (one GPU rank: Adam ran inside the step's graph)
                 self.adam.step(model.param_buffer, model.grad_buffer, lr=lr)
@@ -450,7 +425,41 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------
-# Pieces shared by train, sample and evaluate
+# Pieces shared by train, sample, evaluate and bench
+
+
+def reduce_gradients(comm, model, loss, tokens, stop, embed_reduce="auto", buckets=1,
+                     dense_filled=False):
+    """Sum the gradients, loss, token count and stop flag of one step over the ranks.
+
+    The dense gradient lives in ``model.grad_buffer``; W_embed's is there too when
+    ``dense_filled``, and always in ``model.embed_grad_sparse`` as (ids, rows) otherwise.
+    With --embed-reduce dense: one Allreduce of the whole buffer (and one of the
+    scalars). Otherwise one small Allgather carries every rank's embedding row count
+    (which decides sparse or dense) with its loss, tokens and stop flag; dense then
+    means one Allreduce of the whole buffer, sparse the dense prefix plus the
+    (ids, rows) Allgathervs. Returns the global (loss, tokens, stop, mode).
+    """
+    if comm.size == 1:
+        return loss, tokens, stop, "local"
+    if embed_reduce == "dense":
+        comm.allreduce_sum_(model.grad_buffer, buckets=buckets)
+        totals = comm.allreduce_scalars(np.array([loss, tokens, 1.0 if stop else 0.0]))
+        return float(totals[0]), float(totals[1]), bool(totals[2] > 0), "dense"
+    ids, rows = model.embed_grad_sparse
+    meta = comm.allgather_scalars([ids.shape[0], loss, tokens, 1.0 if stop else 0.0])
+    counts = meta[:, 0].astype(np.int64)
+    g_embed = model.grads["W_embed"]
+    mode, _ = comm.choose_embedding_mode(counts, *g_embed.shape, g_embed.dtype.itemsize, embed_reduce)
+    if mode == "dense":
+        if not dense_filled:  # scatter locally, then one fused call for all
+            g_embed.fill(0)
+            g_embed[ids] = rows
+        comm.allreduce_sum_(model.grad_buffer, buckets=buckets)
+    else:
+        comm.allreduce_sum_(model.grad_buffer[: model.embed_offset], buckets=buckets)
+        comm.reduce_embedding_grad_(ids, rows, g_embed, mode="sparse", counts=counts)
+    return float(meta[:, 1].sum()), float(meta[:, 2].sum()), bool(meta[:, 3].any()), mode
 
 
 def open_data(cfg, comm):
