@@ -1,17 +1,21 @@
 """Array backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
 
 Everything numeric in dtrain is written once against an array module ``xp``.
-This module picks it, binds a rank to a device, and moves arrays between the
-host and that device.
+This module picks it, binds a rank to a device, moves arrays between the
+host and that device, and sets (and reports) the CPU threads of a rank.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 
 class DeviceError(RuntimeError):
     """A requested device cannot be used (one-line message for the CLI)."""
+
+    user_error = True
 
 
 def get_array_module(*arrays):
@@ -81,3 +85,49 @@ def to_device(a, xp):
     if xp is np:
         return to_host(a)
     return xp.asarray(a)
+
+
+def node_threads(local_size: int, requested=None) -> int:
+    """BLAS/kernel threads for this rank: ``requested`` (--threads-per-rank), else
+    Slurm's cpus-per-task, else this rank's usable cores divided among the
+    ``local_size`` ranks of its node."""
+    if requested:
+        return int(requested)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    total = os.cpu_count() or 1
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = total
+    if usable < total:  # the launcher already bound this rank to its own cores
+        return max(1, usable)
+    return max(1, total // max(1, local_size))
+
+
+def set_threads(n: int) -> None:
+    """BLAS threads (threadpoolctl) and fused-kernel threads of this process."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=n)
+    except Exception:
+        pass
+    from . import kernels
+
+    kernels.set_num_threads(n)
+
+
+def blas_info() -> dict:
+    """Which BLAS runs, with which kernel (e.g. OpenBLAS SkylakeX) and how many threads."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        for info in threadpool_info():
+            if info.get("user_api") == "blas":
+                return {"library": info.get("internal_api"), "kernel": info.get("architecture"),
+                        "threads": info.get("num_threads"), "version": info.get("version")}
+    except Exception:
+        pass
+    return {"library": "unknown", "kernel": "unknown", "threads": None}

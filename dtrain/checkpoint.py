@@ -1,4 +1,4 @@
-"""Atomic, world-size-agnostic HDF5 checkpoints.
+"""Atomic, verified, world-size-agnostic HDF5 checkpoints.
 
 A checkpoint is one HDF5 file holding a nested state dict: dicts become
 groups, arrays and scalars become datasets, strings become string datasets,
@@ -6,11 +6,20 @@ and the JSON-able dicts under the keys "config", "vocab" and "extra" (and any
 list or tuple) are stored as JSON strings. Nothing is ever unpickled, so a
 checkpoint from elsewhere cannot run code.
 
-Rank 0 writes ``<name>.tmp-<pid>``, flushes and fsyncs it, renames it over
-the real name and fsyncs the directory: a crash at any moment leaves either
-the previous complete file or the new complete file under a real name, never
-a half-written one. Array datasets carry a Fletcher-32 checksum, so a file
-damaged later is refused on load rather than read as wrong numbers.
+Integrity: the root carries a manifest (a JSON attribute, with its own
+SHA-256 beside it) that lists every group and every dataset in order, with
+the dataset's kind, dtype, shape and the SHA-256 of its content (dtype and
+shape included). Loading checks the manifest against its digest, the file's
+groups against the manifest (nothing missing, nothing extra), and every
+dataset's content against its digest, so a damaged file is refused by name
+and never read as wrong numbers. Every failure while reading is one
+CheckpointError line naming the file.
+
+Writing: rank 0 checks the whole state first (supported types, finite float
+arrays), then writes ``<name>.tmp-<pid>``, flushes and fsyncs it, renames it
+over the real name and fsyncs the directory: a crash, a full disk or any
+write error leaves the previous complete files untouched and nothing
+half-written under a real name.
 
 Nothing in a checkpoint depends on the number of ranks (parameters and Adam
 moments are global, the sampler position is a global step), so a run saved
@@ -19,6 +28,8 @@ on p ranks resumes on any other number.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -31,29 +42,51 @@ __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
     "check_compatible",
+    "check_same_data",
     "checkpoint_path",
+    "data_fingerprint",
     "latest_checkpoint",
+    "latest_verified_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "prune_checkpoints",
     "resolve_resume",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+# Version 2 added the manifest and content digests; version 1 files (no
+# checksums beyond Fletcher-32 on arrays) are refused rather than half-trusted.
+FORMAT_VERSION = 2
 VERSION_ATTR = "dtrain_checkpoint_version"
-KIND_ATTR = "dtrain_kind"
+MANIFEST_ATTR = "dtrain_manifest"
+MANIFEST_DIGEST_ATTR = "dtrain_manifest_sha256"
 JSON_KEYS = frozenset({"config", "vocab", "extra"})
 _NAME_RE = re.compile(r"^ckpt-(\d{8,})\.h5$")
 _TMP_RE = re.compile(r"^ckpt-\d{8,}\.h5\.tmp-(\d+)$")
 _INT64 = np.iinfo(np.int64)
 _STR = h5py.string_dtype("utf-8")
+_TEXT_KINDS = ("str", "json", "bigint")
+_SCALAR_KINDS = ("bool", "int", "float", "scalar")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message is one line naming the file."""
+    """A checkpoint cannot be used; the message is one line naming the file.
+
+    ``path`` and ``reason`` (the message without the "checkpoint <path>: "
+    prefix) are set when the error is about one file.
+    """
 
     user_error = True  # comm.run_guarded prints the message alone, no traceback
+
+    def __init__(self, message, *, path=None, reason=None):
+        super().__init__(message)
+        self.path = path
+        self.reason = reason if reason is not None else str(message)
+
+
+def _error(path, reason: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path}: {reason}", path=Path(path), reason=reason)
 
 
 class CheckpointState(dict):
@@ -66,7 +99,12 @@ class CheckpointState(dict):
         self.prefix = prefix
 
     def __missing__(self, key):
-        raise CheckpointError(f"checkpoint {self.path}: missing key '{self.prefix}{key}'")
+        raise _error(self.path, f"missing key '{self.prefix}{key}'")
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].strip() if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------- names
@@ -92,10 +130,30 @@ def latest_checkpoint(directory) -> Path | None:
     """The highest-step checkpoint in ``directory`` (temp files ignored), or None.
 
     Files appear under a real name only by an atomic rename after they were
-    complete, so the name alone says the file is whole.
+    complete; whether one was damaged later is what latest_verified_checkpoint
+    finds out.
     """
     found = list_checkpoints(directory)
     return found[-1][1] if found else None
+
+
+def latest_verified_checkpoint(directory) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in ``directory`` that verifies, and the newer ones skipped.
+
+    Returns ``(path or None, [(skipped_path, reason), ...])``, newest first;
+    the caller prints ``skipped <path>: <reason>`` for each. ``(None, [])``
+    means there is no checkpoint at all; ``(None, [...])`` that there are
+    some and none verifies (a run should stop, not start afresh over them).
+    """
+    skipped = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append((path, exc.reason))
+            continue
+        return path, skipped
+    return None, skipped
 
 
 def _pid_alive(pid: int) -> bool:
@@ -148,6 +206,33 @@ def resolve_resume(arg, directory) -> Path:
     return path
 
 
+# ----------------------------------------------------------------- digests
+def _array_digest(a: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and C-order bytes."""
+    a = _c_order(a)
+    h = hashlib.sha256(f"array|{a.dtype.str}|{a.shape}|".encode())
+    if a.size:
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _c_order(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, 0-d arrays kept 0-d (np.ascontiguousarray makes them 1-d)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _text_digest(data: bytes) -> str:
+    return hashlib.sha256(b"text|" + data).hexdigest()
+
+
+_NONE_DIGEST = hashlib.sha256(b"none|").hexdigest()
+
+
+def _manifest_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 # ------------------------------------------------------------------- write
 def _to_host(value):
     if type(value).__module__.startswith("cupy"):
@@ -155,69 +240,92 @@ def _to_host(value):
     return value
 
 
-def _write(group, key: str, value, where: str) -> None:
+def _flatten(value, name: str, key: str, out: list) -> None:
+    """Append (name, kind, data) for ``value`` and everything under it to ``out``.
+
+    Raises ValueError for what cannot be stored, before any file is opened.
+    """
     if not isinstance(key, str) or not key or "/" in key or key in (".", ".."):
-        raise ValueError(f"save_checkpoint: key {where}{key!r} must be a non-empty str without '/'")
-    name = where + key
+        raise ValueError(f"save_checkpoint: key {name}{key!r} must be a non-empty str without '/'")
+    name = name + key
     value = _to_host(value)
     if isinstance(value, dict) and key not in JSON_KEYS:
-        sub = group.create_group(key)
+        out.append((name, "group", None))
         for k, v in value.items():
-            _write(sub, k, v, name + "/")
+            _flatten(v, name + "/", k, out)
         return
     if isinstance(value, (dict, list, tuple)):
         try:
             text = json.dumps(value, allow_nan=True)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"save_checkpoint: {name} is not JSON-able: {exc}") from None
-        ds = group.create_dataset(key, data=text, dtype=_STR)
-        ds.attrs[KIND_ATTR] = "json"
+        out.append((name, "json", text))
         return
     if value is None:
-        ds = group.create_dataset(key, data=h5py.Empty("f"))
-        ds.attrs[KIND_ATTR] = "none"
+        out.append((name, "none", None))
         return
     if isinstance(value, str):
-        ds = group.create_dataset(key, data=value, dtype=_STR)
-        ds.attrs[KIND_ATTR] = "str"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"save_checkpoint: {name} is not valid text: {exc}") from None
+        out.append((name, "str", value))
         return
     if isinstance(value, bool):
-        ds = group.create_dataset(key, data=np.bool_(value))
-        ds.attrs[KIND_ATTR] = "bool"
+        out.append((name, "bool", np.bool_(value)))
         return
     if isinstance(value, int):
         if _INT64.min <= value <= _INT64.max:
-            ds = group.create_dataset(key, data=np.int64(value))
-            ds.attrs[KIND_ATTR] = "int"
+            out.append((name, "int", np.int64(value)))
         else:  # e.g. a PCG64 state: exact, as decimal text
-            ds = group.create_dataset(key, data=str(value), dtype=_STR)
-            ds.attrs[KIND_ATTR] = "bigint"
+            out.append((name, "bigint", str(value)))
         return
     if isinstance(value, float):
-        ds = group.create_dataset(key, data=np.float64(value))
-        ds.attrs[KIND_ATTR] = "float"
+        out.append((name, "float", np.float64(value)))
         return
-    if isinstance(value, np.generic):
-        if value.dtype.kind in "OUSV":
+    if isinstance(value, (np.generic, np.ndarray)):
+        if value.dtype.kind in "OUSVMm" or value.dtype.fields is not None:
             raise ValueError(f"save_checkpoint: {name} has unsupported dtype {value.dtype}")
-        ds = group.create_dataset(key, data=value)
-        ds.attrs[KIND_ATTR] = "scalar"
-        return
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "OUSV" or value.dtype.fields is not None:
-            raise ValueError(f"save_checkpoint: {name} has unsupported dtype {value.dtype}")
-        if not value.flags.c_contiguous:
-            value = value.copy(order="C")
-        if value.ndim and value.size:
-            ds = group.create_dataset(key, data=value, fletcher32=True)
-        else:
-            ds = group.create_dataset(key, data=value)
-        ds.attrs[KIND_ATTR] = "array"
+        kind = "scalar" if isinstance(value, np.generic) else "array"
+        out.append((name, kind, value))
         return
     raise ValueError(
         f"save_checkpoint: {name} has unsupported type {type(value).__name__} "
         "(expected dict, array, number, str, None, or JSON-able list)"
     )
+
+
+def _check_finite(entries, path: Path) -> None:
+    for name, kind, data in entries:
+        if kind in ("array", "scalar") and data.dtype.kind in "fc":
+            if not np.isfinite(data).all():
+                raise CheckpointError(
+                    f"refusing to write checkpoint {path}: {name} has non-finite values",
+                    path=path,
+                    reason=f"{name} has non-finite values",
+                )
+
+
+def _write_entry(f, name: str, kind: str, data) -> dict:
+    """Create one group or dataset; return its manifest record."""
+    if kind == "group":
+        f.create_group(name)
+        return {"name": name, "kind": "group"}
+    if kind == "none":
+        f.create_dataset(name, data=h5py.Empty("f"))
+        return {"name": name, "kind": "none", "sha256": _NONE_DIGEST}
+    if kind in _TEXT_KINDS:
+        f.create_dataset(name, data=data, dtype=_STR)
+        return {"name": name, "kind": kind, "sha256": _text_digest(data.encode("utf-8"))}
+    arr = _c_order(data)
+    f.create_dataset(name, data=arr)
+    return {
+        "name": name,
+        "kind": kind,
+        "dtype": arr.dtype.str,
+        "shape": list(arr.shape),
+        "sha256": _array_digest(arr),
+    }
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -232,136 +340,227 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _write_failure(path: Path, exc: BaseException) -> CheckpointError:
+    """One line for a failed write: what happened and which checkpoint is still there."""
+    try:
+        prev = path if path.is_file() else latest_checkpoint(path.parent)
+    except OSError:
+        prev = None
+    kept = f"previous checkpoint {prev if prev is not None else 'none'} kept"
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code == errno.ENOSPC or "No space left on device" in text or "errno = 28," in text:
+        reason = f"no space left on device writing {path}; {kept}"
+    elif code == errno.EDQUOT or "Disk quota exceeded" in text:
+        reason = f"disk quota exceeded writing {path}; {kept}"
+    else:
+        reason = f"cannot write checkpoint {path} ({_first_line(exc)}); {kept}"
+    return CheckpointError(reason, path=path, reason=reason)
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` atomically to ``path`` (temp file, fsync, rename, fsync dir).
 
-    Call it on one rank only (rank 0). Returns the path.
+    Call it on one rank only (rank 0). Returns the path. Raises ValueError for
+    a value that cannot be stored and CheckpointError (one line) for float
+    arrays holding NaN or inf, both before anything is written, and
+    CheckpointError for any failure while writing (full disk included); in
+    every case the temporary file is removed and no file under ``path``
+    other than a previous complete one exists.
     """
     if not isinstance(state, dict):
         raise TypeError("save_checkpoint: state must be a dict")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    entries: list = []
+    for key, value in state.items():
+        _flatten(value, "", key, entries)
+    _check_finite(entries, path)
+
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as f:
+            records = [_write_entry(f, name, kind, data) for name, kind, data in entries]
+            manifest = json.dumps({"version": FORMAT_VERSION, "entries": records})
             f.attrs[VERSION_ATTR] = FORMAT_VERSION
-            for key, value in state.items():
-                _write(f, key, value, "")
+            f.attrs[MANIFEST_ATTR] = manifest
+            f.attrs[MANIFEST_DIGEST_ATTR] = _manifest_digest(manifest)
             f.flush()
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if isinstance(exc, Exception):
+            raise _write_failure(path, exc) from None
         raise
     _fsync_path(path.parent, directory=True)
     return path
 
 
 # -------------------------------------------------------------------- read
-def _read(obj, path: Path, name: str):
-    if isinstance(obj, h5py.Group):
-        return CheckpointState(
-            {k: _read(obj[k], path, f"{name}{k}/") for k in obj.keys()}, path, name
+def _attr_text(f, name):
+    value = f.attrs.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        raise ValueError(f"attribute {name} is missing or not text")
+    return value
+
+
+def _read_manifest(f, path: Path) -> list[dict]:
+    version = f.attrs.get(VERSION_ATTR)
+    if version is None:
+        raise _error(path, f"not a dtrain checkpoint (no {VERSION_ATTR} attribute)")
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise _error(path, f"{VERSION_ATTR} attribute is damaged ({version!r})") from None
+    if version != FORMAT_VERSION:
+        older = " (written before checksums)" if version == 1 else ""
+        raise _error(
+            path, f"format version {version}{older}, this dtrain reads version {FORMAT_VERSION}"
         )
     try:
-        return _read_dataset(obj, path, name.rstrip("/"))
-    except CheckpointError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: cannot read key '{name.rstrip('/')}' (corrupt?): {_first_line(exc)}"
-        ) from None
+        text = _attr_text(f, MANIFEST_ATTR)
+        digest = _attr_text(f, MANIFEST_DIGEST_ATTR)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _error(path, f"manifest unreadable (file damaged): {_first_line(exc)}") from None
+    if _manifest_digest(text) != digest:
+        raise _error(path, "manifest fails its checksum (file damaged)")
+    manifest = json.loads(text)
+    if manifest.get("version") != FORMAT_VERSION or not isinstance(manifest.get("entries"), list):
+        raise _error(path, "manifest does not match the format version (file damaged)")
+    return manifest["entries"]
 
 
-def _read_dataset(obj, path: Path, key: str):
-    kind = obj.attrs.get(KIND_ATTR, "array")
-    if isinstance(kind, bytes):
-        kind = kind.decode()
+def _check_structure(f, path: Path, entries: list[dict]) -> None:
+    """Every group holds exactly the members the manifest lists."""
+    children: dict[str, set] = {"": set()}
+    for rec in entries:
+        parent, _, leaf = rec["name"].rpartition("/")
+        children.setdefault(parent, set()).add(leaf)
+        if rec["kind"] == "group":
+            children.setdefault(rec["name"], set())
+    for group_name, expected in children.items():
+        node = f[group_name] if group_name else f
+        if not isinstance(node, h5py.Group):
+            raise _error(path, f"group {group_name} is not a group (file damaged)")
+        found = set(node.keys())
+        if found != expected:
+            where = group_name or "/"
+            extra, missing = sorted(found - expected), sorted(expected - found)
+            what = "; ".join(
+                part
+                for part in (
+                    f"unexpected {', '.join(extra)}" if extra else "",
+                    f"missing {', '.join(missing)}" if missing else "",
+                )
+                if part
+            )
+            raise _error(path, f"group {where} differs from the manifest ({what}; file damaged)")
+
+
+def _read_verified(obj, rec: dict, path: Path):
+    """Read one dataset and return its value if its content matches the manifest."""
+    name, kind = rec["name"], rec["kind"]
+    bad = _error(path, f"dataset {name} fails its checksum (file damaged)")
+    if not isinstance(obj, h5py.Dataset):
+        raise _error(path, f"dataset {name} is not a dataset (file damaged)")
     if kind == "none":
+        if obj.shape is not None:
+            raise bad
         return None
-    if kind in ("str", "json", "bigint"):
-        text = obj[()]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    if kind in _TEXT_KINDS:
+        if obj.shape != () or obj.dtype.kind != "O":
+            raise bad
+        raw = obj[()]
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8")
+        if not isinstance(raw, bytes) or _text_digest(raw) != rec["sha256"]:
+            raise bad
+        text = raw.decode("utf-8")
         if kind == "str":
             return text
         if kind == "bigint":
             return int(text)
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: key '{key}' holds invalid JSON ({exc})"
-            ) from None
-    if kind == "bool":
-        return bool(obj[()])
-    if kind == "int":
-        return int(obj[()])
-    if kind == "float":
-        return float(obj[()])
-    if kind == "scalar":
-        return obj.dtype.type(obj[()])
+        return json.loads(text)
+    if kind not in ("array",) + _SCALAR_KINDS:
+        raise _error(path, f"dataset {name} has unknown kind {kind!r} (file damaged)")
+    # dtype and shape first: a damaged header must not make us read (or allocate) garbage
+    if obj.dtype.str != rec["dtype"] or list(obj.shape or ()) != rec["shape"]:
+        raise bad
+    if obj.dtype.kind not in "biufc" or obj.dtype.fields is not None:
+        raise bad
+    arr = np.asarray(obj[()])
+    if _array_digest(arr) != rec["sha256"]:
+        raise bad
     if kind == "array":
-        if obj.dtype.kind in "OSUV":
-            raise CheckpointError(
-                f"checkpoint {path}: key '{key}' has unsupported dtype {obj.dtype}"
-            )
-        return np.asarray(obj[...])
-    raise CheckpointError(f"checkpoint {path}: key '{key}' has unknown kind {kind!r}")
+        return arr
+    if kind == "bool":
+        return bool(arr)
+    if kind == "int":
+        return int(arr)
+    if kind == "float":
+        return float(arr)
+    return arr.dtype.type(arr[()])
+
+
+def _load_verified(f, path: Path) -> CheckpointState:
+    entries = _read_manifest(f, path)
+    _check_structure(f, path, entries)
+    root = CheckpointState({}, path)
+    groups = {"": root}
+    for rec in entries:
+        name = rec["name"]
+        parent, _, leaf = name.rpartition("/")
+        target = groups[parent]
+        if rec["kind"] == "group":
+            groups[name] = target[leaf] = CheckpointState({}, path, name + "/")
+            continue
+        target[leaf] = _read_verified(f[name], rec, path)
+    return root
 
 
 def load_checkpoint(path, required=()) -> CheckpointState:
-    """Read a checkpoint written by save_checkpoint into the same nested dict.
+    """Read and verify a checkpoint written by save_checkpoint into the same nested dict.
 
-    Raises CheckpointError (one line naming the file, and the key where one
-    is at fault) for a missing, truncated or corrupt file, a wrong format
-    version, or a missing key among ``required`` ("a/b" paths) or later
-    looked up in the returned dict.
+    Raises CheckpointError (one line naming the file, and the dataset where
+    one is at fault) for a missing, truncated, damaged or foreign file, a
+    wrong format version, content that fails its checksum, or a missing key
+    among ``required`` ("a/b" paths) or later looked up in the returned dict.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+        raise _error(path, "no such file")
     try:
         f = h5py.File(path, "r")
-    except OSError as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: not a readable HDF5 file (truncated or corrupt): {_first_line(exc)}"
+    except Exception as exc:
+        raise _error(
+            path, f"not a readable HDF5 file (truncated or corrupt): {_first_line(exc)}"
         ) from None
-    with f:
-        version = f.attrs.get(VERSION_ATTR)
-        if version is None:
-            raise CheckpointError(
-                f"checkpoint {path}: not a dtrain checkpoint (no {VERSION_ATTR} attribute)"
-            )
-        if int(version) != FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {path}: format version {int(version)}, this dtrain reads version {FORMAT_VERSION}"
-            )
-        state = {}
-        for key in f.keys():
-            try:
-                state[key] = _read(f[key], path, f"{key}/")
-            except CheckpointError:
-                raise
-            except (OSError, KeyError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(
-                    f"checkpoint {path}: cannot read key '{key}' (corrupt?): {_first_line(exc)}"
-                ) from None
-    state = CheckpointState(state, path)
+    try:
+        with f:
+            state = _load_verified(f, path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # h5py/HDF5 on a damaged file: any error, one line
+        raise _error(path, f"cannot be read (file damaged): {_first_line(exc)}") from None
     for req in required:
         node = state
         for part in req.split("/"):
             if not isinstance(node, dict) or part not in node:
-                raise CheckpointError(f"checkpoint {path}: missing key '{req}'")
+                raise _error(path, f"missing key '{req}'")
             node = node[part]
     return state
 
 
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def verify_checkpoint(path) -> None:
+    """Raise CheckpointError (one line naming the file and the fault) unless
+    ``path`` is a complete checkpoint whose contents all match their checksums."""
+    load_checkpoint(path)
 
 
 # ------------------------------------------------------------ compatibility
@@ -405,3 +604,58 @@ def check_compatible(ckpt, params_shapes: dict, idx_to_word) -> None:
         raise CheckpointError(
             f"checkpoint {path}: vocabulary has {len(saved)} words, the data's has {len(data)}"
         )
+
+
+# --------------------------------------------------------- data fingerprint
+_FINGERPRINT_CHUNK = 1 << 20  # values hashed per chunk: bounded extra memory
+
+
+def data_fingerprint(captions_by_split: dict, image_idxs_by_split: dict) -> str:
+    """A short string that changes when the training data changes.
+
+    Covers every split's caption and image-index arrays: their shapes and
+    their values (as little-endian int64, so a loader that changes the
+    integer width does not change the fingerprint). Reads each array once;
+    no copy larger than a chunk. Looks like ``train=4000x17,val=500x17:<16 hex>``.
+    """
+    h = hashlib.blake2b(b"dtrain-data-v1", digest_size=8)
+    sizes = []
+    for split in sorted(set(captions_by_split) | set(image_idxs_by_split)):
+        h.update(f"|split {split}".encode())
+        for what, table in (("captions", captions_by_split), ("image_idxs", image_idxs_by_split)):
+            arr = table.get(split)
+            if arr is None:
+                h.update(f"|{what} none".encode())
+                continue
+            arr = np.asarray(_to_host(arr))
+            h.update(f"|{what} {arr.shape}|".encode())
+            if arr.dtype.kind not in "biu":
+                raise ValueError(
+                    f"data_fingerprint: {split} {what} must be integers, not {arr.dtype}"
+                )
+            flat = arr.reshape(-1)
+            for start in range(0, flat.size, _FINGERPRINT_CHUNK):
+                chunk = flat[start : start + _FINGERPRINT_CHUNK].astype("<i8")
+                h.update(chunk.view(np.uint8))
+        caps = captions_by_split.get(split)
+        if caps is not None:
+            shape = np.shape(caps)
+            sizes.append(f"{split}=" + "x".join(str(int(s)) for s in shape))
+    return f"{','.join(sizes)}:{h.hexdigest()}"
+
+
+def check_same_data(ckpt, fingerprint: str, path) -> None:
+    """Refuse to resume ``ckpt`` on data other than the data it was trained on.
+
+    ``ckpt`` is a loaded checkpoint (a dict); its "data_fingerprint" key, when
+    present, must equal ``fingerprint``. A checkpoint without one (written
+    before fingerprints) is accepted.
+    """
+    saved = ckpt.get("data_fingerprint") if isinstance(ckpt, dict) else None
+    if saved is None or saved == fingerprint:
+        return
+    reason = (
+        f"was trained on another data set (fingerprint {saved} vs {fingerprint}); "
+        f"use --init-from {path} to start a new run from its parameters"
+    )
+    raise CheckpointError(f"checkpoint {path} {reason}", path=Path(path), reason=reason)

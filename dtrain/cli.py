@@ -1,6 +1,8 @@
 """Command line: `python -m dtrain [train|sample|evaluate|data|bench] ...`.
 
-With no subcommand (or only flags), `python -m dtrain` trains.
+With no subcommand (or only flags), `python -m dtrain` trains. A missing or
+broken dependency (NumPy, h5py, mpi4py, Numba, ...) is reported in one line
+naming it, never as a subcommand that silently disappears.
 """
 
 from __future__ import annotations
@@ -12,35 +14,33 @@ SUBCOMMANDS = ("train", "sample", "evaluate", "data", "bench")
 
 
 def build_parser():
+    from .commands import add_all
+
     parser = argparse.ArgumentParser(
         prog="dtrain",
-        description="Data-parallel training of the CS231n image-captioning RNN/LSTM "
+        description="Data-parallel training of the CS231n image-captioning RNN/LSTM/GRU "
         "(NumPy/CuPy + MPI). Run under mpirun/mpiexec/srun for several ranks.",
     )
-    sub = parser.add_subparsers(dest="command")
-    from .bench import add_bench_parser
-
-    add_bench_parser(sub)
-    try:
-        from .datacli import add_data_parser
-
-        add_data_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from .trainer import add_train_parsers
-
-        add_train_parsers(sub)
-    except ImportError:
-        pass
+    add_all(parser.add_subparsers(dest="command"))
     return parser
+
+
+def _dependency_error(exc: ImportError) -> str:
+    name = exc.name or str(exc)
+    top = name.split(".")[0]
+    return (f"dtrain: error: a dependency cannot be imported: {top} ({type(exc).__name__}: {exc}); "
+            f"reinstall it in this environment, e.g. `pip install -e .` or `pip install {top}`")
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train"] + argv
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ImportError as exc:
+        print(_dependency_error(exc), file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 
+from .nn.cells import CELLS
+
 
 @dataclass
 class TrainConfig:
@@ -62,7 +64,7 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"{flag}: expected {what}")
 
-        need(self.cell in ("lstm", "rnn"), "--cell", "lstm or rnn")
+        need(self.cell in CELLS, "--cell", " or ".join(sorted(CELLS)))
         need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64")
         need(self.device in ("cpu", "gpu", "auto"), "--device", "cpu, gpu or auto")
         need(self.embed_reduce in ("auto", "dense", "sparse"), "--embed-reduce", "auto, dense or sparse")
@@ -101,7 +103,7 @@ def add_config_flags(parser: argparse.ArgumentParser):
         "device": "cpu, gpu or auto",
         "max_train": "use only this many training captions",
     }
-    choices = {"cell": ["lstm", "rnn"], "dtype": ["float32", "float64"], "device": ["cpu", "gpu", "auto"],
+    choices = {"cell": sorted(CELLS), "dtype": ["float32", "float64"], "device": ["cpu", "gpu", "auto"],
                "embed_reduce": ["auto", "dense", "sparse"]}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -77,7 +77,7 @@ except Exception as e:
     print("torch     : not importable:", e)
 try:
     from mpi4py import MPI
-    from dtrain.comm import _query_cuda_aware
+    from dtrain.parallel.comm import _query_cuda_aware
     print("mpi       :", MPI.Get_library_version().splitlines()[0], "| CUDA-aware:", _query_cuda_aware(MPI))
 except Exception as e:
     print("mpi       : not usable:", e)

@@ -74,7 +74,7 @@ def test_round_trip(tmp_path):
     assert rng.random() == np.random.default_rng(5).random()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
     with h5py.File(path, "r") as f:  # plain HDF5: JSON strings, no pickles
-        assert f["config"].dtype.kind == "O" and f.attrs["dtrain_checkpoint_version"] == 1
+        assert f["config"].dtype.kind == "O" and f.attrs["dtrain_checkpoint_version"] == 2
 
 
 def test_missing_key_is_a_checkpoint_error(tmp_path):
@@ -139,7 +139,7 @@ def test_bad_files_refused_with_file_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"garbage\.h5"):
         load_checkpoint(garbage)
 
-    # flip bytes inside a parameter's data: the Fletcher-32 checksum catches it
+    # flip bytes inside a parameter's data: its SHA-256 catches it
     big = np.arange(100_000, dtype=np.float32)
     flipped = save_checkpoint(tmp_path / "flipped.h5", {"params": {"W": big}})
     raw = bytearray(flipped.read_bytes())
@@ -147,7 +147,9 @@ def test_bad_files_refused_with_file_name(tmp_path):
     assert pos > 0
     raw[pos : pos + 4] = b"\xff\xff\xff\xff"
     flipped.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"flipped\.h5: cannot read key 'params/W'"):
+    with pytest.raises(
+        CheckpointError, match=r"flipped\.h5: dataset params/W fails its checksum \(file damaged\)"
+    ):
         load_checkpoint(flipped)
 
     foreign = tmp_path / "foreign.h5"
@@ -160,6 +162,10 @@ def test_bad_files_refused_with_file_name(tmp_path):
     with h5py.File(future, "a") as f:
         f.attrs["dtrain_checkpoint_version"] = 99
     with pytest.raises(CheckpointError, match=r"future\.h5: format version 99"):
+        load_checkpoint(future)
+    with h5py.File(future, "a") as f:  # a file from before checksums is refused, by name
+        f.attrs["dtrain_checkpoint_version"] = 1
+    with pytest.raises(CheckpointError, match=r"future\.h5: format version 1 \(written before"):
         load_checkpoint(future)
 
 

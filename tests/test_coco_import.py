@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from dtrain import datacli
-from dtrain.coco_import import build_vocab, import_coco, tokenize
-from dtrain.data import CocoData, DataError, caption_tokens
+from dtrain.commands import data as datacli
+from dtrain.data.coco_import import build_vocab, import_coco, tokenize
+from dtrain.data.coco import CocoData, DataError, caption_tokens
 
 
 def coco_json(path, images, captions):

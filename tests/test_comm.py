@@ -77,7 +77,7 @@ def test_missing_mpi_library_gives_one_line_hint():
     env = _env()
     env["MPI4PY_LIBMPI"] = "/nonexistent/libmpi.so.12"
     code = (
-        "from dtrain.comm import Communicator\n"
+        "from dtrain.parallel.comm import Communicator\n"
         "try:\n    Communicator()\n"
         "except RuntimeError as e:\n    print('HINT', e)\n"
     )

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dtrain import datacli
-from dtrain.data import (
+from dtrain.commands import data as datacli
+from dtrain.data.coco import (
     SPECIAL_TOKENS,
     CocoData,
     DataError,
@@ -272,7 +272,7 @@ def test_budget_zero_reads_nothing_whole_and_checks_all_chunks(tmp_path, monkeyp
     write_layout(d, n_train_img=40)
     with h5py.File(d / "train2014_vgg16_fc7_pca.h5", "a") as f:
         f["features"][37, 4] = np.nan
-    import dtrain.data as data_mod
+    import dtrain.data.coco as data_mod
 
     orig = data_mod.Split._scan_features
     seen = []

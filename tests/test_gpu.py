@@ -13,15 +13,16 @@ import sys
 import numpy as np
 import pytest
 
-from dtrain import layers
+from dtrain.nn import layers
+from dtrain.nn.cells import lstm, rnn
 from dtrain.backend import gpu_available
-from dtrain.model import (
+from dtrain.nn.model import (
     CaptioningModel,
     _embedding_grad_segments_xp,
     _masked_softmax_xp,
     fixed_batch,
 )
-from dtrain.optim import Adam
+from dtrain.nn.optim import Adam
 
 HAVE_GPU = gpu_available()
 NO_GPU_REASON = "needs CuPy and a CUDA device (none found here)"
@@ -91,21 +92,23 @@ def test_fixed_batch_layout():
     assert np.all(fb.seg_start[S:] == fb.seg_start[S])
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
 @pytest.mark.parametrize("use_kernels", [True, False])
 def test_fixed_mode_matches_packed_on_cpu(cell, use_kernels):
-    """loss_fixed (all rows all steps, masked) == the packed loss, float64."""
+    """forward_backward_fixed (all rows all steps, masked) == the packed pass, float64."""
     rng = np.random.default_rng(1)
     model = CaptioningModel(W2I, **DIMS, cell_type=cell, dtype=np.float64, seed=2, use_kernels=use_kernels)
     feats, caps = make_batch(rng)
     lp, gp = model.loss(feats, caps, normalizer=7)
-    gp = {k: v.copy() for k, v in gp.items()}
-    ids_p, rows_p = (a.copy() for a in model.embed_grad_sparse)
-    lf, gf = model.loss_fixed(feats, fixed_batch(caps, 0, np.float64), 7)
+    packed = model.forward_backward(feats, model.pack(caps), 7)
+    ids_p, rows_p = packed.embed_ids.copy(), packed.embed_rows.copy()
+    fixed = model.forward_backward_fixed(feats, fixed_batch(caps, 0, np.float64), 7)
+    lf, gf = fixed.loss, model.grads
+    assert fixed.embed_dense
     assert abs(float(lf) - lp) <= 1e-12 * abs(lp)
     for k in gp:
         assert rel_err(gf[k], gp[k]) < 1e-12, k
-    ids_f, rows_f = model.embed_grad_sparse
+    ids_f, rows_f = fixed.embed_ids, fixed.embed_rows
     assert np.array_equal(ids_f, ids_p)
     assert rel_err(rows_f, rows_p) < 1e-12
 
@@ -126,7 +129,7 @@ def test_device_gpu_without_gpu_is_a_one_line_error(argv):
 
 
 def _gk(dtype):
-    from dtrain.gpu_kernels import GpuKernels
+    from dtrain.kernels.cuda import GpuKernels
 
     return GpuKernels(dtype)
 
@@ -136,7 +139,7 @@ TOL = {np.float64: 1e-12, np.float32: 2e-5}
 
 @gpu_test
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
 def test_recurrence_kernels_match_plain_xp(cell, dtype):
     import cupy as cp
 
@@ -151,8 +154,8 @@ def test_recurrence_kernels_match_plain_xp(cell, dtype):
     Wh = cp.asarray(rng.standard_normal((H, G)) / 5, dtype=dtype)
     b = cp.asarray(rng.standard_normal(G), dtype=dtype)
     dH = cp.asarray(rng.standard_normal((total, H)), dtype=dtype)
-    fwd = layers.lstm_packed_forward if cell == "lstm" else layers.rnn_packed_forward
-    bwd = layers.lstm_packed_backward if cell == "lstm" else layers.rnn_packed_backward
+    fwd = lstm.lstm_packed_forward if cell == "lstm" else rnn.rnn_packed_forward
+    bwd = lstm.lstm_packed_backward if cell == "lstm" else rnn.rnn_packed_backward
     outs = []
     for kern in (None, _gk(dtype)):
         Hp, cache = fwd(x, h0, Wx, Wh, b, batch_sizes, None, kern)
@@ -250,7 +253,7 @@ def _pair(cell, dtype, seed=2):
 
 @gpu_test
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
 def test_gpu_loss_and_gradients_match_cpu(cell, dtype, tol):
     import cupy as cp
 
@@ -268,7 +271,7 @@ def test_gpu_loss_and_gradients_match_cpu(cell, dtype, tol):
     fb = fixed_batch(caps, 0, dtype)
     dev = {f: cp.asarray(getattr(fb, f)) for f in ("words", "targets", "weights", "order", "seg_start", "ids")}
     fbd = type(fb)(**{**fb.__dict__, **dev})
-    lf, gf = gpu.loss_fixed(cp.asarray(feats, dtype), fbd, 24)
+    lf, gf = gpu.forward_backward_fixed(cp.asarray(feats, dtype), fbd, 24).loss, gpu.grads
     assert isinstance(lf, cp.ndarray) and lf.shape == ()
     assert abs(float(lf) - lc) <= tol * abs(lc)
     for k in gc:
@@ -286,13 +289,13 @@ def _batches(rng, n, N=16):
 
 
 @gpu_test
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
 def test_graph_step_identical_to_eager(cell):
     """Captured-and-replayed steps give bit-for-bit the eager steps' results."""
     import cupy as cp
 
-    from dtrain.gpu_graph import GpuTrainStep
-    from dtrain.gpu_kernels import GpuKernels
+    from dtrain.step.gpu_graph import GpuTrainStep
+    from dtrain.kernels.cuda import GpuKernels
 
     runs = []
     for graphs in (True, False):
@@ -314,13 +317,13 @@ def test_graph_step_identical_to_eager(cell):
 
 
 @gpu_test
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
 def test_graphed_training_matches_cpu_training(cell):
     """Six float64 steps: GPU graphs (Adam inside) == CPU packed path + CPU Adam."""
     import cupy as cp
 
-    from dtrain.gpu_graph import GpuTrainStep
-    from dtrain.gpu_kernels import GpuKernels
+    from dtrain.step.gpu_graph import GpuTrainStep
+    from dtrain.kernels.cuda import GpuKernels
 
     cpu, gpu = _pair(cell, np.float64, seed=5)
     cpu_adam = Adam(cpu.num_params, lr=1e-2, dtype=np.float64)
@@ -340,7 +343,7 @@ def test_graphed_training_matches_cpu_training(cell):
 def test_two_ranks_sharing_one_gpu_match_one_rank(tmp_path):
     """2 ranks on one GPU (host-staged reduce, dense and sparse embedding) == 1 rank, float64."""
     from dtrain.checkpoint import latest_checkpoint, load_checkpoint
-    from dtrain.synthetic import write_synthetic
+    from dtrain.data.synthetic import write_synthetic
     from dtrain_run import dtrain_cmd
 
     data = write_synthetic(tmp_path / "data", train_images=60, val_images=8, seed=3)

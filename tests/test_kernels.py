@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 
-from dtrain import kernels, layers
-from dtrain.model import CaptioningModel
-from dtrain.optim import Adam
+from dtrain import kernels
+from dtrain.kernels.cpu import CpuKernels
+from dtrain.nn import layers
+from dtrain.nn.model import CaptioningModel
+from dtrain.nn.optim import Adam
 
 numba = pytest.importorskip("numba")
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-4)])
 def test_model_with_kernels_matches_plain(cell, dtype, tol):
     rng = np.random.default_rng(0)
@@ -35,7 +37,7 @@ def test_model_with_kernels_matches_plain(cell, dtype, tol):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_kernel_extreme_values(dtype):
-    k = kernels.CpuKernels(dtype)
+    k = CpuKernels(dtype)
     scores = np.array([[1e4, -1e4, 0.0], [0.0, 0.0, 0.0], [-50, 50, 3]], dtype=dtype)
     targets = np.array([1, 2, 0])
     ref_loss, ref_d = layers.softmax_cross_entropy(scores.copy(), targets, 3)
@@ -52,7 +54,7 @@ def test_adam_kernel_matches_plain(dtype):
     n = 5000
     p1 = rng.standard_normal(n).astype(dtype)
     p2 = p1.copy()
-    a1 = Adam(n, lr=3e-3, dtype=dtype, kernels=kernels.CpuKernels(dtype))
+    a1 = Adam(n, lr=3e-3, dtype=dtype, kernels=CpuKernels(dtype))
     a2 = Adam(n, lr=3e-3, dtype=dtype)
     for _ in range(4):
         g = rng.standard_normal(n).astype(dtype)
@@ -64,7 +66,7 @@ def test_adam_kernel_matches_plain(dtype):
 
 
 def test_lstm_kernel_saturated_gates_finite():
-    k = kernels.CpuKernels(np.float32)
+    k = CpuKernels(np.float32)
     H = 4
     a = np.full((2, 4 * H), 1e4, np.float32)
     a[1] = -1e4

@@ -5,7 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from dtrain import layers
+from dtrain.nn import layers
+from dtrain.nn.cells import CELLS, gru, lstm, rnn
 from gradcheck import numeric_grad, rel_error
 
 RNG = np.random.default_rng(1234)
@@ -18,11 +19,11 @@ def randn(*shape):
 def test_rnn_step_backward():
     N, D, H = 4, 5, 6
     x, h, Wx, Wh, b = randn(N, D), randn(N, H), randn(D, H), randn(H, H), randn(H)
-    out, cache = layers.rnn_step_forward(x, h, Wx, Wh, b)
+    out, cache = rnn.rnn_step_forward(x, h, Wx, Wh, b)
     dout = randn(*out.shape)
-    grads = layers.rnn_step_backward(dout, cache)
+    grads = rnn.rnn_step_backward(dout, cache)
     for arr, g in zip((x, h, Wx, Wh, b), grads):
-        num = numeric_grad(lambda: layers.rnn_step_forward(x, h, Wx, Wh, b)[0], arr, dout)
+        num = numeric_grad(lambda: rnn.rnn_step_forward(x, h, Wx, Wh, b)[0], arr, dout)
         assert rel_error(num, g) < 1e-7
 
 
@@ -30,12 +31,12 @@ def test_lstm_step_backward():
     N, D, H = 4, 5, 6
     x, h, c = randn(N, D), randn(N, H), randn(N, H)
     Wx, Wh, b = randn(D, 4 * H), randn(H, 4 * H), randn(4 * H)
-    nh, nc, cache = layers.lstm_step_forward(x, h, c, Wx, Wh, b)
+    nh, nc, cache = lstm.lstm_step_forward(x, h, c, Wx, Wh, b)
     dnh, dnc = randn(*nh.shape), randn(*nc.shape)
-    grads = layers.lstm_step_backward(dnh, dnc, cache)
+    grads = lstm.lstm_step_backward(dnh, dnc, cache)
 
     def f_both():
-        a, b_, _ = layers.lstm_step_forward(x, h, c, Wx, Wh, b)
+        a, b_, _ = lstm.lstm_step_forward(x, h, c, Wx, Wh, b)
         return np.concatenate([a, b_])
 
     dboth = np.concatenate([dnh, dnc])
@@ -44,16 +45,31 @@ def test_lstm_step_backward():
         assert rel_error(num, g) < 1e-7
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_gru_step_backward():
+    N, D, H = 4, 5, 6
+    x, h = randn(N, D), randn(N, H)
+    Wx, Wh, b = randn(D, 3 * H) / np.sqrt(D), randn(H, 3 * H) / np.sqrt(H), randn(3 * H)
+    out, cache = gru.gru_step_forward(x, h, Wx, Wh, b)
+    dout = randn(*out.shape)
+    grads = gru.gru_step_backward(dout, cache)
+    for arr, g in zip((x, h, Wx, Wh, b), grads):
+        num = numeric_grad(lambda: gru.gru_step_forward(x, h, Wx, Wh, b)[0], arr, dout)
+        assert rel_error(num, g) < 1e-7
+
+
+def _weights(cell, D, H, scale=True):
+    G = CELLS[cell].gates * H
+    if scale:  # realistic scale (1/sqrt(fan-in)) keeps the gates away from saturation
+        return randn(D, G) / np.sqrt(D), randn(H, G) / np.sqrt(H), 0.1 * randn(G)
+    return randn(D, G), randn(H, G), randn(G)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
 def test_sequence_backward(cell):
     N, T, D, H = 3, 5, 4, 6
-    G = 4 * H if cell == "lstm" else H
-    # weights of realistic scale (1/sqrt(fan-in)) keep the gates away from saturation,
-    # where centred differences lose digits
-    x, h0, b = randn(N, T, D), randn(N, H), 0.1 * randn(G)
-    Wx, Wh = randn(D, G) / np.sqrt(D), randn(H, G) / np.sqrt(H)
-    fwd = layers.lstm_forward if cell == "lstm" else layers.rnn_forward
-    bwd = layers.lstm_backward if cell == "lstm" else layers.rnn_backward
+    x, h0 = randn(N, T, D), randn(N, H)
+    Wx, Wh, b = _weights(cell, D, H)
+    fwd, bwd = CELLS[cell].forward, CELLS[cell].backward
     out, cache = fwd(x, h0, Wx, Wh, b)
     dout = randn(*out.shape)
     grads = bwd(dout, cache)
@@ -62,72 +78,71 @@ def test_sequence_backward(cell):
         assert rel_error(num, g) < 1e-7
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
-def test_sequence_matches_steps(cell):
-    """The packed fast path equals a loop over the plain step functions."""
-    N, T, D, H = 5, 7, 6, 8
-    G = 4 * H if cell == "lstm" else H
-    x, h0, Wx, Wh, b = randn(N, T, D), randn(N, H), randn(D, G), randn(H, G), randn(G)
-    dout = randn(N, T, H)
-    if cell == "lstm":
-        h_seq, cache = layers.lstm_forward(x, h0, Wx, Wh, b)
-        seq_grads = layers.lstm_backward(dout, cache)
-    else:
-        h_seq, cache = layers.rnn_forward(x, h0, Wx, Wh, b)
-        seq_grads = layers.rnn_backward(dout, cache)
-    # step loop
+def _step_loop(cell, x, h0, Wx, Wh, b, dout):
+    """Forward and backward by a loop over the plain CS231n step functions."""
+    N, T, _ = x.shape
     h, c = h0, np.zeros_like(h0)
     caches, hs = [], []
     for t in range(T):
         if cell == "lstm":
-            h, c, cc = layers.lstm_step_forward(x[:, t], h, c, Wx, Wh, b)
+            h, c, cc = lstm.lstm_step_forward(x[:, t], h, c, Wx, Wh, b)
         else:
-            h, cc = layers.rnn_step_forward(x[:, t], h, Wx, Wh, b)
+            h, cc = {"rnn": rnn.rnn_step_forward, "gru": gru.gru_step_forward}[cell](x[:, t], h, Wx, Wh, b)
         caches.append(cc)
         hs.append(h)
-    np.testing.assert_allclose(h_seq, np.stack(hs, axis=1), rtol=1e-13, atol=1e-14)
     dx = np.zeros_like(x)
     dWx, dWh, db = np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)
     dh_next, dc_next = np.zeros_like(h0), np.zeros_like(h0)
     for t in reversed(range(T)):
         if cell == "lstm":
-            dx[:, t], dh_next, dc_next, a, bb, cb = layers.lstm_step_backward(
+            dx[:, t], dh_next, dc_next, a, bb, cb = lstm.lstm_step_backward(
                 dout[:, t] + dh_next, dc_next, caches[t])
         else:
-            dx[:, t], dh_next, a, bb, cb = layers.rnn_step_backward(dout[:, t] + dh_next, caches[t])
+            step_bwd = {"rnn": rnn.rnn_step_backward, "gru": gru.gru_step_backward}[cell]
+            dx[:, t], dh_next, a, bb, cb = step_bwd(dout[:, t] + dh_next, caches[t])
         dWx += a
         dWh += bb
         db += cb
-    for got, want in zip(seq_grads, (dx, dh_next, dWx, dWh, db)):
+    return np.stack(hs, axis=1), (dx, dh_next, dWx, dWh, db)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_sequence_matches_steps(cell):
+    """The packed fast path equals a loop over the plain step functions."""
+    N, T, D, H = 5, 7, 6, 8
+    x, h0, dout = randn(N, T, D), randn(N, H), randn(N, T, H)
+    Wx, Wh, b = _weights(cell, D, H, scale=False)
+    h_seq, cache = CELLS[cell].forward(x, h0, Wx, Wh, b)
+    seq_grads = CELLS[cell].backward(dout, cache)
+    h_steps, step_grads = _step_loop(cell, x, h0, Wx, Wh, b, dout)
+    np.testing.assert_allclose(h_seq, h_steps, rtol=1e-13, atol=1e-14)
+    for got, want in zip(seq_grads, step_grads):
         assert rel_error(got, want) < 1e-12
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
 def test_packed_variable_lengths(cell):
     """Packed rows that stop early equal per-row full-length runs truncated."""
     H, D = 5, 4
-    G = 4 * H if cell == "lstm" else H
     lengths = [6, 4, 4, 1]
     N, T = len(lengths), max(lengths)
-    x, h0, Wx, Wh, b = randn(N, T, D), randn(N, H), randn(D, G), randn(H, G), randn(G)
+    x, h0 = randn(N, T, D), randn(N, H)
+    Wx, Wh, b = _weights(cell, D, H, scale=False)
     batch_sizes = [sum(L > t for L in lengths) for t in range(T)]
     rows = [(t, n) for t in range(T) for n in range(N) if lengths[n] > t]
     xp_ = np.stack([x[n, t] for t, n in rows])
     dH = randn(len(rows), H)
-    fwd = layers.lstm_packed_forward if cell == "lstm" else layers.rnn_packed_forward
-    bwd = layers.lstm_packed_backward if cell == "lstm" else layers.rnn_packed_backward
-    Hp, cache = fwd(xp_, h0, Wx, Wh, b, batch_sizes)
+    c = CELLS[cell]
+    Hp, cache = c.packed_forward(xp_, h0, Wx, Wh, b, batch_sizes)
     Hp = Hp.copy()
-    dx_p, dh0, dWx, dWh, db = [a.copy() for a in bwd(dH, cache)]
+    dx_p, dh0, dWx, dWh, db = [a.copy() for a in c.packed_backward(dH, cache)]
     # reference: full sequences with zero upstream gradient beyond each row's length
-    full_fwd = layers.lstm_forward if cell == "lstm" else layers.rnn_forward
-    full_bwd = layers.lstm_backward if cell == "lstm" else layers.rnn_backward
-    h_full, fc = full_fwd(x, h0, Wx, Wh, b)
+    h_full, fc = c.forward(x, h0, Wx, Wh, b)
     dfull = np.zeros((N, T, H))
     for k, (t, n) in enumerate(rows):
         dfull[n, t] = dH[k]
         np.testing.assert_allclose(Hp[k], h_full[n, t], rtol=1e-12, atol=1e-14)
-    rdx, rdh0, rdWx, rdWh, rdb = full_bwd(dfull, fc)
+    rdx, rdh0, rdWx, rdWh, rdb = c.backward(dfull, fc)
     for got, want in ((dh0, rdh0), (dWx, rdWx), (dWh, rdWh), (db, rdb)):
         assert rel_error(got, want) < 1e-12
     for k, (t, n) in enumerate(rows):
@@ -204,7 +219,7 @@ def test_stable_nonlinearities(dtype):
     H = 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        h, c, _ = layers.lstm_step_forward(np.full((2, 1), 1e4, dtype), np.zeros((2, H), dtype),
+        h, c, _ = lstm.lstm_step_forward(np.full((2, 1), 1e4, dtype), np.zeros((2, H), dtype),
                                            np.zeros((2, H), dtype), np.full((1, 4 * H), 1.0, dtype),
                                            np.zeros((H, 4 * H), dtype), np.zeros(4 * H, dtype))
     assert np.all(np.isfinite(h)) and np.all(np.isfinite(c))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dtrain.metrics import corpus_bleu, sentence_stats
+from dtrain.data.bleu import corpus_bleu, sentence_stats
 
 TINY, SMALL = 1e-15, 1e-9
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dtrain.model import CaptioningModel, pack_captions
-from dtrain.optim import Adam
+from dtrain.nn.model import CaptioningModel, pack_captions
+from dtrain.nn.optim import Adam
 from gradcheck import norm_error, numeric_grad
 
 
@@ -50,7 +50,7 @@ def random_captions(rng, N, T, V, min_len=2):
     return caps
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_model_gradients_finite_differences(cell):
     rng = np.random.default_rng(7)
     N, D, W, H, V, T = 4, 6, 5, 7, 11, 6
@@ -66,7 +66,7 @@ def test_model_gradients_finite_differences(cell):
         assert norm_error(num, grads[name]) < 1e-7, name
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_exact_savings_match_plain_computation(cell):
     """Trimming, packing and scoring only real tokens change nothing (float64, 1e-12)."""
     rng = np.random.default_rng(11)
@@ -87,7 +87,7 @@ def test_exact_savings_match_plain_computation(cell):
         assert err < 1e-12, (k, err)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_float32_matches_float64(cell):
     rng = np.random.default_rng(2)
     N, D, W, H, V, T = 16, 32, 24, 32, 50, 12
@@ -110,8 +110,9 @@ def test_sparse_embedding_gradient_matches_dense():
     captions = random_captions(rng, 5, 8, 30)
     _, grads = model.loss(features, captions)
     dense = grads["W_embed"].copy()
-    model.loss(features, captions, embed_grad="sparse")
-    ids, rows = model.embed_grad_sparse
+    g = model.forward_backward(features, model.pack(captions), 5)
+    assert not g.embed_dense
+    ids, rows = g.embed_ids, g.embed_rows
     assert len(ids) < 30
     np.testing.assert_array_equal(dense[ids], rows)
     mask = np.ones(30, bool)
@@ -119,7 +120,7 @@ def test_sparse_embedding_gradient_matches_dense():
     assert np.all(dense[mask] == 0)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("N", [1, 3, 7])
 def test_sample_any_batch(cell, N):
     w2i = small_vocab(20)
@@ -156,7 +157,7 @@ def test_params_dict_semantics():
     with pytest.raises(ValueError, match="Wh"):
         model.params["Wh"] = np.ones((3, 3))
     with pytest.raises(ValueError, match="cell_type"):
-        CaptioningModel(small_vocab(10), cell_type="gru")
+        CaptioningModel(small_vocab(10), cell_type="transformer")
 
 
 def test_initialisation_scales():
@@ -188,7 +189,7 @@ def test_adam_matches_textbook_formula():
     assert opt.t == 5
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_overfit_small_data(cell):
     """100 Adam steps at lr 5e-3, batch 25, on 50 captions: loss below a tenth of its start."""
     rng = np.random.default_rng(0)

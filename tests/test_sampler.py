@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dtrain.data import ShardedSampler
+from dtrain.parallel.sampler import ShardedSampler
 
 N, B = 1000, 64  # 15 steps per epoch, 40 items dropped
 

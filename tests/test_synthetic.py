@@ -9,9 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
-from dtrain import datacli, synthetic
-from dtrain.data import CocoData, ShardedSampler, caption_tokens, decode_captions
-from dtrain.metrics import corpus_bleu
+from dtrain.commands import data as datacli
+from dtrain.data import synthetic
+from dtrain.data.coco import CocoData, caption_tokens, decode_captions
+from dtrain.parallel.sampler import ShardedSampler
+from dtrain.data.bleu import corpus_bleu
 
 FILES = ["coco2014_captions.h5", "coco2014_vocab.json", "train2014_vgg16_fc7_pca.h5",
          "val2014_vgg16_fc7_pca.h5", "train2014_urls.txt", "val2014_urls.txt"]
@@ -133,8 +135,8 @@ def test_default_size_generates_in_under_a_minute(tmp_path):
 
 def _train_bleu4(data, shuffle_features, steps=500, batch=64, lr=5e-3, hidden=64):
     """Train a small captioner on the synthetic train split, return val BLEU-4."""
-    from dtrain.model import CaptioningModel
-    from dtrain.optim import Adam
+    from dtrain.nn.model import CaptioningModel
+    from dtrain.nn.optim import Adam
 
     train, val = data.split("train"), data.split("val")
     feats = train.features(np.arange(train.num_images))
@@ -156,7 +158,7 @@ def _train_bleu4(data, shuffle_features, steps=500, batch=64, lr=5e-3, hidden=64
 
 @pytest.mark.slow
 def test_learnable_from_the_features(tmp_path):
-    pytest.importorskip("dtrain.model")
+    pytest.importorskip("dtrain.nn.model")
     p = synthetic.write_synthetic(tmp_path / "learn", 1500, 300, seed=0)
     with CocoData(p) as data:
         seeing = _train_bleu4(data, shuffle_features=False)

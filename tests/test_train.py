@@ -18,7 +18,7 @@ SMALL = ["--batch-size", "8", "--hidden-dim", "12", "--wordvec-dim", "8", "--dty
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from dtrain.synthetic import write_synthetic
+    from dtrain.data.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("data") / "synth"
     write_synthetic(out, train_images=60, val_images=8, seed=3)

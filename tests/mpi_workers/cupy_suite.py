@@ -7,7 +7,9 @@ Run as `mpiexec -n P python cupy_suite.py` on a machine with a GPU.
 import cupy as cp
 import numpy as np
 
-from dtrain.comm import Communicator, DivergenceError, run_guarded
+from dtrain.nn.model import StepGrads
+from dtrain.parallel.comm import Communicator, DivergenceError, run_guarded
+from dtrain.parallel.reducer import AutoReducer, DenseReducer, SparseEmbeddingReducer
 
 
 def main(comm):
@@ -40,13 +42,14 @@ def main(comm):
     rr = np.random.default_rng(50 + r)
     ids = cp.asarray(np.sort(rr.choice(V, size=5, replace=False)).astype(np.int64))
     rows = cp.asarray(rr.standard_normal((5, W)).astype(np.float32))
-    for mode in ("sparse", "dense", "auto"):
+    for cls in (DenseReducer, SparseEmbeddingReducer, AutoReducer):
         flat = cp.zeros(V * W + 3, cp.float32)
-        out = flat[3:].reshape(V, W)
-        info = comm.reduce_embedding_grad_(ids, rows, out, mode=mode)
-        assert info["rows"] == 5 * p
-        np.testing.assert_allclose(cp.asnumpy(out), ref, rtol=1e-5, atol=1e-5)
-        comm.check_consistent(out)
+        grads = StepGrads(loss=0.0, tokens=1, grad_buffer=flat, embed_offset=3, embed_shape=(V, W),
+                          embed_ids=ids, embed_rows=rows, embed_dense=False)
+        red = cls(comm).reduce(grads, 0.0, 1, False)
+        assert red.tokens == p
+        np.testing.assert_allclose(cp.asnumpy(grads.embed_grad), ref, rtol=1e-5, atol=1e-5)
+        comm.check_consistent(flat)
 
     if p > 1:
         x = cp.ones(7, cp.float32)

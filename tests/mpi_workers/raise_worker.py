@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from dtrain.comm import Communicator, run_guarded
+from dtrain.parallel.comm import Communicator, run_guarded
 
 
 def main(comm, bad, where):

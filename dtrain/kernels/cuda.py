@@ -1,12 +1,17 @@
-"""Fused CUDA kernels (CuPy RawModule): the GPU twin of ``kernels.CpuKernels``.
+"""Fused CUDA kernels (CuPy RawModule): the GPU twin of ``kernels.cpu.CpuKernels``.
 
-Same methods, same arguments, same arithmetic as the Numba set, so
-layers.py, model.py and optim.py call either one through ``kernels=``:
+Same methods and arguments as the Numba set, so the cells, the model and
+Adam call either one through ``kernels=``. The gate arithmetic is the same;
+Adam differs: here its scalar arithmetic runs in float64 and rounds once to
+the buffer's dtype (the Numba kernel stays in the buffer's dtype), so CPU and
+GPU Adam agree to rounding, not bit for bit.
 
 * ``lstm_step_forward`` / ``lstm_step_backward``: the LSTM gates (sigmoid of
   i, f, o and tanh of g from the pre-activations plus the recurrent term),
   the c and h update, and the gate gradients with the carried dc;
 * ``rnn_step_forward`` / ``rnn_step_backward``: the tanh step and its gradient;
+* ``gru_step_forward`` / ``gru_step_backward``: the GRU gates r, z, n, the h
+  update, and the gradients of the input and recurrent pre-activations;
 * ``softmax_cross_entropy``: the per-row loss and, in place in the scores,
   its gradient (one block per row); ``softmax_cross_entropy_masked`` is the
   fixed-shape variant that weighs every row by 0/1 and leaves the loss on
@@ -104,6 +109,46 @@ extern "C" __global__ void rnn_bwd(real* d, const real* dh_up, const real* dh_re
     if (row < n_next) dh += dh_rec[(size_t)row * ldr + j];
     real hv = h[(size_t)row * ldh + j];
     d[(size_t)row * ldd + j] = dh * ((real)1 - hv * hv);
+}
+
+extern "C" __global__ void gru_fwd(real* a, const real* r, const real* prev_h, real* hn, real* h,
+        int n, int H, int lda, int ldr, int ldp, int ldn, int ldh) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * H) return;
+    int row = (int)(idx / H), j = (int)(idx % H);
+    real* ar = a + (size_t)row * lda;
+    const real* rr = r + (size_t)row * ldr;
+    real rg = sigm(ar[j] + rr[j]);
+    real z = sigm(ar[H + j] + rr[H + j]);
+    real hv = rr[2 * H + j];
+    real ng = tanh_(ar[2 * H + j] + rg * hv);
+    ar[j] = rg; ar[H + j] = z; ar[2 * H + j] = ng;
+    hn[(size_t)row * ldn + j] = hv;
+    h[(size_t)row * ldh + j] = ng + z * (prev_h[(size_t)row * ldp + j] - ng);
+}
+
+extern "C" __global__ void gru_bwd(real* dax, real* dah, const real* dh_up, const real* dh_rec,
+        real* carry, int n_next, const real* a, const real* hn, const real* ph, int n, int H,
+        int ldx, int ldah, int ldu, int ldr, int ldc, int lda, int ldn, int ldp) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n * H) return;
+    int row = (int)(idx / H), j = (int)(idx % H);
+    real dh = dh_up[(size_t)row * ldu + j];
+    if (row < n_next) {  // rows still inside a caption at t+1: through Wh and directly (z)
+        dh += dh_rec[(size_t)row * ldr + j];
+        dh += carry[(size_t)row * ldc + j];
+    }
+    const real* ar = a + (size_t)row * lda;
+    real rg = ar[j], z = ar[H + j], ng = ar[2 * H + j];
+    real one = (real)1;
+    real dan = (one - z) * (one - ng * ng) * dh;
+    real dar = dan * ((one - rg) * rg * hn[(size_t)row * ldn + j]);
+    real daz = (ph[(size_t)row * ldp + j] - ng) * ((one - z) * z) * dh;
+    real* xr = dax + (size_t)row * ldx;
+    real* hr = dah + (size_t)row * ldah;
+    xr[j] = dar; xr[H + j] = daz; xr[2 * H + j] = dan;
+    hr[j] = dar; hr[H + j] = daz; hr[2 * H + j] = dan * rg;
+    carry[(size_t)row * ldc + j] = dh * z;
 }
 
 template <typename U> __device__ __forceinline__ U warp_sum(U v) {
@@ -238,7 +283,7 @@ def _grid(count):
 
 
 class GpuKernels:
-    """CUDA kernels with the call signatures of ``kernels.CpuKernels``."""
+    """CUDA kernels with the call signatures of ``kernels.cpu.CpuKernels``."""
 
     name = "cuda"
 
@@ -249,7 +294,7 @@ class GpuKernels:
         self.dtype = np.dtype(dtype)
         mod = _module(self.dtype)
         self._k = {name: mod.get_function(name) for name in (
-            "lstm_fwd", "lstm_bwd", "rnn_fwd", "rnn_bwd", "softmax_xent", "adam", "adam_dev",
+            "lstm_fwd", "lstm_bwd", "rnn_fwd", "rnn_bwd", "gru_fwd", "gru_bwd", "softmax_xent", "adam", "adam_dev",
             "embed_rows", "embed_scatter")}
         self._row_loss = cupy.empty(0, dtype=np.float64)
         self._ones = cupy.ones(1, dtype=self.dtype)
@@ -295,6 +340,25 @@ class GpuKernels:
         self._k["rnn_bwd"](_grid(n * H), (_THREADS,), (
             d, dh_up, dh_rec, np.int32(n_next), h, np.int32(n), np.int32(H),
             _ld(d), _ld(dh_up), _ld(dh_rec), _ld(h)))
+
+    def gru_step_forward(self, a, r, prev_h, hn, h):
+        n, G = a.shape
+        H = G // 3
+        if n == 0:
+            return
+        self._check(a, r, prev_h, hn, h)
+        self._k["gru_fwd"](_grid(n * H), (_THREADS,), (
+            a, r, prev_h, hn, h, np.int32(n), np.int32(H), _ld(a), _ld(r), _ld(prev_h), _ld(hn), _ld(h)))
+
+    def gru_step_backward(self, dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h):
+        n, G = a.shape
+        H = G // 3
+        if n == 0:
+            return
+        self._check(dax, dah, dh_up, dh_rec, carry, a, hn, prev_h)
+        self._k["gru_bwd"](_grid(n * H), (_THREADS,), (
+            dax, dah, dh_up, dh_rec, carry, np.int32(n_next), a, hn, prev_h, np.int32(n), np.int32(H),
+            _ld(dax), _ld(dah), _ld(dh_up), _ld(dh_rec), _ld(carry), _ld(a), _ld(hn), _ld(prev_h)))
 
     # ------------------------------------------------------------------ softmax loss
     def _softmax(self, scores, targets, weights, normalizer, row_loss):

@@ -1,17 +1,18 @@
-"""Fused kernels for the hot elementwise work of a training step.
+"""Fused CPU kernels (Numba) for the hot elementwise work of a training step.
 
-The plain xp code in layers.py and optim.py is the reference; these kernels
-do the same arithmetic in one pass over memory instead of one pass per ufunc:
+The plain xp code of the cells (``dtrain.nn.cells``), layers and optimizer is
+the reference; these kernels do the same arithmetic in one pass over memory
+instead of one pass per ufunc:
 
-* the LSTM gate forward (sigmoid/tanh of the gates, c and h update) and its
-  backward, the RNN tanh step and its backward,
+* each cell's step forward and backward (LSTM gates and c/h update, the RNN
+  tanh, the GRU gates and h update), named as the cells ask for them
+  (``lstm_step_forward`` ...),
 * the softmax cross-entropy loss and its gradient, in place over the scores,
 * Adam over the flat parameter buffer.
 
-On the CPU they are Numba functions (compiled on first use, cached on disk);
-on the GPU, CuPy elementwise/raw kernels (see ``gpu_kernels``). ``for_arrays``
-picks the set for an array module, or returns None when Numba is missing, so
-the plain path always works.
+Numba compiles them on first use and caches them on disk. In float32 the LSTM
+forward and the softmax hand their exp pass to NumPy's SIMD exp (see
+``CpuKernels``); in float64 (the exactness checks) one-pass kernels run.
 """
 
 from __future__ import annotations
@@ -215,12 +216,59 @@ def _build_cpu(parallel):
                 probs[row, k] *= scale
             probs[row, targets[row]] -= inv_norm
 
+
+    @njit(parallel=parallel, **opts)
+    def gru_fwd(a, r, prev_h, hn, h):
+        # a: x Wx + b (r, z, n blocks), r: h Wh; leaves the activated r, z, n in a
+        n, G = a.shape
+        H = G // 3
+        dt = a.dtype.type
+        half, one = dt(0.5), dt(1.0)
+        for row in prange(n):
+            for j in range(H):
+                rg = half * (one + math.tanh(half * (a[row, j] + r[row, j])))
+                z = half * (one + math.tanh(half * (a[row, H + j] + r[row, H + j])))
+                hv = r[row, 2 * H + j]
+                ng = math.tanh(a[row, 2 * H + j] + rg * hv)
+                a[row, j] = rg
+                a[row, H + j] = z
+                a[row, 2 * H + j] = ng
+                hn[row, j] = hv
+                h[row, j] = ng + z * (prev_h[row, j] - ng)
+
+    @njit(parallel=parallel, **opts)
+    def gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, ph):
+        n, G = a.shape
+        H = G // 3
+        dt = a.dtype.type
+        one = dt(1.0)
+        for row in prange(n):
+            carried = row < n_next
+            for j in range(H):
+                dh = dh_up[row, j]
+                if carried:
+                    dh += dh_rec[row, j]
+                    dh += carry[row, j]
+                rg = a[row, j]
+                z = a[row, H + j]
+                ng = a[row, 2 * H + j]
+                dan = (one - z) * (one - ng * ng) * dh
+                dar = dan * ((one - rg) * rg * hn[row, j])
+                daz = (ph[row, j] - ng) * ((one - z) * z) * dh
+                dax[row, j] = dar
+                dax[row, H + j] = daz
+                dax[row, 2 * H + j] = dan
+                dah[row, j] = dar
+                dah[row, H + j] = daz
+                dah[row, 2 * H + j] = dan * rg
+                carry[row, j] = dh * z
+
     return (lstm_fwd, lstm_bwd, rnn_fwd, rnn_bwd, softmax_xent, adam,
-            lstm_preact, lstm_cell, lstm_out, softmax_shift, softmax_finish)
+            lstm_preact, lstm_cell, lstm_out, softmax_shift, softmax_finish, gru_fwd, gru_bwd)
 
 
 class CpuKernels:
-    """Numba kernels with the call signatures layers.py and optim.py use."""
+    """Numba kernels with the call signatures the cells, the model and Adam use."""
 
     name = "numba"
 
@@ -231,7 +279,7 @@ class CpuKernels:
             _CPU = _build_cpu(parallel)
         (self._lstm_fwd, self._lstm_bwd, self._rnn_fwd, self._rnn_bwd,
          self._softmax_xent, self._adam, self._lstm_preact, self._lstm_cell, self._lstm_out,
-         self._softmax_shift, self._softmax_finish) = _CPU
+         self._softmax_shift, self._softmax_finish, self._gru_fwd, self._gru_bwd) = _CPU
         self.dtype = np.dtype(dtype)
         self._row_loss = np.empty(0, dtype=np.float64)
         self._shifted = np.empty(0, dtype=self.dtype)
@@ -266,6 +314,12 @@ class CpuKernels:
     def rnn_step_backward(self, d, dh_up, dh_rec, n_next, h):
         self._rnn_bwd(d, dh_up, dh_rec, n_next, h)
 
+    def gru_step_forward(self, a, r, prev_h, hn, h):
+        self._gru_fwd(a, r, prev_h, hn, h)
+
+    def gru_step_backward(self, dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h):
+        self._gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h)
+
     def softmax_cross_entropy(self, scores, targets, normalizer):
         """Loss (float) and, in place in ``scores``, its gradient."""
         M = scores.shape[0]
@@ -285,29 +339,3 @@ class CpuKernels:
 
     def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         self._adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2)
-
-
-def set_num_threads(n):
-    """Threads of the CPU kernels (kept equal to the BLAS threads of the rank)."""
-    try:
-        import numba
-
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-    except Exception:
-        pass
-
-
-def for_arrays(xp, dtype):
-    """The fused kernel set for array module ``xp``, or None (plain xp path)."""
-    if os.environ.get("DTRAIN_NO_KERNELS"):
-        return None
-    if xp is np:
-        try:
-            return CpuKernels(dtype)
-        except ImportError:
-            return None
-    try:
-        from .gpu_kernels import GpuKernels
-    except ImportError:
-        return None
-    return GpuKernels(dtype)

@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 
-from .data import CocoData, DataError
+from ..data.coco import CocoData, DataError
+from ..data.coco_import import import_coco
+from ..data.synthetic import ensure_builtin_data, write_synthetic
 
 
 def _synth(args) -> int:
-    from .synthetic import ensure_builtin_data, write_synthetic
-
     t = time.perf_counter()
     if args.out is None:
         path = ensure_builtin_data(args.cache_dir, args.train_images, args.val_images, args.seed)
@@ -23,8 +23,6 @@ def _synth(args) -> int:
 
 
 def _import_coco(args) -> int:
-    from .coco_import import import_coco
-
     summary = import_coco(
         args.out, args.train_captions, args.val_captions, args.train_features,
         args.val_features, args.train_image_ids, args.val_image_ids, min_count=args.min_count,
@@ -117,7 +115,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Standalone entry point (`python -m dtrain.datacli ...`), mostly for tests."""
+    """Standalone entry point (`python -m dtrain.commands.data ...`), mostly for tests."""
     parser = argparse.ArgumentParser(prog="dtrain")
     add_data_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -1,8 +1,9 @@
 """The CS231n image-captioning network, its parameters in one flat buffer.
 
 Image feature -> initial hidden state (affine), caption words -> embeddings,
-a vanilla RNN or LSTM, a vocabulary projection at every step, and the masked
-softmax loss (sum over real tokens / batch).
+a recurrent cell (any of ``dtrain.nn.cells``: rnn, lstm, gru), a vocabulary
+projection at every step, and the masked softmax loss (sum over real tokens
+/ batch).
 
 Parameters are views into one contiguous ``param_buffer`` and gradients views
 into one ``grad_buffer`` of the same layout, so the optimizer updates all of
@@ -18,21 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import get_array_module, to_device
 from . import layers
-from .backend import to_device
+from .cells import get_cell
 
 # Flat-buffer order; W_embed last (see the module docstring).
 PARAM_ORDER = ("W_proj", "b_proj", "Wx", "Wh", "b", "W_vocab", "b_vocab", "W_embed")
 
 
 def param_shapes(vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type):
-    gates = {"lstm": 4, "rnn": 1}[cell_type]
     return {
         "W_proj": (input_dim, hidden_dim),
         "b_proj": (hidden_dim,),
-        "Wx": (wordvec_dim, gates * hidden_dim),
-        "Wh": (hidden_dim, gates * hidden_dim),
-        "b": (gates * hidden_dim,),
+        **get_cell(cell_type).param_shapes(wordvec_dim, hidden_dim),
         "W_vocab": (hidden_dim, vocab_size),
         "b_vocab": (vocab_size,),
         "W_embed": (vocab_size, wordvec_dim),
@@ -58,7 +57,7 @@ class ParamDict(MutableMapping):
         view = self._views[name]
         if tuple(np.shape(value)) != view.shape:
             raise ValueError(f"parameter {name}: expected shape {view.shape}, got {np.shape(value)}")
-        view[...] = to_device(value, _module_of(view)) if not isinstance(value, type(view)) else value
+        view[...] = to_device(value, get_array_module(view)) if not isinstance(value, type(view)) else value
 
     def __delitem__(self, name):
         raise TypeError("parameters cannot be deleted")
@@ -68,12 +67,6 @@ class ParamDict(MutableMapping):
 
     def __len__(self):
         return len(self._views)
-
-
-def _module_of(a):
-    from .backend import get_array_module
-
-    return get_array_module(a)
 
 
 def flat_views(buffer, shapes, order=PARAM_ORDER):
@@ -195,7 +188,7 @@ def fixed_batch(captions, null_idx, dtype=np.float32):
 
 def _masked_softmax_xp(scores, targets, weights, normalizer, row_loss):
     """Plain xp reference of the masked softmax kernel (in place in ``scores``)."""
-    xp = _module_of(scores)
+    xp = get_array_module(scores)
     rows = xp.arange(scores.shape[0])
     shifted = scores - scores.max(axis=1, keepdims=True)
     target_logit = shifted[rows, targets]
@@ -209,7 +202,7 @@ def _masked_softmax_xp(scores, targets, weights, normalizer, row_loss):
 
 def _embedding_grad_segments_xp(dx, order, seg_start, ids, rows, dense):
     """Plain xp reference of the per-word embedding gradient sums."""
-    xp = _module_of(dx)
+    xp = get_array_module(dx)
     counts = seg_start[1:] - seg_start[:-1]
     segment = xp.repeat(xp.arange(ids.shape[0]), counts.tolist() if xp is not np else counts)
     rows.fill(0)
@@ -219,8 +212,55 @@ def _embedding_grad_segments_xp(dx, order, seg_start, ids, rows, dense):
     dense[ids[real]] = rows[real]
 
 
+@dataclass
+class StepGrads:
+    """What one forward/backward pass of the hot path computed (owned by the model).
+
+    ``grad_buffer`` holds the gradient of every parameter, flat, in the model's
+    layout; W_embed's block (``grad_buffer[embed_offset:]``, shaped
+    ``embed_shape``) is filled only when ``embed_dense``. The embedding
+    gradient is always also given row-sparse: ``embed_ids`` (unique word ids)
+    and ``embed_rows`` (their summed gradient rows). ``loss`` is the summed
+    token loss / normalizer (a float, or a 0-d device array on the GPU path);
+    ``tokens`` the number of real target tokens. The arrays are views of
+    buffers the next pass overwrites.
+    """
+
+    loss: object
+    tokens: int
+    grad_buffer: object
+    embed_offset: int
+    embed_shape: tuple
+    embed_ids: object
+    embed_rows: object
+    embed_dense: bool
+
+    @property
+    def embed_grad(self):
+        """W_embed's (V, W) block of ``grad_buffer`` (a view)."""
+        return self.grad_buffer[self.embed_offset :].reshape(self.embed_shape)
+
+    def scatter_embedding(self):
+        """Fill W_embed's dense block from the sparse rows (once)."""
+        if not self.embed_dense:
+            g = self.embed_grad
+            g.fill(0)
+            g[self.embed_ids] = self.embed_rows
+            self.embed_dense = True
+        return self
+
+
 class CaptioningModel:
-    """CS231n CaptioningRNN with a flat parameter buffer and a packed fast path."""
+    """CS231n CaptioningRNN with a flat parameter buffer and a packed fast path.
+
+    Two ways to get gradients:
+
+    * ``loss(features, captions) -> (loss, grads)`` is CS231n's: ``grads`` are
+      arrays the caller owns (a later call does not change them);
+    * ``forward_backward(features, packed, normalizer) -> StepGrads`` is the
+      training hot path: gradients land in the model's own ``grad_buffer``
+      (no allocation, no copy) and the embedding gradient is row-sparse.
+    """
 
     def __init__(
         self,
@@ -234,8 +274,7 @@ class CaptioningModel:
         xp=np,
         use_kernels=True,
     ):
-        if cell_type not in ("rnn", "lstm"):
-            raise ValueError(f'cell_type: expected "rnn" or "lstm", got {cell_type!r}')
+        self.cell = get_cell(cell_type)
         self.cell_type = cell_type
         self.dtype = np.dtype(dtype)
         self.xp = xp
@@ -259,54 +298,78 @@ class CaptioningModel:
         self.ws = layers.Workspace()
         self.kernels = None
         if use_kernels:
-            from . import kernels
+            from .. import kernels
 
             self.kernels = kernels.for_arrays(xp, self.dtype)
-        # Row-sparse W_embed gradient of the last loss() call: (ids, rows).
-        self.embed_grad_sparse = None
+
+    @property
+    def null_idx(self):
+        return self._null
 
     def _init_params(self, seed):
         """CS231n initialisation, drawn on the host in float64 from ``seed``."""
         rng = np.random.default_rng(seed)
-        D, W, H, V = self.input_dim, self.wordvec_dim, self.hidden_dim, self.vocab_size
-        gates = {"lstm": 4, "rnn": 1}[self.cell_type]
-        init = {
-            "W_embed": rng.standard_normal((V, W)) / 100,
-            "W_proj": rng.standard_normal((D, H)) / np.sqrt(D),
-            "Wx": rng.standard_normal((W, gates * H)) / np.sqrt(W),
-            "Wh": rng.standard_normal((H, gates * H)) / np.sqrt(H),
-            "W_vocab": rng.standard_normal((H, V)) / np.sqrt(H),
-        }
+        D, H, V = self.input_dim, self.hidden_dim, self.vocab_size
+        init = {"W_embed": rng.standard_normal((V, self.wordvec_dim)) / 100,
+                "W_proj": rng.standard_normal((D, H)) / np.sqrt(D)}
+        init.update(self.cell.init_params(rng, self.wordvec_dim, H))
+        init["W_vocab"] = rng.standard_normal((H, V)) / np.sqrt(H)
         for name, value in init.items():
             self.params[name] = value.astype(self.dtype)
 
     # ------------------------------------------------------------------
-    # Training loss (the fast path)
+    # CS231n's API: gradients the caller owns
 
-    def loss(self, features, captions, normalizer=None, embed_grad="dense", forward_only=False):
-        """Loss and gradients of a caption batch.
+    def loss(self, features, captions, normalizer=None):
+        """Loss and gradients of a caption batch, as CS231n's ``loss``.
 
-        ``features`` (N, D) and ``captions`` (N, T+1) ids (host or device).
-        The loss is the summed cross-entropy of the real tokens divided by
-        ``normalizer`` (default N; the trainer passes the global batch size).
-        Gradients are written into ``grad_buffer`` and returned as a dict of
-        views. With ``embed_grad="sparse"`` the W_embed gradient is left out
-        of the buffer and kept in ``embed_grad_sparse`` as (ids, rows).
+        ``features`` (N, D) and ``captions`` (N, T+1) ids (host or device). The
+        loss is the summed cross-entropy of the real tokens divided by
+        ``normalizer`` (default N). ``grads`` maps every parameter name to a
+        new array (copies, not views of the model's buffers).
         """
-        host_captions = captions if isinstance(captions, np.ndarray) else captions.get()
-        packed = pack_captions(host_captions, self._null)
-        normalizer = host_captions.shape[0] if normalizer is None else normalizer
-        return self.loss_packed(features, packed, normalizer, embed_grad, forward_only)
+        g = self.forward_backward(features, self.pack(captions), self._normalizer(captions, normalizer))
+        g.scatter_embedding()
+        return float(g.loss), {name: view.copy() for name, view in self.grads.items()}
 
-    def loss_packed(self, features, packed, normalizer, embed_grad="dense", forward_only=False):
-        xp, ws, dtype = self.xp, self.ws, self.dtype
+    def forward_loss(self, features, captions, normalizer=None):
+        """The loss alone (no backward pass): evaluation and numeric gradients."""
+        return self._packed_pass(features, self.pack(captions), self._normalizer(captions, normalizer),
+                                 forward_only=True)
+
+    def pack(self, captions):
+        host = captions if isinstance(captions, np.ndarray) else captions.get()
+        return pack_captions(host, self._null)
+
+    @staticmethod
+    def _normalizer(captions, normalizer):
+        return captions.shape[0] if normalizer is None else normalizer
+
+    # ------------------------------------------------------------------
+    # The training hot path: the model's own buffers
+
+    def forward_backward(self, features, packed, normalizer):
+        """Loss and gradients of a :class:`PackedBatch` into ``grad_buffer``; a :class:`StepGrads`.
+
+        W_embed's gradient is left row-sparse (``embed_dense`` False): the
+        reducer decides whether it travels sparse or is scattered densely.
+        """
+        return self._packed_pass(features, packed, normalizer, forward_only=False)
+
+    def step_grads(self, loss, tokens, ids, rows, dense):
+        return StepGrads(loss=loss, tokens=int(tokens), grad_buffer=self.grad_buffer,
+                         embed_offset=self.embed_offset, embed_shape=self.shapes["W_embed"],
+                         embed_ids=ids, embed_rows=rows, embed_dense=dense)
+
+    def _packed_pass(self, features, packed, normalizer, forward_only):
+        xp, ws, dtype, cell = self.xp, self.ws, self.dtype, self.cell
         p, g = self.params, self.grads
         if not packed.batch_sizes:  # no real token anywhere: zero loss and gradient
             if forward_only:
-                return 0.0, None
+                return 0.0
             self.grad_buffer.fill(0)
-            self.embed_grad_sparse = (xp.zeros(0, np.int64), xp.zeros((0, self.wordvec_dim), dtype))
-            return 0.0, self.grads
+            return self.step_grads(0.0, 0, xp.zeros(0, np.int64),
+                                    xp.zeros((0, self.wordvec_dim), dtype), dense=True)
         total = len(packed.words_in)
         words = to_device(packed.words_in, xp)
         targets = to_device(packed.targets, xp)
@@ -322,9 +385,8 @@ class CaptioningModel:
 
         x = ws.get("embed", (total, self.wordvec_dim), dtype, xp)
         xp.take(p["W_embed"], words, axis=0, out=x)
-        forward = layers.lstm_packed_forward if self.cell_type == "lstm" else layers.rnn_packed_forward
-        backward = layers.lstm_packed_backward if self.cell_type == "lstm" else layers.rnn_packed_backward
-        hidden, cache = forward(x, h0, p["Wx"], p["Wh"], p["b"], packed.batch_sizes, ws, self.kernels)
+        hidden, cache = cell.packed_forward(x, h0, p["Wx"], p["Wh"], p["b"], packed.batch_sizes, ws,
+                                            self.kernels)
 
         # Vocabulary projection and softmax only where there is a real target.
         if packed.score_pos is None:
@@ -342,7 +404,7 @@ class CaptioningModel:
         else:
             loss, dscores = layers.softmax_cross_entropy(scores, targets, normalizer, dscores=scores)
         if forward_only:
-            return float(loss), None
+            return float(loss)
         xp.matmul(scored.T, dscores, out=g["W_vocab"])
         dscores.sum(axis=0, out=g["b_vocab"])
         dscored = ws.get("dscored", scored.shape, dtype, xp)
@@ -353,30 +415,26 @@ class CaptioningModel:
             dhidden = ws.get("dhidden", (total, self.hidden_dim), dtype, xp, zero=True)
             dhidden[score_pos] = dscored
 
-        dx, dh0, *_ = backward(dhidden, cache, ws, self.kernels, out=(g["Wx"], g["Wh"], g["b"]))
+        dx, dh0, *_ = cell.packed_backward(dhidden, cache, ws, self.kernels, out=(g["Wx"], g["Wh"], g["b"]))
         xp.matmul(feats.T, dh0[:n0], out=g["W_proj"])
         dh0[:n0].sum(axis=0, out=g["b_proj"])
 
         ids, rows = layers.embedding_grad_sparse(words, dx)
-        self.embed_grad_sparse = (ids, rows)
-        if embed_grad == "dense":
-            g["W_embed"].fill(0)
-            g["W_embed"][ids] = rows
-        return float(loss), self.grads
+        return self.step_grads(float(loss), packed.num_tokens, ids, rows, dense=False)
 
     # ------------------------------------------------------------------
     # Fixed-shape mode (GPU): every row for all T steps, so CUDA graphs replay
 
-    def loss_fixed(self, features, batch, normalizer, ws=None, loss_out=None):
+    def forward_backward_fixed(self, features, batch, normalizer, ws=None, loss_out=None):
         """Loss and gradients of a :class:`FixedBatch` whose arrays are on this
         model's device: all N rows run all T steps, every position is scored and
-        the 0/1 weights mask the loss. Same mathematics as :meth:`loss`; no
-        device synchronisation and no data-dependent shape, so the call can be
-        captured as a CUDA graph. Returns (loss, grads) with the loss a 0-d
-        float64 array left on the device (``loss_out`` if given). Both the dense
-        W_embed gradient and the row-sparse ``embed_grad_sparse`` are filled.
+        the 0/1 weights mask the loss. Same mathematics as :meth:`forward_backward`;
+        no device synchronisation and no data-dependent shape, so the call can be
+        captured as a CUDA graph. The loss is a 0-d float64 array left on the
+        device (``loss_out`` if given). Both the dense W_embed gradient and its
+        rows are filled (``embed_ids`` holds -1 past ``batch.num_ids``).
         """
-        xp, dtype, kern = self.xp, self.dtype, self.kernels
+        xp, dtype, kern, cell = self.xp, self.dtype, self.kernels, self.cell
         ws = self.ws if ws is None else ws
         p, g = self.params, self.grads
         N, T = batch.N, batch.T
@@ -386,9 +444,7 @@ class CaptioningModel:
         h0 += p["b_proj"]
         x = ws.get("fx_embed", (M, self.wordvec_dim), dtype, xp)
         xp.take(p["W_embed"], batch.words, axis=0, out=x)
-        forward = layers.lstm_packed_forward if self.cell_type == "lstm" else layers.rnn_packed_forward
-        backward = layers.lstm_packed_backward if self.cell_type == "lstm" else layers.rnn_packed_backward
-        hidden, cache = forward(x, h0, p["Wx"], p["Wh"], p["b"], [N] * T, ws, kern)
+        hidden, cache = cell.packed_forward(x, h0, p["Wx"], p["Wh"], p["b"], [N] * T, ws, kern)
 
         scores = ws.get("fx_scores", (M, self.vocab_size), dtype, xp)
         xp.matmul(hidden, p["W_vocab"], out=scores)
@@ -406,7 +462,7 @@ class CaptioningModel:
         scores.sum(axis=0, out=g["b_vocab"])
         dhidden = ws.get("fx_dhidden", (M, H), dtype, xp)
         xp.matmul(scores, p["W_vocab"].T, out=dhidden)
-        dx, dh0, *_ = backward(dhidden, cache, ws, kern, out=(g["Wx"], g["Wh"], g["b"]))
+        dx, dh0, *_ = cell.packed_backward(dhidden, cache, ws, kern, out=(g["Wx"], g["Wh"], g["b"]))
         xp.matmul(features.T, dh0, out=g["W_proj"])
         dh0.sum(axis=0, out=g["b_proj"])
 
@@ -415,15 +471,15 @@ class CaptioningModel:
             kern.embedding_grad_segments(dx, batch.order, batch.seg_start, batch.ids, rows, g["W_embed"])
         else:
             _embedding_grad_segments_xp(dx, batch.order, batch.seg_start, batch.ids, rows, g["W_embed"])
-        self.embed_grad_sparse = (batch.ids[: batch.num_ids], rows[: batch.num_ids])
-        return loss, self.grads
+        return self.step_grads(loss, batch.num_tokens, batch.ids[: batch.num_ids], rows[: batch.num_ids],
+                                dense=True)
 
     # ------------------------------------------------------------------
     # The plain computation (CS231n layer by layer), the reference for tests
 
     def loss_reference(self, features, captions):
         """Loss and gradients the plain CS231n way: every step, every position."""
-        xp = self.xp
+        xp, cell = self.xp, self.cell
         p = {k: v for k, v in self.params.items()}
         features = xp.asarray(features, dtype=self.dtype)
         captions = xp.asarray(captions)
@@ -431,16 +487,12 @@ class CaptioningModel:
         mask = cout != self._null
         h0 = features @ p["W_proj"] + p["b_proj"]
         x, emb_cache = layers.word_embedding_forward(cin, p["W_embed"])
-        if self.cell_type == "lstm":
-            h, cache = layers.lstm_forward(x, h0, p["Wx"], p["Wh"], p["b"])
-        else:
-            h, cache = layers.rnn_forward(x, h0, p["Wx"], p["Wh"], p["b"])
+        h, cache = cell.forward(x, h0, p["Wx"], p["Wh"], p["b"])
         scores, aff_cache = layers.temporal_affine_forward(h, p["W_vocab"], p["b_vocab"])
         loss, dscores = layers.temporal_softmax_loss(scores, cout, mask)
         grads = {}
         dh, grads["W_vocab"], grads["b_vocab"] = layers.temporal_affine_backward(dscores, aff_cache)
-        backward = layers.lstm_backward if self.cell_type == "lstm" else layers.rnn_backward
-        dx, dh0, grads["Wx"], grads["Wh"], grads["b"] = backward(dh, cache)
+        dx, dh0, grads["Wx"], grads["Wh"], grads["b"] = cell.backward(dh, cache)
         grads["W_embed"] = layers.word_embedding_backward(dx, emb_cache)
         grads["W_proj"] = features.T @ dh0
         grads["b_proj"] = dh0.sum(axis=0)
@@ -451,22 +503,17 @@ class CaptioningModel:
 
     def sample(self, features, max_length=30):
         """Greedy captions (N, max_length) for any N; <NULL> after <END>."""
-        xp, p = self.xp, self.params
+        xp, p, cell = self.xp, self.params, self.cell
         if self._start is None or self._end is None:
             raise ValueError("sample() needs <START> and <END> in word_to_idx")
         features = xp.asarray(features, dtype=self.dtype)
         N = features.shape[0]
         captions = xp.full((N, max_length), self._null, dtype=np.int64)
-        h = features @ p["W_proj"] + p["b_proj"]
-        c = xp.zeros_like(h)
+        state = cell.init_state(features @ p["W_proj"] + p["b_proj"])
         word = xp.full(N, self._start, dtype=np.int64)
         finished = xp.zeros(N, dtype=bool)
         for t in range(max_length):
-            x = p["W_embed"][word]
-            if self.cell_type == "lstm":
-                h, c, _ = layers.lstm_step_forward(x, h, c, p["Wx"], p["Wh"], p["b"])
-            else:
-                h, _ = layers.rnn_step_forward(x, h, p["Wx"], p["Wh"], p["b"])
+            h, state = cell.sample_step(p["W_embed"][word], state, p["Wx"], p["Wh"], p["b"])
             word = xp.argmax(h @ p["W_vocab"] + p["b_vocab"], axis=1)
             word = xp.where(finished, self._null, word)
             captions[:, t] = word

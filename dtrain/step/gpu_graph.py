@@ -3,7 +3,7 @@
 On a GPU the recurrence is launch-bound: each time step is a GEMM and a
 fused gate kernel forward and again backward, so an eager step is a few
 hundred small launches from Python. ``GpuTrainStep`` runs the model's
-fixed-shape mode (``CaptioningModel.loss_fixed``: all N rows for T steps,
+fixed-shape mode (``CaptioningModel.forward_backward_fixed``: all N rows for T steps,
 the loss masked inside the softmax kernel), so every batch of the same
 (N, T) has the same kernels with the same arguments, and captures the step
 (forward, backward and, on one rank, Adam) once per shape with CuPy stream
@@ -15,20 +15,16 @@ else crosses between host and device: the loss stays on the device until
 the trainer logs it. Each shape has its own memory pool, workspace and
 input buffer, so the addresses a graph was captured with stay its own.
 Where capture is not supported the same code runs eagerly.
-
-``run_gpu_bench`` is the GPU half of ``dtrain bench``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import statistics
-import time
 
 import numpy as np
 
-from .model import FixedBatch, fixed_batch
+from ..nn.model import FixedBatch, fixed_batch
 
 _ALIGN = 256
 
@@ -47,7 +43,7 @@ class _Shape:
     input buffer, loss scalar, graph."""
 
     def __init__(self, cp, model, N, T, normalizer, fuse_adam):
-        from .layers import Workspace
+        from ..nn.layers import Workspace
 
         self.N, self.T, self.normalizer, self.fuse_adam = N, T, normalizer, fuse_adam
         M, dtype = N * T, model.dtype
@@ -86,18 +82,19 @@ class GpuTrainStep:
     """Forward, backward (and Adam, on one rank) of the fixed-shape model on a GPU.
 
     ``forward_backward(features, captions, normalizer, lr, fuse_adam)`` takes
-    the host batch, leaves the gradients in ``model.grad_buffer`` (dense, and
-    ``model.embed_grad_sparse`` row-sparse) and returns the loss as a 0-d
-    device array. With ``fuse_adam`` (one rank: nothing to reduce) the Adam
-    update is part of the same graph and ``adam.t`` advances here; otherwise
-    the caller reduces the gradients and calls ``adam.step`` as on the CPU.
+    the host batch, leaves the gradients in ``model.grad_buffer`` (the
+    embedding's both dense and row-sparse) and returns a ``StepGrads`` whose
+    loss is a 0-d device array. With ``fuse_adam`` (one rank: nothing to
+    reduce) the Adam update is part of the same graph, with the step's
+    hyperparameters from ``adam.advance``; otherwise the caller reduces the
+    gradients and calls ``adam.step`` as on the CPU.
     ``graphs=False`` runs every step eagerly (the reference for the tests).
     """
 
     def __init__(self, model, adam, graphs=True, max_shapes=32):
         import cupy
 
-        from .gpu_kernels import GpuKernels
+        from ..kernels.cuda import GpuKernels
 
         if model.xp is not cupy:
             raise ValueError("GpuTrainStep needs a model built on CuPy arrays")
@@ -117,7 +114,7 @@ class GpuTrainStep:
         self.ev_end = cupy.cuda.Event()
         self.matmul = None
         try:
-            from .gpu_kernels import CublasMatmul
+            from ..kernels.cuda import CublasMatmul
 
             self.matmul = CublasMatmul(self.stream)
         except Exception as exc:  # no direct cuBLAS: CuPy's matmul cannot be captured
@@ -146,7 +143,7 @@ class GpuTrainStep:
 
     def _body(self, st):
         model, adam = self.model, self.adam
-        model.loss_fixed(st.dev["features"], st.batch, st.normalizer, ws=st.ws, loss_out=st.loss)
+        model.forward_backward_fixed(st.dev["features"], st.batch, st.normalizer, ws=st.ws, loss_out=st.loss)
         if st.fuse_adam:
             self.kernels.adam_update_device(model.param_buffer, model.grad_buffer, adam.m, adam.v,
                                             st.dev["hyper"], adam.beta1, adam.beta2, adam.eps)
@@ -193,12 +190,8 @@ class GpuTrainStep:
         h["features"][...] = features
         for name in ("weights", "words", "targets", "order", "seg_start", "ids"):
             h[name][...] = getattr(fb, name)
-        if fuse_adam:
-            a = self.adam
-            a.t += 1
-            lr = a.lr if lr is None else lr
-            h["hyper"][0] = lr / (1.0 - a.beta1**a.t)
-            h["hyper"][1] = 1.0 / (1.0 - a.beta2**a.t)
+        if fuse_adam:  # the optimizer counts the step and gives its hyperparameters
+            h["hyper"][0], h["hyper"][1] = self.adam.advance(lr)
         # our stream starts after everything queued so far on the default stream
         # (gradient unstaging, Adam, checkpoint loads) ...
         self._null_ready.record(cp.cuda.Stream.null)
@@ -215,7 +208,7 @@ class GpuTrainStep:
                 with cp.cuda.using_allocator(st.pool.malloc), self._capturable_matmul():
                     self._body(st)
                 self.eager_runs += 1
-                if st.rows is None:  # the (M, W) buffer loss_fixed sums the embedding rows into
+                if st.rows is None:  # the (M, W) buffer the embedding rows are summed into
                     st.rows = st.ws.get("fx_embed_rows", (st.N * st.T, model.wordvec_dim), model.dtype, cp)
                 if self.use_graphs:
                     self._capture(st)  # recorded, not run: the next step of this shape replays it
@@ -224,105 +217,5 @@ class GpuTrainStep:
         # ... and the default stream (MPI staging, logging) waits for this step
         self._done.record(s)
         cp.cuda.Stream.null.wait_event(self._done)
-        model.embed_grad_sparse = (st.batch.ids[: fb.num_ids], st.rows[: fb.num_ids])
-        return st.loss
-
-
-# ---------------------------------------------------------------------------
-# Benchmark (python -m dtrain bench --device gpu)
-
-
-def run_gpu_bench(args, comm, model, features, captions, my_feats, my_caps, torch_factory=None):
-    """Time graphed and eager GPU steps (and PyTorch, interleaved); report launch gaps."""
-    import cupy as cp
-
-    from .bench import step_flops
-    from .gpu_kernels import GpuKernels
-    from .model import pack_captions
-    from .optim import Adam
-
-    dtype = model.dtype
-    adam = Adam(model.num_params, xp=cp, dtype=dtype, kernels=GpuKernels(dtype))
-    graphed = GpuTrainStep(model, adam, graphs=True)
-    eager = GpuTrainStep(model, adam, graphs=False)
-    for step in (graphed, eager):
-        step.timing = True
-    B, fuse = args.batch_size, comm.size == 1
-
-    def run(step):
-        t0 = time.perf_counter()
-        step.forward_backward(my_feats, my_caps, B, lr=1e-3, fuse_adam=fuse)
-        t1 = time.perf_counter()
-        if not fuse:
-            comm.allreduce_sum_(model.grad_buffer[: model.embed_offset])
-            ids, rows = model.embed_grad_sparse
-            comm.reduce_embedding_grad_(ids, rows, model.grads["W_embed"], mode=args.embed_reduce)
-            adam.step(model.param_buffer, model.grad_buffer, lr=1e-3)
-        cp.cuda.Stream.null.synchronize()
-        t2 = time.perf_counter()
-        return t2 - t0, cp.cuda.get_elapsed_time(step.ev_start, step.ev_end) / 1e3, t1 - t0
-
-    torch_step, torch_version = (None, None)
-    if torch_factory is not None:
-        torch_step, torch_version = torch_factory()
-    for _ in range(max(2, args.warmup)):  # the first step of a shape runs eagerly and captures
-        run(graphed)
-        run(eager)
-        if torch_step:
-            torch_step()
-    g_wall, g_gpu, g_host, e_wall, e_gpu, e_host, t_wall = [], [], [], [], [], [], []
-    for _ in range(args.steps):
-        if comm.size > 1:
-            comm.barrier()
-        w, gpu, hst = run(graphed)
-        g_wall.append(w), g_gpu.append(gpu), g_host.append(hst)
-        w, gpu, hst = run(eager)
-        e_wall.append(w), e_gpu.append(gpu), e_host.append(hst)
-        if torch_step:
-            t0 = time.perf_counter()
-            torch_step()
-            t_wall.append(time.perf_counter() - t0)
-
-    med = statistics.median
-    gw, gg, ew, eg = med(g_wall), med(g_gpu), med(e_wall), med(e_gpu)
-    real_tokens = int((captions[:, 1:] != 0).sum())
-    gates = 4 if args.cell == "lstm" else 1
-    flops = step_flops(pack_captions(captions, 0), args.batch_size, args.input_dim, args.wordvec_dim,
-                       args.hidden_dim, args.vocab_size, gates)
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    T_fixed = fixed_batch(my_caps, 0).T
-    result = {
-        "cell": args.cell, "dtype": args.dtype, "N": args.batch_size, "T": args.seq_len,
-        "D": args.input_dim, "W": args.wordvec_dim, "H": args.hidden_dim, "V": args.vocab_size,
-        "ranks": comm.size, "threads_per_rank": None, "device": f"gpu ({name})",
-        "kernels": "cuda (CuPy RawModule)",
-        "blas": {"library": "cuBLAS", "version": f"CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}",
-                 "kernel": f"CuPy {cp.__version__}", "threads": None},
-        "median_ms": gw * 1e3, "tokens_per_s": real_tokens / gw, "gflops": flops / gw / 1e9,
-        "real_token_fraction": real_tokens / (args.batch_size * args.seq_len),
-        "step_mode": graphed.describe(), "fixed_T": T_fixed,
-        "graph_wall_ms": gw * 1e3, "graph_gpu_ms": gg * 1e3, "graph_host_ms": med(g_host) * 1e3,
-        "eager_wall_ms": ew * 1e3, "eager_gpu_ms": eg * 1e3, "eager_host_ms": med(e_host) * 1e3,
-        # the graph replay keeps the GPU busy back to back: its event time is the
-        # step's device work; whatever the eager step takes beyond it is launch gaps
-        "eager_launch_gap_share": max(0.0, 1.0 - gg / ew),
-        "graph_idle_share": max(0.0, 1.0 - gg / gw),
-        "graphs_captured": graphed.captures, "graph_replays": graphed.replays,
-        "reduce_path": reduce_path(comm),
-    }
-    if t_wall:
-        tmed = med(t_wall)
-        result.update({"torch_version": torch_version, "torch_median_ms": tmed * 1e3,
-                       "torch_tokens_per_s": real_tokens / tmed, "speedup_vs_torch": tmed / gw})
-    return result
-
-
-def print_gpu_lines(r):
-    print(f"  step   : {r['step_mode']}; fixed shape N={r['N'] // r['ranks']} x T={r['fixed_T']}; "
-          f"gradient reduce: {r['reduce_path']}")
-    print(f"  graphed: {r['graph_wall_ms']:8.3f} ms/step wall, {r['graph_gpu_ms']:.3f} ms device "
-          f"(events) -> {100 * r['graph_idle_share']:.1f}% of the step is host work and launch/sync latency")
-    print(f"  eager  : {r['eager_wall_ms']:8.3f} ms/step wall, {r['eager_gpu_ms']:.3f} ms first-to-last "
-          f"kernel, {r['eager_host_ms']:.3f} ms host enqueue -> launch gaps "
-          f"{100 * r['eager_launch_gap_share']:.1f}% of the eager step (1 - graph device time / eager wall)")
+        return model.step_grads(st.loss, fb.num_tokens, st.batch.ids[: fb.num_ids], st.rows[: fb.num_ids],
+                                 dense=True)

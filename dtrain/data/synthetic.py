@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data import CAPTIONS_FILE, VOCAB_FILE, feature_file, urls_file
+from .coco import CAPTIONS_FILE, VOCAB_FILE, feature_file, urls_file
 
 VERSION = 1
 FEATURE_DIM = 512

@@ -29,10 +29,20 @@ class Adam:
         self.kernels = kernels
         self._scratch = None
 
+    def advance(self, lr=None):
+        """Count one more step; its (step size lr / (1 - b1^t), 1 / (1 - b2^t)).
+
+        Every path asks this for its step's hyperparameters: ``step`` below, and
+        the GPU graph, which runs the update inside its captured step.
+        """
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        return lr / (1.0 - self.beta1**self.t), 1.0 / (1.0 - self.beta2**self.t)
+
     def step(self, params, grads, lr=None):
         """One in-place update of ``params`` from ``grads`` (both flat)."""
         lr = self.lr if lr is None else lr
-        self.t += 1
+        self.advance(lr)
         bias1 = 1.0 - self.beta1**self.t
         bias2 = 1.0 - self.beta2**self.t
         if self.kernels is not None:
@@ -60,8 +70,8 @@ class Adam:
         params -= w
 
     def state_dict(self):
-        return {"m": self.m, "v": self.v, "t": self.t, "lr": self.lr, "beta1": self.beta1,
-                "beta2": self.beta2, "eps": self.eps}
+        """The state a checkpoint keeps: moments (this optimizer's arrays) and step count."""
+        return {"m": self.m, "v": self.v, "t": self.t}
 
     def load_state_dict(self, state):
         self.m[...] = self.xp.asarray(state["m"])

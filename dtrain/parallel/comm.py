@@ -5,15 +5,16 @@ host buffer used to stage GPU arrays) and offers exactly the operations the
 trainer uses:
 
 * ``bcast_array_`` / ``bcast_obj``: parameters and settings start identical;
-* ``allreduce_sum_``: one fused in-place SUM of the flat gradient buffer
-  (optionally in a few contiguous buckets);
-* ``reduce_embedding_grad_``: the row-sparse word-embedding gradient, moved as
-  (ids, rows) with Allgatherv or as a dense Allreduce, whichever moves fewer
-  bytes;
+* ``allreduce_sum_``: one fused in-place SUM of a flat buffer (optionally in
+  a few contiguous buckets);
+* ``allgather_scalars`` / ``allgatherv_rows`` / ``allgatherv``: small vectors
+  and row blocks of every rank, in rank order;
 * ``check_consistent``: a cross-rank checksum that stops a diverged job;
-* ``abort`` / ``run_guarded``: a failure on any rank ends the whole job.
+* ``run_guarded``: a failure on any rank ends the whole job.
 
-The module knows nothing of the model. A plain ``python -m dtrain`` (no
+It is transport only: what to send (dense or sparse gradients) is the
+reducer's business (``parallel/reducer.py``). The module knows nothing of the
+model. A plain ``python -m dtrain`` (no
 launcher) is an MPI singleton: a world of one, where every collective is a
 local no-op.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -99,9 +101,7 @@ class Communicator:
 
     Attributes: ``rank``, ``size``, ``local_rank``, ``local_size`` (from a
     shared-memory split: the ranks on this node), ``is_root`` (rank 0),
-    ``cuda_aware`` (the MPI library takes CUDA device buffers),
-    ``comm_seconds`` and ``bytes_moved`` (accumulated since ``reset_stats``;
-    bytes are estimates of what this rank sent plus received).
+    ``cuda_aware`` (the MPI library takes CUDA device buffers).
     """
 
     def __init__(self, mpi_comm=None):
@@ -116,23 +116,12 @@ class Communicator:
         self.local_size = self.local_comm.Get_size()
         self.cuda_aware = _query_cuda_aware(MPI)
         self._pinned = None  # (raw pinned memory, nbytes) reused for staging
-        self.reset_stats()
 
     def __repr__(self) -> str:
         return (
             f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
             f"local_size={self.local_size}, cuda_aware={self.cuda_aware})"
         )
-
-    # ------------------------------------------------------------------ stats
-    def reset_stats(self) -> None:
-        self.comm_seconds = 0.0
-        self.bytes_moved = 0
-
-    def _ring_bytes(self, nbytes: int, passes: int) -> int:
-        """Bytes a rank sends plus receives in ``passes`` ring passes over ``nbytes``."""
-        p = self.size
-        return int(2 * passes * (p - 1) * nbytes // p) if p > 1 else 0
 
     # ---------------------------------------------------------------- helpers
     def _sync_device(self) -> None:
@@ -169,9 +158,7 @@ class Communicator:
     # -------------------------------------------------------------- collectives
     def barrier(self) -> None:
         if self.size > 1:
-            t0 = time.perf_counter()
             self.comm.Barrier()
-            self.comm_seconds += time.perf_counter() - t0
 
     def bcast_array_(self, arr, root: int = 0):
         """Overwrite ``arr`` (numpy or cupy, contiguous) with root's values; returns ``arr``.
@@ -183,7 +170,6 @@ class Communicator:
             return arr
         if not arr.flags.c_contiguous:
             raise ValueError("bcast_array_: expected a contiguous array")
-        t0 = time.perf_counter()
         header = np.full(10, -1, dtype=np.int64)
         header[0] = arr.ndim
         header[1] = np.dtype(arr.dtype).num
@@ -204,8 +190,6 @@ class Communicator:
             if _is_cupy(arr):
                 self._sync_device()
             self.comm.Bcast(arr, root=root)
-        self.comm_seconds += time.perf_counter() - t0
-        self.bytes_moved += arr.nbytes
         return arr
 
     def bcast_obj(self, obj, root: int = 0):
@@ -215,7 +199,6 @@ class Communicator:
         """
         if self.size == 1:
             return obj
-        t0 = time.perf_counter()
         if self.rank == root:
             try:
                 payload = json.dumps(obj).encode()
@@ -230,8 +213,6 @@ class Communicator:
         if buf is None:
             buf = np.empty(int(n[0]), dtype=np.uint8)
         self.comm.Bcast(buf, root=root)
-        self.comm_seconds += time.perf_counter() - t0
-        self.bytes_moved += int(n[0])
         data = buf.tobytes()
         if data[:1] == b"\x00":
             raise TypeError(f"bcast_obj: root's object is not JSON-able: {data[1:].decode()}")
@@ -248,7 +229,6 @@ class Communicator:
         if self.size == 1:
             return
         MPI = self.MPI
-        t0 = time.perf_counter()
         staged = _is_cupy(buf) and not self.cuda_aware
         if staged:
             target = self._host_stage(buf)
@@ -260,17 +240,12 @@ class Communicator:
             self.comm.Allreduce(MPI.IN_PLACE, target[lo:hi], op=MPI.SUM)
         if staged:
             self._host_unstage(target, buf)
-        self.comm_seconds += time.perf_counter() - t0
-        self.bytes_moved += self._ring_bytes(buf.nbytes, 2)
 
     def allreduce_scalars(self, values) -> np.ndarray:
         """float64 SUM over ranks of a small vector (losses, token counts)."""
         out = np.array(values, dtype=np.float64).reshape(-1)
         if self.size > 1:
-            t0 = time.perf_counter()
             self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
-            self.comm_seconds += time.perf_counter() - t0
-            self.bytes_moved += self._ring_bytes(out.nbytes, 2)
         return out
 
     def allgatherv(self, arr) -> np.ndarray:
@@ -287,7 +262,6 @@ class Communicator:
             raise ValueError("allgatherv: expected an array with at least one axis")
         if self.size == 1:
             return arr.copy()
-        t0 = time.perf_counter()
         header = np.full(10, -1, dtype=np.int64)
         header[0] = arr.shape[0]
         header[1] = arr.ndim
@@ -300,11 +274,10 @@ class Communicator:
             raise ValueError(
                 f"allgatherv: ranks {bad} send rows of another trailing shape or dtype than rank 0"
             )
-        out = self._allgatherv_rows(arr, headers[:, 0])
-        self.comm_seconds += time.perf_counter() - t0
+        out = self.allgatherv_rows(arr, headers[:, 0])
         return out
 
-    def _allgatherv_rows(self, arr: np.ndarray, row_counts) -> np.ndarray:
+    def allgatherv_rows(self, arr: np.ndarray, row_counts) -> np.ndarray:
         """Allgatherv of a contiguous host array whose per-rank row counts are known."""
         from mpi4py.util.dtlib import from_numpy_dtype
 
@@ -316,24 +289,7 @@ class Communicator:
         self.comm.Allgatherv(
             [arr, arr.size, mpitype], [out, (counts.tolist(), displs.tolist()), mpitype]
         )
-        self.bytes_moved += self._ring_bytes(out.nbytes, 1)
         return out
-
-    # --------------------------------------------------- sparse embedding gradient
-    def embedding_bytes(self, total_rows: int, vocab: int, width: int, itemsize: int) -> dict:
-        """Estimated bytes one rank sends plus receives for each strategy.
-
-        dense: a ring Allreduce of the (V, W) gradient, reduce-scatter then
-        allgather: 2 * 2(p-1)/p * V*W*itemsize. sparse: a ring Allgatherv of
-        ``total_rows`` (sum over ranks of the rows each touched) rows of
-        W*itemsize bytes plus an 8-byte id: 2(p-1)/p * rows * (W*itemsize + 8).
-        Sparse wins while total_rows * (W*itemsize + 8) < 2 * V*W*itemsize,
-        i.e. until the ranks together touch about 2V rows (2V/p each).
-        """
-        return {
-            "dense": self._ring_bytes(vocab * width * itemsize, 2),
-            "sparse": self._ring_bytes(total_rows * (width * itemsize + 8), 1),
-        }
 
     def allgather_scalars(self, values) -> np.ndarray:
         """Every rank's small float64 vector, as a (size, k) array in rank order.
@@ -346,90 +302,8 @@ class Communicator:
         if self.size == 1:
             return values.reshape(1, -1).copy()
         out = np.empty((self.size, values.size), dtype=np.float64)
-        t0 = time.perf_counter()
         self.comm.Allgather(values, out)
-        self.comm_seconds += time.perf_counter() - t0
         return out
-
-    def choose_embedding_mode(self, counts, vocab: int, width: int, itemsize: int,
-                              mode: str = "auto") -> tuple[str, dict]:
-        """"sparse" or "dense" for the embedding gradient, from every rank's row count."""
-        est = self.embedding_bytes(int(np.sum(counts)), vocab, width, itemsize)
-        if mode == "auto":
-            mode = "sparse" if est["sparse"] < est["dense"] else "dense"
-        return mode, est
-
-    def reduce_embedding_grad_(self, ids, rows, out, mode: str = "auto", counts=None) -> dict:
-        """SUM over ranks of a row-sparse gradient, written densely into ``out``.
-
-        ``ids``: (n_r,) unique sorted int word ids this rank touched;
-        ``rows``: (n_r, W) their gradient rows; ``out``: the (V, W) dense
-        gradient (a contiguous view into the flat gradient buffer), zeroed
-        and then filled with the sum. ``mode``: "sparse" (Allgatherv of ids
-        and rows, summed in rank order on every rank, so bitwise identical),
-        "dense" (scatter locally, then Allreduce ``out``) or "auto" (the one
-        that moves fewer bytes, decided from the gathered row counts, so
-        every rank picks the same). Returns {"mode", "bytes", "rows"}.
-        """
-        if mode not in ("auto", "sparse", "dense"):
-            raise ValueError(
-                f"reduce_embedding_grad_: mode must be auto, sparse or dense, got {mode!r}"
-            )
-        if out.ndim != 2 or not out.flags.c_contiguous:
-            raise ValueError("reduce_embedding_grad_: out must be a contiguous (V, W) array")
-        V, W = out.shape
-        if ids.ndim != 1 or rows.shape != (ids.shape[0], W):
-            raise ValueError(
-                f"reduce_embedding_grad_: expected ids (n,) and rows (n, {W}), "
-                f"got {tuple(ids.shape)} and {tuple(rows.shape)}"
-            )
-        if rows.dtype != out.dtype:
-            raise ValueError(
-                f"reduce_embedding_grad_: rows dtype {rows.dtype} differs from out dtype {out.dtype}"
-            )
-        n = int(ids.shape[0])
-        if n and (int(ids.min()) < 0 or int(ids.max()) >= V or bool((ids[1:] <= ids[:-1]).any())):
-            raise ValueError(f"reduce_embedding_grad_: ids must be unique, sorted and in [0, {V})")
-        if self.size == 1:
-            out[...] = 0
-            out[ids] = rows
-            return {"mode": "dense" if mode == "dense" else "sparse", "bytes": 0, "rows": n}
-
-        if counts is None:  # not known yet: one small Allgather of the row counts
-            t0 = time.perf_counter()
-            counts = np.empty(self.size, dtype=np.int64)
-            self.comm.Allgather(np.array([n], dtype=np.int64), counts)
-            self.comm_seconds += time.perf_counter() - t0
-        counts = np.asarray(counts, dtype=np.int64)
-        if int(counts[self.rank]) != n:
-            raise ValueError(f"reduce_embedding_grad_: counts[{self.rank}] = {int(counts[self.rank])}, "
-                             f"but this rank has {n} rows")
-        total = int(counts.sum())
-        mode, est = self.choose_embedding_mode(counts, V, W, out.dtype.itemsize, mode)
-
-        if mode == "dense":
-            out[...] = 0
-            out[ids] = rows
-            self.allreduce_sum_(out.reshape(-1))
-            return {"mode": "dense", "bytes": est["dense"], "rows": total}
-
-        xp = np
-        if _is_cupy(out):
-            import cupy as xp
-        t0 = time.perf_counter()
-        # The counts are known, so no shape exchange: two Allgatherv calls.
-        host_ids = np.ascontiguousarray(ids.get() if _is_cupy(ids) else ids, dtype=np.int64)
-        host_rows = np.ascontiguousarray(rows.get() if _is_cupy(rows) else rows)
-        all_ids = xp.asarray(self._allgatherv_rows(host_ids, counts))
-        all_rows = xp.asarray(self._allgatherv_rows(host_rows, counts))
-        self.comm_seconds += time.perf_counter() - t0
-        out[...] = 0
-        start = 0
-        for c in counts.tolist():  # rank order on every rank: bitwise identical sums
-            if c:
-                out[all_ids[start : start + c]] += all_rows[start : start + c]
-            start += c
-        return {"mode": "sparse", "bytes": est["sparse"], "rows": total}
 
     # -------------------------------------------------------------- consistency
     def check_consistent(self, array, what: str = "parameters") -> None:
@@ -445,10 +319,8 @@ class Communicator:
         local = np.empty(2, dtype=np.uint64)
         local[0] = np.frombuffer(digest, dtype=np.uint64)[0]
         local[1] = np.array(host.sum(dtype=np.float64)).view(np.uint64)
-        t0 = time.perf_counter()
         table = np.empty((self.size, 2), dtype=np.uint64)
         self.comm.Allgather(local, table)
-        self.comm_seconds += time.perf_counter() - t0
         bad = [r for r in range(self.size) if not np.array_equal(table[r], table[0])]
         if bad:
             sums = table[:, 1].view(np.float64)
@@ -458,11 +330,6 @@ class Communicator:
             )
 
     # ------------------------------------------------------------------ failure
-    def abort(self, message: str, code: int = 1):
-        """Print ``dtrain: rank R/P: message`` to stderr and end the whole job."""
-        _print_err(f"dtrain: rank {self.rank}/{self.size}: {message}")
-        self._abort_now(code)
-
     def _abort_now(self, code: int):
         try:
             sys.stdout.flush()
@@ -474,7 +341,12 @@ class Communicator:
         # down at once, and lines still in flight can be lost. A short pause lets the
         # message that explains the abort reach the user first.
         time.sleep(0.5)
-        self.MPI.COMM_WORLD.Abort(code)
+        try:
+            self.MPI.COMM_WORLD.Abort(code)
+        finally:
+            # MPI_Abort may return before the launcher kills this rank: never fall
+            # through to more output (a traceback after the one-line error)
+            os._exit(code)
 
 
 def _print_err(text: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data import (
+from .coco import (
     CAPTIONS_FILE,
     SPECIAL_TOKENS,
     VOCAB_FILE,

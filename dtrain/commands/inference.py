@@ -1,0 +1,132 @@
+"""`dtrain sample` and `dtrain evaluate`: a checkpoint's captions, loss and BLEU, on any number of ranks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from .. import backend, checkpoint
+from ..config import TrainConfig
+from ..data.coco import decode_captions
+from ..errors import UserError
+from ..evaluate import evaluate
+from ..parallel.comm import Communicator, run_guarded
+from ..runsetup import build_model, open_data
+
+
+def add_parsers(sub):
+    for name, helptext in (("sample", "print greedy captions of a checkpoint beside their references"),
+                           ("evaluate", "val loss and BLEU-1..4 of a checkpoint")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("--checkpoint", required=True, help="checkpoint file (or 'latest' with --checkpoint-dir)")
+        q.add_argument("--checkpoint-dir", default="checkpoints")
+        q.add_argument("--data", default=None, help="data directory (default: the one the checkpoint used)")
+        q.add_argument("--split", choices=["train", "val"], default="val")
+        q.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
+        q.add_argument("--max-length", type=int, default=16)
+        q.add_argument("--threads-per-rank", type=int, default=None)
+        if name == "sample":
+            q.add_argument("-n", "--num", type=int, default=10, help="images to caption (default 10)")
+        else:
+            q.add_argument("--eval-images", type=int, default=1000)
+            q.add_argument("--eval-captions", type=int, default=5000)
+        q.set_defaults(func=cmd_sample if name == "sample" else cmd_evaluate)
+
+
+def validate_args(args):
+    """Every flag checked before any work: one line naming the flag."""
+    checks = [("--max-length", args.max_length, 1), ("--threads-per-rank", args.threads_per_rank, 1)]
+    if args.command == "sample":
+        checks.append(("-n/--num", args.num, 1))
+    else:
+        checks += [("--eval-images", args.eval_images, 0), ("--eval-captions", args.eval_captions, 0)]
+    for flag, value, lowest in checks:
+        if value is not None and value < lowest:
+            raise UserError(f"{flag}: expected an integer >= {lowest}, got {value}")
+
+
+def _resolve_checkpoint(args):
+    """The checkpoint file --checkpoint names; errors name --checkpoint (not --resume)."""
+    try:
+        return checkpoint.resolve_resume(args.checkpoint, Path(args.checkpoint_dir))
+    except checkpoint.CheckpointError as exc:
+        raise checkpoint.CheckpointError(str(exc).replace("--resume", "--checkpoint")) from None
+
+
+def load_for_inference(args, comm):
+    info = None
+    ckpt = None
+    if comm.is_root:
+        path = _resolve_checkpoint(args)
+        ckpt = checkpoint.load_checkpoint(path, required=("params", "config", "vocab"))
+        info = {"path": str(path), "config": dict(ckpt["config"])}
+    info = comm.bcast_obj(info)
+    saved = info["config"]
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    cfg.data = args.data or saved.get("data_dir")
+    cfg.device = args.device
+    cfg.max_length = args.max_length
+    cfg.quiet = True
+    backend.set_threads(backend.node_threads(comm.local_size, args.threads_per_rank))
+    xp = backend.select(backend.resolve_device(cfg.device), comm.local_rank)
+    data = open_data(cfg, comm)
+    model = build_model(cfg, data, xp)
+    if comm.is_root:
+        checkpoint.check_compatible(ckpt, model.shapes, data.idx_to_word)
+        for name in model.shapes:
+            model.params[name] = np.asarray(ckpt["params"][name])
+    comm.bcast_array_(model.param_buffer)
+    return SimpleNamespace(cfg=cfg, data=data, model=model, path=info["path"])
+
+
+def _guarded(args, body):
+    try:
+        validate_args(args)
+    except UserError as exc:
+        print(f"dtrain: error: {exc}", file=sys.stderr)
+        return 2
+    comm = Communicator()
+    return run_guarded(comm, body, comm)
+
+
+def cmd_sample(args):
+    def body(comm):
+        run = load_for_inference(args, comm)
+        split = run.data.split(args.split)
+        image_ids, refs = split.image_references()
+        n = min(args.num, len(image_ids))
+        mine = np.array_split(np.arange(n), comm.size)[comm.rank]
+        feats = backend.to_device(split.features(image_ids[mine]), run.model.xp)
+        sampled = backend.to_host(run.model.sample(feats, max_length=args.max_length)).astype(np.int64) \
+            if len(mine) else np.zeros((0, args.max_length), np.int64)
+        all_sampled = comm.allgatherv(sampled)
+        if comm.is_root:
+            print(f"{n} {args.split} images, checkpoint {run.path}")
+            for i in range(n):
+                print(f"[image {int(image_ids[i])}]")
+                print(f"  sampled : {decode_captions(all_sampled[i], run.data.idx_to_word)}")
+                for r in refs[i][:2]:
+                    print(f"  ref     : {' '.join(r)}")
+        return 0
+
+    return _guarded(args, body)
+
+
+def cmd_evaluate(args):
+    def body(comm):
+        run = load_for_inference(args, comm)
+        res = evaluate(run.model, comm, run.data.split(args.split), run.data.idx_to_word,
+                       args.eval_captions, args.eval_images, args.max_length)
+        if comm.is_root:
+            b = res["bleu"]
+            print(json.dumps({"checkpoint": run.path, "split": args.split, "ranks": comm.size,
+                              "val_loss": res["val_loss"], "val_loss_per_token": res["val_loss_per_token"],
+                              "bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3],
+                              "images": res["images"]}))
+        return 0
+
+    return _guarded(args, body)

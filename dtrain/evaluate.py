@@ -1,0 +1,78 @@
+"""Sharded evaluation: validation loss and corpus BLEU-1..4, the same for any number of ranks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import to_device, to_host
+from .data.bleu import corpus_bleu
+from .data.coco import caption_tokens, decode_captions
+
+CHUNK = 256  # rows per forward pass
+
+
+def _chunks(rows):
+    return [c for c in np.array_split(rows, max(1, math.ceil(len(rows) / CHUNK))) if c.size]
+
+
+def evaluate(model, comm, split, idx_to_word, eval_captions, eval_images, max_length, should_stop=None):
+    """Val loss and corpus BLEU-1..4 with the val set sharded across ranks.
+
+    Each rank computes the loss of its block of captions and samples captions
+    for its block of images; sums and sampled ids are reduced/gathered, so the
+    result is the same for any number of ranks. ``should_stop()`` is asked
+    between chunks (and agreed on by all ranks): a stop request (a signal)
+    ends the evaluation early; the result then says ``"stopped": True``.
+    """
+    xp = model.xp
+    stopped = False
+
+    def stop_now():
+        nonlocal stopped
+        if should_stop is None:
+            return False
+        stopped = bool(comm.allreduce_scalars(np.array([1.0 if should_stop() else 0.0]))[0] > 0)
+        return stopped
+
+    n_caps = min(eval_captions, split.num_captions)
+    mine = np.array_split(np.arange(n_caps), comm.size)[comm.rank]
+    loss_sum, tokens = 0.0, 0
+    # every rank runs the same number of chunks (so the stop votes line up)
+    chunks = _chunks(np.array_split(np.arange(n_caps), comm.size)[0])
+    for i in range(len(chunks)):
+        if stop_now():
+            break
+        chunk = np.array_split(mine, len(chunks))[i] if len(mine) else mine
+        if chunk.size == 0:
+            continue
+        caps, feats = split.batch(chunk)
+        loss_sum += model.forward_loss(to_device(feats, xp), caps, normalizer=1.0)
+        tokens += int((caps[:, 1:] != model.null_idx).sum())
+    totals = comm.allreduce_scalars(np.array([loss_sum, tokens]))
+
+    image_ids, refs = split.image_references()
+    n_img = min(eval_images, len(image_ids))
+    my_images = np.array_split(np.arange(n_img), comm.size)[comm.rank]
+    parts = []
+    img_chunks = _chunks(np.array_split(np.arange(n_img), comm.size)[0])
+    for i in range(len(img_chunks)):
+        if stopped or stop_now():
+            break
+        chunk = np.array_split(my_images, len(img_chunks))[i] if len(my_images) else my_images
+        if chunk.size == 0:
+            continue
+        feats = to_device(split.features(image_ids[chunk]), xp)
+        parts.append(to_host(model.sample(feats, max_length=max_length)).astype(np.int64))
+    sampled = np.concatenate(parts) if parts else np.zeros((0, max_length), dtype=np.int64)
+    all_sampled = comm.allgatherv(sampled)
+    n_done = all_sampled.shape[0]
+    hyps = [caption_tokens(row, idx_to_word) for row in all_sampled]
+    bleu = corpus_bleu(hyps, refs[:n_done]) if n_done and not stopped else [0.0] * 4
+    examples = [(decode_captions(all_sampled[i], idx_to_word), [" ".join(r) for r in refs[i]])
+                for i in range(0 if stopped else min(5, n_done))]
+    return {"val_loss": float(totals[0]) / max(n_caps, 1),
+            "val_loss_per_token": float(totals[0]) / max(float(totals[1]), 1.0),
+            "bleu": [float(b) for b in bleu], "images": n_done, "examples": examples,
+            "sampled": all_sampled, "stopped": stopped}

@@ -1,0 +1,41 @@
+"""Fused kernels, one dispatcher: ``for_arrays(xp, dtype)`` gives the set for an array module.
+
+``cpu.CpuKernels`` (Numba) for NumPy arrays, ``cuda.GpuKernels`` (CuPy raw
+kernels) for CuPy arrays; both offer the same methods with the same
+arguments, so the cells, the model and Adam call either through ``kernels=``.
+None (the plain xp path) when Numba or CuPy is missing, or when
+DTRAIN_NO_KERNELS is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def set_num_threads(n):
+    """Threads of the CPU kernels (kept equal to the BLAS threads of the rank)."""
+    try:
+        import numba
+
+        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    except Exception:
+        pass
+
+
+def for_arrays(xp, dtype):
+    """The fused kernel set for array module ``xp``, or None (plain xp path)."""
+    if os.environ.get("DTRAIN_NO_KERNELS"):
+        return None
+    if xp is np:
+        try:
+            from .cpu import CpuKernels
+        except ImportError:
+            return None
+        return CpuKernels(dtype)
+    try:
+        from .cuda import GpuKernels
+    except ImportError:
+        return None
+    return GpuKernels(dtype)

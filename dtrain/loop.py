@@ -1,0 +1,248 @@
+"""The training loop: shard -> step (forward, backward, reduce, Adam) -> log, eval, checkpoint.
+
+Read top to bottom, one step of ``Trainer.train`` is:
+
+    idx = sampler.next_shard()                       # this rank's rows of the global batch
+    captions, features = train_split.batch(idx)
+    result = step(features, captions, B, lr, stop)   # dtrain/step: the one step path
+
+Every rank computes gradients of its summed token loss divided by the global
+batch B, so the SUM over ranks is exactly the global batch's gradient, and
+the run's results do not depend on the number of ranks. This module is the
+only one that knows the data, the model, the communicator, the optimizer and
+the checkpoints together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from . import backend, checkpoint, testhooks
+from .config import TrainConfig
+from .errors import UserError
+from .evaluate import evaluate
+from .kernels import for_arrays
+from .nn.gradcheck import finite_difference_check
+from .nn.optim import Adam
+from .parallel.reducer import make_reducer
+from .parallel.sampler import ShardedSampler
+from .runlog import Interval, RunLog, fmt_time
+from .runsetup import build_model, open_data
+from .step import TrainStep
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume with --resume latest
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Trainer:
+    """Holds the state of one data-parallel training run on this rank."""
+
+    def __init__(self, cfg: TrainConfig, comm):
+        self.cfg, self.comm = cfg, comm
+        self.threads = backend.node_threads(comm.local_size, cfg.threads_per_rank)
+        backend.set_threads(self.threads)
+        self.device = backend.resolve_device(cfg.device)
+        self.xp = backend.select(self.device, comm.local_rank)
+        self.ckpt_dir = Path(cfg.checkpoint_dir)
+        self.log = RunLog(self.ckpt_dir, enabled=comm.is_root, quiet=cfg.quiet)
+        self.data = open_data(cfg, comm)
+        self.train_split = self.data.split("train")
+        self.val_split = self.data.split("val")
+        self.model = build_model(cfg, self.data, self.xp)
+        self.adam = Adam(self.model.num_params, lr=cfg.lr, xp=self.xp, dtype=self.model.dtype,
+                         kernels=for_arrays(self.xp, self.model.dtype))
+        self.reducer = make_reducer(comm, cfg.embed_reduce, cfg.buckets)
+        self.step_fn = TrainStep(self.model, self.adam, self.reducer,
+                                 graphs=not os.environ.get("DTRAIN_NO_GRAPHS"))
+        try:
+            self.sampler = ShardedSampler(self.train_split.num_captions, cfg.batch_size, comm.rank,
+                                          comm.size, cfg.seed, cfg.replacement)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.step = 0
+        self.total_steps = cfg.total_steps(self.sampler.steps_per_epoch)
+        self.stop_signal = None
+        self.resumed_from = None
+        self._resume_or_broadcast()
+
+    # ------------------------------------------------------------------ setup
+
+    def _resume_or_broadcast(self):
+        """Parameters and Adam state start identical: rank 0's, from a checkpoint or fresh."""
+        cfg, comm, model = self.cfg, self.comm, self.model
+        info = {"path": None}
+        if cfg.resume and comm.is_root:
+            path = None
+            if cfg.resume == "latest":
+                path = checkpoint.latest_checkpoint(self.ckpt_dir)
+                if path is None:
+                    self.log.say(f"--resume latest: no checkpoint in {self.ckpt_dir}; starting fresh")
+            else:
+                path = checkpoint.resolve_resume(cfg.resume, self.ckpt_dir)
+            if path is not None:
+                ckpt = checkpoint.load_checkpoint(path, required=("params", "adam/m", "adam/v", "adam/t",
+                                                                  "sampler", "step", "vocab"))
+                checkpoint.check_compatible(ckpt, model.shapes, self.data.idx_to_word)
+                saved_b = int(ckpt["config"].get("batch_size", cfg.batch_size)) if "config" in ckpt else cfg.batch_size
+                if saved_b != cfg.batch_size:
+                    raise checkpoint.CheckpointError(
+                        f"checkpoint {path}: trained with --batch-size {saved_b}, now {cfg.batch_size}; "
+                        "the sample stream continues only with the same global batch")
+                info = {"path": str(path), "step": int(ckpt["step"]), "t": int(ckpt["adam"]["t"]),
+                        "sampler": {k: int(v) for k, v in ckpt["sampler"].items()},
+                        "world_size": int(ckpt.get("world_size", 0)) if "world_size" in ckpt else None}
+                for name in model.shapes:
+                    model.params[name] = np.asarray(ckpt["params"][name])
+                self.adam.load_state_dict({"m": np.asarray(ckpt["adam"]["m"]),
+                                           "v": np.asarray(ckpt["adam"]["v"]), "t": int(ckpt["adam"]["t"])})
+        info = comm.bcast_obj(info)
+        comm.bcast_array_(model.param_buffer)
+        comm.bcast_array_(self.adam.m)
+        comm.bcast_array_(self.adam.v)
+        if info["path"] is not None:
+            self.step = info["step"]
+            self.adam.t = info["t"]
+            self.sampler.load_state_dict(info["sampler"])
+            self.resumed_from = info["path"]
+            self.log.say(f"resumed from {info['path']} at step {self.step} "
+                         f"(saved on {info.get('world_size')} ranks, now {comm.size})")
+
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signal.Signals(signum).name
+
+    def _stop_requested(self):
+        return self.stop_signal is not None
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self):
+        cfg, comm = self.cfg, self.comm
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.log.say(self.banner())
+        self.log.start(uuid.uuid4().hex[:12], comm.size, self.step, self.resumed_from, cfg.to_dict())
+        B = cfg.batch_size
+        interval = Interval()
+        start_step = self.step
+        check = self._debug_check if cfg.debug else None
+        while self.step < self.total_steps:
+            epoch = self.sampler.epoch
+            lr = cfg.lr * cfg.lr_decay**epoch
+            captions, features = self.train_split.batch(self.sampler.next_shard())
+            self._first = self.step == start_step
+            self._batch = (features, captions)
+            result = self.step_fn(features, captions, B, lr, stop=self._stop_requested(), check=check)
+            self.step += 1
+            interval.add(result)
+            if cfg.debug:
+                print(f"[rank {comm.rank}] step {self.step}: compute {1e3 * result.compute_s:.1f} ms, "
+                      f"comm {1e3 * result.comm_s:.1f} ms, total {1e3 * result.seconds:.1f} ms", flush=True)
+            if comm.size > 1 and (cfg.debug or (cfg.check_every and self.step % cfg.check_every == 0)):
+                comm.check_consistent(self.model.param_buffer, "parameters")
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps or result.stop:
+                self.log.interval(interval, self.step, self.total_steps, start_step,
+                                  self.sampler.steps_per_epoch, lr, comm.size)
+                interval = Interval()
+            testhooks.inject_fault(comm.rank, self.step)
+            if result.stop:
+                path = self.save_checkpoint()
+                self.log.say(f"received {self.stop_signal or 'a stop signal on another rank'}: "
+                             f"checkpoint {path} written at step {self.step}; exiting with code "
+                             f"{PREEMPTED_EXIT_CODE} (resume with --resume latest)")
+                comm.barrier()
+                return PREEMPTED_EXIT_CODE
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate_and_log(final=False)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        if comm.size > 1 and cfg.check_every:
+            for arr, what in ((self.model.param_buffer, "parameters"), (self.adam.m, "Adam first moments"),
+                              (self.adam.v, "Adam second moments")):
+                comm.check_consistent(arr, what)
+        testhooks.dump_rank_state(comm.rank, {"params": self.model.param_buffer, "m": self.adam.m,
+                                              "v": self.adam.v})
+        path = self.save_checkpoint()
+        self.log.say(f"training done: {self.step} steps in "
+                     f"{fmt_time(time.perf_counter() - self.log.run_start)}; checkpoint {path}")
+        if self.total_steps > 0 or cfg.eval_every:
+            res = self.evaluate_and_log(final=True)
+            if res.get("stopped"):
+                self.log.say(f"received {self.stop_signal or 'a stop signal'} during the final evaluation: "
+                             f"stopped it; checkpoint {path} holds the trained model")
+                comm.barrier()
+                return PREEMPTED_EXIT_CODE
+        self.log.plot()
+        comm.barrier()
+        return 0
+
+    def banner(self):
+        cfg, m = self.cfg, self.model
+        blas = backend.blas_info()
+        return (f"dtrain: {self.comm.size} rank(s) x {self.threads} thread(s), device {self.device}, "
+                f"BLAS {blas.get('library')} ({blas.get('kernel')}); {cfg.cell} W={cfg.wordvec_dim} "
+                f"H={cfg.hidden_dim} V={m.vocab_size} {cfg.dtype}, {m.num_params:,} params\n"
+                f"step: {self.step_fn.describe()}\n"
+                f"data: {self.data.data_dir} ({self.train_split.num_captions:,} train captions, "
+                f"{self.val_split.num_images:,} val images); global batch {cfg.batch_size} "
+                f"({cfg.batch_size // self.comm.size} per rank), {self.sampler.steps_per_epoch} steps/epoch, "
+                f"training to step {self.total_steps}")
+
+    # ------------------------------------------------------------------ debug
+
+    def _debug_check(self, grads):
+        """--debug: finite loss and gradients every step; finite differences on the first batch."""
+        xp, step = self.xp, self.step + 1
+        loss = float(grads.loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"--debug: loss is {loss} at step {step} (rank {self.comm.rank})")
+        dense = grads.grad_buffer if grads.embed_dense else grads.grad_buffer[: grads.embed_offset]
+        for what, arr in (("dense gradient", dense), ("embedding gradient rows", grads.embed_rows)):
+            if not bool(xp.isfinite(arr).all()):
+                raise FloatingPointError(f"--debug: {what} not finite at step {step} (rank {self.comm.rank})")
+        if self._first:
+            features, captions = self._batch
+            err, n = finite_difference_check(self.model, backend.to_host(features), captions,
+                                             self.cfg.batch_size, seed=self.cfg.seed + self.comm.rank)
+            print(f"[rank {self.comm.rank}] --debug: finite-difference check of {n} gradient entries "
+                  f"(float64): max relative error {err:.2e}", flush=True)
+            if err > 1e-5:
+                raise FloatingPointError(f"--debug: finite-difference gradient check failed: "
+                                         f"relative error {err:.2e} > 1e-5")
+
+    # ------------------------------------------------------------------ eval
+
+    def evaluate_and_log(self, final):
+        cfg = self.cfg
+        res = evaluate(self.model, self.comm, self.val_split, self.data.idx_to_word, cfg.eval_captions,
+                       cfg.eval_images, cfg.max_length, should_stop=self._stop_requested)
+        self.log.evaluation(res, self.step, final)
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self):
+        """Rank 0 writes; everyone waits, so nobody exits before the file is complete."""
+        path = checkpoint.checkpoint_path(self.ckpt_dir, self.step)
+        if self.comm.is_root:
+            adam = self.adam.state_dict()
+            state = {
+                "step": self.step,
+                "params": {n: backend.to_host(v) for n, v in self.model.params.items()},
+                "adam": {"m": backend.to_host(adam["m"]), "v": backend.to_host(adam["v"]), "t": adam["t"]},
+                "sampler": self.sampler.state_dict(),
+                "rng": {"seed": self.cfg.seed},
+                "config": self.cfg.to_dict() | {"data_dir": str(self.data.data_dir)},
+                "vocab": {"idx_to_word": list(self.data.idx_to_word)},
+                "world_size": self.comm.size,
+            }
+            checkpoint.save_checkpoint(path, state)
+            checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        self.comm.barrier()
+        return path

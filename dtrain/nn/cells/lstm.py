@@ -1,0 +1,182 @@
+"""LSTM, gate blocks i, f, o, g (c0 = 0).
+
+CS231n signatures: ``lstm_step_forward/backward`` (one step, plain, the
+reference), ``lstm_packed_forward/backward`` (the training fast path, with the
+fused kernels ``lstm_step_forward``/``lstm_step_backward`` when offered) and
+``lstm_forward/backward`` (full sequences).
+"""
+
+from __future__ import annotations
+
+from ...backend import get_array_module
+from .. import layers as L
+from ..layers import sigmoid
+from .base import Cell
+
+
+def lstm_step_forward(x, prev_h, prev_c, Wx, Wh, b):
+    xp = get_array_module(x)
+    H = prev_h.shape[1]
+    a = x @ Wx + prev_h @ Wh + b
+    i = sigmoid(a[:, :H])
+    f = sigmoid(a[:, H : 2 * H])
+    o = sigmoid(a[:, 2 * H : 3 * H])
+    g = xp.tanh(a[:, 3 * H :])
+    next_c = f * prev_c + i * g
+    tanh_c = xp.tanh(next_c)
+    next_h = o * tanh_c
+    return next_h, next_c, (x, prev_h, prev_c, Wx, Wh, i, f, o, g, tanh_c)
+
+
+def lstm_step_backward(dnext_h, dnext_c, cache):
+    xp = get_array_module(dnext_h)
+    x, prev_h, prev_c, Wx, Wh, i, f, o, g, tanh_c = cache
+    # dL/dc_t has two paths: the carried dnext_c and the one through h = o*tanh(c).
+    dc = dnext_c + dnext_h * o * (1.0 - tanh_c * tanh_c)
+    da_i = dc * g * i * (1.0 - i)
+    da_f = dc * prev_c * f * (1.0 - f)
+    da_o = dnext_h * tanh_c * o * (1.0 - o)
+    da_g = dc * i * (1.0 - g * g)  # gradient w.r.t. the pre-activation of g
+    da = xp.concatenate([da_i, da_f, da_o, da_g], axis=1)
+    dx = da @ Wx.T
+    dprev_h = da @ Wh.T
+    dprev_c = dc * f
+    dWx = x.T @ da
+    dWh = prev_h.T @ da
+    db = da.sum(axis=0)
+    return dx, dprev_h, dprev_c, dWx, dWh, db
+
+
+
+def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=None):
+    """LSTM over a packed batch (c0 = 0). Returns (H_packed (total, H), cache).
+
+    The (total, 4H) pre-activation buffer is overwritten with the activated
+    gates i, f, o, g, which is all the backward pass needs besides c and tanh(c).
+    """
+    xp = get_array_module(x_packed)
+    batch_sizes = [int(n) for n in batch_sizes]
+    total, H = x_packed.shape[0], Wh.shape[0]
+    L.check_batch_sizes(batch_sizes, total)
+    offsets = L.packed_offsets(batch_sizes)
+    dtype = x_packed.dtype
+    fused = CELL.kernel(kernels, "lstm_step_forward")
+    gates = L.buffer(ws, "lstm_gates", (total, 4 * H), dtype, xp)
+    C = L.buffer(ws, "lstm_c", (total, H), dtype, xp)
+    TC = L.buffer(ws, "lstm_tanh_c", (total, H), dtype, xp)
+    Hp = L.buffer(ws, "lstm_h", (total, H), dtype, xp)
+    n0 = batch_sizes[0] if batch_sizes else 0
+    rec = L.buffer(ws, "lstm_rec", (n0, 4 * H), dtype, xp)
+    zero_c = L.buffer(ws, "lstm_c0", (n0, H), dtype, xp, zero=True)
+    tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
+    L.input_projection(x_packed, Wx, b, gates)
+    prev_h, prev_c = h0, zero_c
+    for t, n in enumerate(batch_sizes):
+        s = offsets[t]
+        a = gates[s : s + n]
+        r = rec[:n]
+        xp.matmul(prev_h[:n], Wh, out=r)
+        c, tc, h = C[s : s + n], TC[s : s + n], Hp[s : s + n]
+        if fused is not None:
+            fused(a, r, prev_c, c, tc, h)
+        else:
+            a += r
+            sigmoid(a[:, : 3 * H], out=a[:, : 3 * H])
+            xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])
+            i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+            xp.multiply(f, prev_c[:n], out=c)
+            xp.multiply(i, g, out=tmp[:n])
+            c += tmp[:n]
+            xp.tanh(c, out=tc)
+            xp.multiply(o, tc, out=h)
+        prev_h, prev_c = h, c
+    cache = (x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets)
+    return Hp, cache
+
+
+def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
+    xp = get_array_module(dH_packed)
+    x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets = cache
+    total, H = Hp.shape
+    dtype = Hp.dtype
+    n0 = batch_sizes[0] if batch_sizes else 0
+    fused = CELL.kernel(kernels, "lstm_step_backward")
+    da = L.buffer(ws, "lstm_da", (total, 4 * H), dtype, xp)
+    dh_rec = L.buffer(ws, "lstm_dh_rec", (n0, H), dtype, xp)
+    dc_rec = L.buffer(ws, "lstm_dc_rec", (n0, H), dtype, xp, zero=True)
+    zero_c = L.buffer(ws, "lstm_c0", (n0, H), dtype, xp, zero=True)
+    dh = L.buffer(ws, "lstm_dh", (n0, H), dtype, xp)
+    dc = L.buffer(ws, "lstm_dc", (n0, H), dtype, xp)
+    tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
+    dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
+    for t in range(len(batch_sizes) - 1, -1, -1):
+        n, s = batch_sizes[t], offsets[t]
+        n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
+        prev_c = C[offsets[t - 1] : offsets[t - 1] + n] if t > 0 else zero_c[:n]
+        d = da[s : s + n]
+        a = gates[s : s + n]
+        tc = TC[s : s + n]
+        if fused is not None:
+            fused(d, dH_packed[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, tc)
+        else:
+            i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+            dh_t, dc_t, w = dh[:n], dc[:n], tmp[:n]
+            dh_t[...] = dH_packed[s : s + n]
+            dh_t[:n_next] += dh_rec[:n_next]
+            # dc = dc_carried + dh * o * (1 - tanh(c)^2)
+            xp.multiply(tc, tc, out=w)
+            xp.subtract(1.0, w, out=w)
+            w *= o
+            xp.multiply(dh_t, w, out=dc_t)
+            dc_t[:n_next] += dc_rec[:n_next]
+            d_i, d_f, d_o, d_g = d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :]
+            # sigmoid'(a) = s (1 - s), tanh'(a) = 1 - t^2, all from the stored activations
+            xp.subtract(1.0, i, out=w)
+            w *= i
+            w *= g
+            xp.multiply(dc_t, w, out=d_i)
+            xp.subtract(1.0, f, out=w)
+            w *= f
+            w *= prev_c
+            xp.multiply(dc_t, w, out=d_f)
+            xp.subtract(1.0, o, out=w)
+            w *= o
+            w *= tc
+            xp.multiply(dh_t, w, out=d_o)
+            xp.multiply(g, g, out=w)
+            xp.subtract(1.0, w, out=w)
+            w *= i
+            xp.multiply(dc_t, w, out=d_g)
+            xp.multiply(dc_t, f, out=dc_rec[:n])
+        if t > 0:
+            xp.matmul(d, Wh.T, out=dh_rec[:n])
+        else:
+            xp.matmul(d, Wh.T, out=dh0[:n])
+    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp))
+    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws)
+
+
+def lstm_forward(x, h0, Wx, Wh, b):
+    return L.full_sequence_forward(lstm_packed_forward, x, h0, Wx, Wh, b)
+
+
+def lstm_backward(dh, cache):
+    return L.full_sequence_backward(lstm_packed_backward, dh, cache)
+
+
+
+
+def _sample_step(x, state, Wx, Wh, b):
+    h, c = state
+    h, c, _ = lstm_step_forward(x, h, c, Wx, Wh, b)
+    return h, (h, c)
+
+
+def _init_state(h0):
+    xp = get_array_module(h0)
+    return (h0, xp.zeros_like(h0))
+
+
+CELL = Cell(name="lstm", gates=4, packed_forward=lstm_packed_forward, packed_backward=lstm_packed_backward,
+            forward=lstm_forward, backward=lstm_backward, sample_step=_sample_step,
+            init_state=_init_state, kernels=("lstm_step_forward", "lstm_step_backward"))

@@ -1,0 +1,1 @@
+"""Data parallelism: the MPI transport (comm), gradient reducers (one class per strategy), the sampler."""

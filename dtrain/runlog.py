@@ -1,0 +1,132 @@
+"""What a run tells its user: progress lines, ``metrics.jsonl`` and the loss plot (rank 0 only).
+
+metrics.jsonl has one JSON record per line, with a ``kind``:
+
+* ``start``: written at every start or resume: run id, world size, the step it
+  starts at, and the checkpoint it resumed from (null for a fresh run). A
+  resumed run repeats steps after the checkpoint it resumed from: the records
+  after a ``start`` replace those of earlier runs from that step on.
+* ``train``: one per log interval: step, epoch, mean loss, lr, tokens/s, ms/step,
+  communication share and bytes, embedding reduce mode, ranks.
+* ``eval``: validation loss and BLEU-1..4 (``final`` at the end of training).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def fmt_time(seconds):
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Interval:
+    """Sums over the steps since the last progress line."""
+
+    def __init__(self):
+        self.loss, self.tokens, self.steps = 0.0, 0.0, 0
+        self.seconds, self.comm_s, self.bytes = 0.0, 0.0, 0
+        self.modes = {}
+
+    def add(self, result):
+        self.loss += result.loss  # may stay a device scalar until the line is written
+        self.tokens += result.tokens
+        self.steps += 1
+        self.seconds += result.seconds
+        self.comm_s += result.comm_s
+        self.bytes += result.bytes
+        self.modes[result.mode] = self.modes.get(result.mode, 0) + 1
+
+
+class RunLog:
+    """Progress lines on rank 0's stdout, records in ``<dir>/metrics.jsonl``, ``loss.png``."""
+
+    def __init__(self, directory, enabled=True, quiet=False):
+        self.dir = Path(directory)
+        self.enabled = enabled
+        self.quiet = quiet
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+        self.run_start = time.perf_counter()
+
+    def say(self, *lines, flush=True):
+        if self.enabled and not self.quiet:
+            print(*lines, flush=flush)
+
+    def record(self, rec):
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def start(self, run_id, world_size, step, resumed_from, config):
+        self.record({"kind": "start", "run_id": run_id, "world_size": world_size, "step": step,
+                     "resumed_from": resumed_from, "time": time.time(), "config": config})
+
+    def interval(self, iv: Interval, step, total_steps, start_step, steps_per_epoch, lr, ranks):
+        if iv.steps == 0:
+            return None
+        loss = float(iv.loss) / iv.steps  # on one GPU: the one copy of the loss out
+        self.history["step"].append(step)
+        self.history["loss"].append(loss)
+        comm_share = iv.comm_s / iv.seconds if iv.seconds else 0.0
+        step_ms = 1e3 * iv.seconds / iv.steps
+        tok_s = iv.tokens / iv.seconds if iv.seconds else 0.0
+        elapsed = time.perf_counter() - self.run_start
+        eta = elapsed / max(step - start_step, 1) * (total_steps - step)
+        epoch = step / steps_per_epoch
+        mode = max(iv.modes, key=iv.modes.get) if iv.modes else "local"
+        self.say(f"step {step:>6}/{total_steps} | epoch {epoch:6.2f} | loss {loss:7.4f} | "
+                 f"{tok_s:8.0f} tok/s | {step_ms:6.1f} ms/step (comm {100 * comm_share:4.1f}%) | "
+                 f"eta {fmt_time(eta)}")
+        self.record({"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                     "tokens_per_s": tok_s, "step_ms": step_ms, "comm_ms": 1e3 * iv.comm_s / iv.steps,
+                     "comm_share": comm_share, "embed_reduce": mode,
+                     "bytes_per_step": iv.bytes / iv.steps, "ranks": ranks})
+        return loss
+
+    def evaluation(self, res, step, final):
+        self.history["val_step"].append(step)
+        self.history["val_loss"].append(res["val_loss"])
+        b = res["bleu"]
+        self.say(f"eval @ step {step}: val loss {res['val_loss']:.4f} "
+                 f"({res['val_loss_per_token']:.4f}/token) | BLEU-1 {b[0]:.3f} BLEU-2 {b[1]:.3f} "
+                 f"BLEU-3 {b[2]:.3f} BLEU-4 {b[3]:.3f} ({res['images']} images)"
+                 + (" [stopped early by a signal]" if res.get("stopped") else ""))
+        self.record({"kind": "eval", "step": step, "val_loss": res["val_loss"],
+                     "val_loss_per_token": res["val_loss_per_token"], "bleu1": b[0], "bleu2": b[1],
+                     "bleu3": b[2], "bleu4": b[3], "final": final, "stopped": bool(res.get("stopped"))})
+        if final:
+            for hyp, refs in res["examples"][:5]:
+                self.say(f"  sample : {hyp}\n  refs   : {refs[0]} | {refs[1] if len(refs) > 1 else ''}")
+
+    def plot(self):
+        """``loss.png`` beside the metrics, when matplotlib is installed."""
+        if not self.enabled or not self.history["loss"]:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except Exception:
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(self.history["step"], self.history["loss"], lw=0.8, label="train loss")
+        if self.history["val_loss"]:
+            ax.plot(self.history["val_step"], self.history["val_loss"], "o-", label="val loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (sum over tokens / captions)")
+        ax.legend()
+        fig.tight_layout()
+        out = self.dir / "loss.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        self.say(f"loss curves: {out}")
+        return out

@@ -1,0 +1,38 @@
+"""Fault injection and state dumps for the end-to-end tests (environment variables only).
+
+* ``DTRAIN_FAULT="raise@R:S"`` raises on rank R after step S;
+  ``"signal@R:S"`` sends SIGTERM to rank R itself after step S.
+* ``DTRAIN_DUMP_DIR=DIR`` gets each rank's parameters and Adam moments as .npy at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+
+from .backend import to_host
+
+
+def inject_fault(rank, step):
+    spec = os.environ.get("DTRAIN_FAULT")
+    if not spec:
+        return
+    kind, _, where = spec.partition("@")
+    r, _, s = where.partition(":")
+    if int(r) != rank or int(s) != step:
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault (DTRAIN_FAULT={spec})")
+    if kind == "signal":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def dump_rank_state(rank, arrays: dict):
+    out = os.environ.get("DTRAIN_DUMP_DIR")
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    for name, arr in arrays.items():
+        np.save(os.path.join(out, f"rank{rank}-{name}.npy"), to_host(arr))
