@@ -25,9 +25,22 @@ def build_parser():
     return parser
 
 
+def _failed_module(exc: ImportError) -> str:
+    """The top-level package that failed to import: the missing one, or the outermost
+    non-dtrain module whose own import raised (a broken install)."""
+    if exc.name:
+        return exc.name.split(".")[0]
+    tb, culprit = exc.__traceback__, None
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if culprit is None and name and not name.startswith(("dtrain", "importlib", "__main__")):
+            culprit = name
+        tb = tb.tb_next
+    return (culprit or "unknown").split(".")[0]
+
+
 def _dependency_error(exc: ImportError) -> str:
-    name = exc.name or str(exc)
-    top = name.split(".")[0]
+    top = _failed_module(exc)
     return (f"dtrain: error: a dependency cannot be imported: {top} ({type(exc).__name__}: {exc}); "
             f"reinstall it in this environment, e.g. `pip install -e .` or `pip install {top}`")
 

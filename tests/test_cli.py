@@ -43,3 +43,24 @@ def test_bench_under_mpiexec_reports_communication(tmp_path):
     r = json.loads(out.read_text())
     assert r["ranks"] == 2 and r["embed_reduce"] == "sparse" and r["bytes_per_step"] > 0
     assert 0 <= r["comm_share"] < 1
+
+
+def test_broken_dependency_is_one_line_naming_it(tmp_path):
+    """A dependency that fails to import names itself; `train` does not silently vanish."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "h5py.py").write_text("raise ImportError('libhdf5.so.310: cannot open shared object file')\n")
+    for argv in ([], ["train", "--steps", "1"], ["sample", "--checkpoint", "x"]):
+        p = run_dtrain(None, *argv, env={"PYTHONPATH": str(fake)}, check=False, timeout=60)
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "h5py" in lines[0] and "invalid choice" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_bench_runs_every_cell(tmp_path, cell):
+    out = tmp_path / "b.json"
+    run_dtrain(None, "bench", "-N", 8, "-T", 8, "-D", 16, "-W", 8, "-H", 16, "-V", 40, "--cell", cell,
+               "--steps", 2, "--warmup", 1, "--json", out, timeout=120)
+    r = json.loads(out.read_text())
+    assert r["cell"] == cell and r["median_ms"] > 0

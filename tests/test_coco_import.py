@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from dtrain.commands import data as datacli
-from dtrain.data.coco_import import build_vocab, import_coco, tokenize
 from dtrain.data.coco import CocoData, DataError, caption_tokens
+from dtrain.data.coco_import import build_vocab, import_coco, tokenize
 
 
 def coco_json(path, images, captions):

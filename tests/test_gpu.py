@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+from dtrain.backend import gpu_available
 from dtrain.nn import layers
 from dtrain.nn.cells import lstm, rnn
-from dtrain.backend import gpu_available
 from dtrain.nn.model import (
     CaptioningModel,
     _embedding_grad_segments_xp,
@@ -23,6 +23,7 @@ from dtrain.nn.model import (
     fixed_batch,
 )
 from dtrain.nn.optim import Adam
+from helpers import norm_error, small_vocab
 
 HAVE_GPU = gpu_available()
 NO_GPU_REASON = "needs CuPy and a CUDA device (none found here)"
@@ -33,7 +34,7 @@ def gpu_test(fn):
 
 
 V = 50
-W2I = {"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3, **{f"w{i}": i for i in range(4, V)}}
+W2I = small_vocab(V)
 DIMS = {"input_dim": 16, "wordvec_dim": 12, "hidden_dim": 20}
 
 
@@ -52,8 +53,7 @@ def make_batch(rng, N=11, slots=12, max_len=10):
 
 
 def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+    return norm_error(a, b)
 
 
 def host(a):
@@ -294,8 +294,8 @@ def test_graph_step_identical_to_eager(cell):
     """Captured-and-replayed steps give bit-for-bit the eager steps' results."""
     import cupy as cp
 
-    from dtrain.step.gpu_graph import GpuTrainStep
     from dtrain.kernels.cuda import GpuKernels
+    from dtrain.step.gpu_graph import GpuTrainStep
 
     runs = []
     for graphs in (True, False):
@@ -322,8 +322,8 @@ def test_graphed_training_matches_cpu_training(cell):
     """Six float64 steps: GPU graphs (Adam inside) == CPU packed path + CPU Adam."""
     import cupy as cp
 
-    from dtrain.step.gpu_graph import GpuTrainStep
     from dtrain.kernels.cuda import GpuKernels
+    from dtrain.step.gpu_graph import GpuTrainStep
 
     cpu, gpu = _pair(cell, np.float64, seed=5)
     cpu_adam = Adam(cpu.num_params, lr=1e-2, dtype=np.float64)

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from dtrain import kernels
 from dtrain.kernels.cpu import CpuKernels
 from dtrain.nn import layers
 from dtrain.nn.model import CaptioningModel

@@ -7,7 +7,7 @@ import pytest
 
 from dtrain.nn import layers
 from dtrain.nn.cells import CELLS, gru, lstm, rnn
-from gradcheck import numeric_grad, rel_error
+from helpers import numeric_grad, rel_error
 
 RNG = np.random.default_rng(1234)
 

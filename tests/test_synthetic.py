@@ -11,9 +11,9 @@ import pytest
 
 from dtrain.commands import data as datacli
 from dtrain.data import synthetic
+from dtrain.data.bleu import corpus_bleu
 from dtrain.data.coco import CocoData, caption_tokens, decode_captions
 from dtrain.parallel.sampler import ShardedSampler
-from dtrain.data.bleu import corpus_bleu
 
 FILES = ["coco2014_captions.h5", "coco2014_vocab.json", "train2014_vgg16_fc7_pca.h5",
          "val2014_vgg16_fc7_pca.h5", "train2014_urls.txt", "val2014_urls.txt"]

@@ -10,6 +10,7 @@ import pytest
 
 from dtrain.checkpoint import latest_checkpoint, load_checkpoint
 from dtrain_run import dtrain_cmd, run_dtrain, train_losses
+from helpers import final_state
 
 SMALL = ["--batch-size", "8", "--hidden-dim", "12", "--wordvec-dim", "8", "--dtype", "float64",
          "--log-every", "1", "--eval-images", "8", "--eval-captions", "16", "--max-length", "6",
@@ -17,17 +18,13 @@ SMALL = ["--batch-size", "8", "--hidden-dim", "12", "--wordvec-dim", "8", "--dty
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from dtrain.data.synthetic import write_synthetic
-
-    out = tmp_path_factory.mktemp("data") / "synth"
-    write_synthetic(out, train_images=60, val_images=8, seed=3)
-    return out
+def data_dir(tiny_data):
+    return tiny_data
 
 
 def final_params(ckpt_dir):
-    ck = load_checkpoint(latest_checkpoint(ckpt_dir))
-    return {k: np.asarray(v) for k, v in ck["params"].items()}, ck
+    _, params, ck = final_state(ckpt_dir)
+    return params, ck
 
 
 def assert_close(a, b, tol=1e-10):
@@ -41,7 +38,7 @@ def train(data_dir, out, ranks, *extra, env=None, timeout=120):
                       env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
 def test_equivalence_across_world_sizes(data_dir, tmp_path, cell):
     """20 float64 steps: same loss curve and parameters on 1, 2 and 4 ranks, dense and sparse."""
     train(data_dir, tmp_path / "p1", None, "--steps", 20, "--cell", cell)
@@ -148,8 +145,9 @@ def test_checkpoint_mismatch_refused(data_dir, tmp_path):
     assert p.returncode != 0 and "W_proj" in p.stderr and "shape" in p.stderr
 
 
-def test_sample_and_evaluate_any_ranks(data_dir, tmp_path):
-    train(data_dir, tmp_path, 2, "--steps", 4)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_sample_and_evaluate_any_ranks(data_dir, tmp_path, cell):
+    train(data_dir, tmp_path, 2, "--steps", 4, "--cell", cell)
     ck = latest_checkpoint(tmp_path)
     outs = [run_dtrain(r, "evaluate", "--checkpoint", ck, "--eval-images", 8, "--eval-captions", 16,
                        "--max-length", 6).stdout for r in (None, 2)]

@@ -14,6 +14,7 @@ the rest of the gradient is still one contiguous prefix.
 
 from __future__ import annotations
 
+import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -234,6 +235,7 @@ class StepGrads:
     embed_ids: object
     embed_rows: object
     embed_dense: bool
+    forward_end: float = 0.0  # time.perf_counter() when the forward pass ended (for traces)
 
     @property
     def embed_grad(self):
@@ -405,6 +407,7 @@ class CaptioningModel:
             loss, dscores = layers.softmax_cross_entropy(scores, targets, normalizer, dscores=scores)
         if forward_only:
             return float(loss)
+        forward_end = time.perf_counter()
         xp.matmul(scored.T, dscores, out=g["W_vocab"])
         dscores.sum(axis=0, out=g["b_vocab"])
         dscored = ws.get("dscored", scored.shape, dtype, xp)
@@ -420,7 +423,9 @@ class CaptioningModel:
         dh0[:n0].sum(axis=0, out=g["b_proj"])
 
         ids, rows = layers.embedding_grad_sparse(words, dx)
-        return self.step_grads(float(loss), packed.num_tokens, ids, rows, dense=False)
+        grads = self.step_grads(float(loss), packed.num_tokens, ids, rows, dense=False)
+        grads.forward_end = forward_end
+        return grads
 
     # ------------------------------------------------------------------
     # Fixed-shape mode (GPU): every row for all T steps, so CUDA graphs replay

@@ -37,6 +37,9 @@ class StepResult:
     compute_s: float
     comm_s: float
     seconds: float
+    # time.perf_counter() at the phase boundaries, for traces: start, forward_end
+    # (0 where not measured: the GPU graph), backward_end, reduce_end, end
+    marks: dict
 
 
 class TrainStep:
@@ -76,8 +79,12 @@ class TrainStep:
             check(grads)
         t1 = time.perf_counter()
         reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
+        t2 = time.perf_counter()
         if not self.fused_adam:
             self.optimizer.step(model.param_buffer, model.grad_buffer, lr=lr)
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        marks = {"start": t0, "forward_end": grads.forward_end, "backward_end": t1, "reduce_end": t2,
+                 "end": t3}
         return StepResult(loss=reduced.loss, tokens=reduced.tokens, stop=reduced.stop, mode=reduced.mode,
-                          bytes=reduced.bytes, compute_s=t1 - t0, comm_s=reduced.seconds, seconds=t2 - t0)
+                          bytes=reduced.bytes, compute_s=t1 - t0, comm_s=reduced.seconds, seconds=t3 - t0,
+                          marks=marks)
