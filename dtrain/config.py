@@ -46,6 +46,8 @@ class TrainConfig:
     # distributed
     threads_per_rank: int | None = None
     embed_reduce: str = "auto"  # auto | dense | sparse
+    micro_batch: int | None = None  # rows per micro-shard (gradient accumulation); None: one pass
+    deterministic: bool = False  # bitwise identical for any number of ranks (fixed-point sums)
     buckets: int = 1
     check_every: int = 100
     debug: bool = False
@@ -76,6 +78,10 @@ class TrainConfig:
         need(self.hidden_dim >= 1 and self.wordvec_dim >= 1, "--hidden-dim/--wordvec-dim", "positive sizes")
         need(self.log_every >= 1, "--log-every", "at least 1")
         need(self.buckets >= 1, "--buckets", "at least 1")
+        need(self.micro_batch is None or self.micro_batch >= 1, "--micro-batch",
+             f"a positive integer, got {self.micro_batch}")
+        need(self.micro_batch is None or self.batch_size % self.micro_batch == 0, "--micro-batch",
+             f"a divisor of --batch-size {self.batch_size}, got {self.micro_batch}")
         need(self.threads_per_rank is None or self.threads_per_rank >= 1, "--threads-per-rank", "at least 1")
         need(self.max_length >= 1, "--max-length", "at least 1")
 
@@ -101,6 +107,12 @@ def add_config_flags(parser: argparse.ArgumentParser):
         "debug": "finite checks every step, a finite-difference gradient check on the first batch, "
                  "consistency check every step, per-rank timings",
         "device": "cpu, gpu or auto",
+        "micro_batch": "rows per micro-shard: the global batch is cut into B/m micro-shards by position, "
+                       "run one after the other (gradient accumulation: activation memory bounded by m); "
+                       "the number of ranks must divide B/m",
+        "deterministic": "bitwise identical results for any number of ranks: per-micro-shard gradients "
+                         "summed exactly in int64 fixed point (see docs/determinism.md); BLAS threads "
+                         "default to 1 per rank",
         "max_train": "use only this many training captions",
     }
     choices = {"cell": sorted(CELLS), "dtype": ["float32", "float64"], "device": ["cpu", "gpu", "auto"],

@@ -46,7 +46,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, comm):
         self.cfg, self.comm = cfg, comm
-        self.threads = backend.node_threads(comm.local_size, cfg.threads_per_rank)
+        # --deterministic: BLAS results depend on the thread count, so it must not follow the
+        # number of ranks (cores / ranks): one thread per rank unless given
+        requested = cfg.threads_per_rank or (1 if cfg.deterministic else None)
+        self.threads = backend.node_threads(comm.local_size, requested)
         backend.set_threads(self.threads)
         self.device = backend.resolve_device(cfg.device)
         self.xp = backend.select(self.device, comm.local_rank)
@@ -58,9 +61,20 @@ class Trainer:
         self.model = build_model(cfg, self.data, self.xp)
         self.adam = Adam(self.model.num_params, lr=cfg.lr, xp=self.xp, dtype=self.model.dtype,
                          kernels=for_arrays(self.xp, self.model.dtype))
-        self.reducer = make_reducer(comm, cfg.embed_reduce, cfg.buckets)
+        # micro-shards: rows of the global batch by position; --deterministic needs them
+        # (their shapes must not depend on the number of ranks): 8 rows unless given
+        micro = cfg.micro_batch or (math.gcd(cfg.batch_size, 8) if cfg.deterministic else None)
+        total_micro = cfg.batch_size // micro if micro else comm.size
+        if total_micro % comm.size:
+            raise UserError(f"--micro-batch {micro}: the {total_micro} micro-shards of --batch-size "
+                            f"{cfg.batch_size} cannot be shared by {comm.size} ranks; use a number of "
+                            f"ranks that divides {total_micro}")
+        self.reducer = make_reducer(comm, cfg.embed_reduce, cfg.buckets, deterministic=cfg.deterministic,
+                                    segments=self.model.segments, total_micro=total_micro,
+                                    kernels=self.model.kernels)
         self.step_fn = TrainStep(self.model, self.adam, self.reducer,
-                                 graphs=not os.environ.get("DTRAIN_NO_GRAPHS"))
+                                 graphs=not os.environ.get("DTRAIN_NO_GRAPHS"),
+                                 micro_batch=micro if micro and micro < cfg.batch_size // comm.size else None)
         try:
             self.sampler = ShardedSampler(self.train_split.num_captions, cfg.batch_size, comm.rank,
                                           comm.size, cfg.seed, cfg.replacement)
@@ -95,8 +109,10 @@ class Trainer:
                     raise checkpoint.CheckpointError(
                         f"checkpoint {path}: trained with --batch-size {saved_b}, now {cfg.batch_size}; "
                         "the sample stream continues only with the same global batch")
+                extra = ckpt["extra"] if "extra" in ckpt else {}
                 info = {"path": str(path), "step": int(ckpt["step"]), "t": int(ckpt["adam"]["t"]),
                         "sampler": {k: int(v) for k, v in ckpt["sampler"].items()},
+                        "reducer": dict(extra).get("reducer"),
                         "world_size": int(ckpt.get("world_size", 0)) if "world_size" in ckpt else None}
                 for name in model.shapes:
                     model.params[name] = np.asarray(ckpt["params"][name])
@@ -110,6 +126,8 @@ class Trainer:
             self.step = info["step"]
             self.adam.t = info["t"]
             self.sampler.load_state_dict(info["sampler"])
+            if hasattr(self.reducer, "load_state_dict"):
+                self.reducer.load_state_dict(info.get("reducer"))
             self.resumed_from = info["path"]
             self.log.say(f"resumed from {info['path']} at step {self.step} "
                          f"(saved on {info.get('world_size')} ranks, now {comm.size})")
@@ -242,6 +260,8 @@ class Trainer:
                 "vocab": {"idx_to_word": list(self.data.idx_to_word)},
                 "world_size": self.comm.size,
             }
+            if hasattr(self.reducer, "state_dict"):  # --deterministic: the fixed-point scales
+                state["extra"] = {"reducer": self.reducer.state_dict()}
             checkpoint.save_checkpoint(path, state)
             checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         self.comm.barrier()

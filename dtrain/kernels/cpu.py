@@ -263,8 +263,35 @@ def _build_cpu(parallel):
                 dah[row, 2 * H + j] = dan * rg
                 carry[row, j] = dh * z
 
+    # --deterministic: fixed-point accumulation, one pass (see parallel/reducer.py)
+    @njit(**opts)
+    def quantize_add(acc, g, scale):
+        m = 0.0
+        for k in range(g.size):
+            v = np.float64(g[k])
+            a = abs(v)
+            if a > m:
+                m = a
+            acc[k] += np.int64(np.rint(v * scale))
+        return m
+
+    @njit(**opts)
+    def quantize_add_rows(acc, ids, rows, scale):
+        m = 0.0
+        n, W = rows.shape
+        for i in range(n):
+            r = ids[i]
+            for j in range(W):
+                v = np.float64(rows[i, j])
+                a = abs(v)
+                if a > m:
+                    m = a
+                acc[r, j] += np.int64(np.rint(v * scale))
+        return m
+
     return (lstm_fwd, lstm_bwd, rnn_fwd, rnn_bwd, softmax_xent, adam,
-            lstm_preact, lstm_cell, lstm_out, softmax_shift, softmax_finish, gru_fwd, gru_bwd)
+            lstm_preact, lstm_cell, lstm_out, softmax_shift, softmax_finish, gru_fwd, gru_bwd,
+            quantize_add, quantize_add_rows)
 
 
 class CpuKernels:
@@ -279,7 +306,8 @@ class CpuKernels:
             _CPU = _build_cpu(parallel)
         (self._lstm_fwd, self._lstm_bwd, self._rnn_fwd, self._rnn_bwd,
          self._softmax_xent, self._adam, self._lstm_preact, self._lstm_cell, self._lstm_out,
-         self._softmax_shift, self._softmax_finish, self._gru_fwd, self._gru_bwd) = _CPU
+         self._softmax_shift, self._softmax_finish, self._gru_fwd, self._gru_bwd,
+         self._quantize_add, self._quantize_add_rows) = _CPU
         self.dtype = np.dtype(dtype)
         self._row_loss = np.empty(0, dtype=np.float64)
         self._shifted = np.empty(0, dtype=self.dtype)
@@ -339,3 +367,11 @@ class CpuKernels:
 
     def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         self._adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2)
+
+    def quantize_add(self, acc, g, scale):
+        """acc (int64) += rint(g * scale); returns max |g| (float)."""
+        return float(self._quantize_add(acc, g, scale))
+
+    def quantize_add_rows(self, acc, ids, rows, scale):
+        """acc[ids[i]] (int64 rows) += rint(rows[i] * scale), ids unique; returns max |rows|."""
+        return float(self._quantize_add_rows(acc, ids, rows, scale))

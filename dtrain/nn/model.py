@@ -296,6 +296,11 @@ class CaptioningModel:
         self.grads = flat_views(self.grad_buffer, self.shapes)
         # Offset where W_embed starts: everything before it is the dense part.
         self.embed_offset = self.num_params - int(np.prod(self.shapes["W_embed"]))
+        # (name, start, stop) of every parameter in the flat buffers, in layout order
+        self.segments = []
+        for name in PARAM_ORDER:
+            start = self.segments[-1][2] if self.segments else 0
+            self.segments.append((name, start, start + int(np.prod(self.shapes[name]))))
         self._init_params(seed)
         self.ws = layers.Workspace()
         self.kernels = None

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..backend import to_device
 from ..nn.model import pack_captions
-from ..parallel.reducer import LocalReducer
+from ..parallel.reducer import DeterministicReducer, LocalReducer
 
 
 @dataclass
@@ -42,49 +42,128 @@ class StepResult:
     marks: dict
 
 
+class FloatAccumulator:
+    """Gradient accumulation over micro-shards in floating point (``--micro-batch`` alone).
+
+    The dense gradients are summed in micro-shard order into a buffer of their
+    own, the embedding rows into a dense (V, W) buffer (rows of words seen), so
+    the result is one ``StepGrads`` for the reducer, as if one pass had run.
+    """
+
+    def __init__(self, model):
+        xp, self.model = model.xp, model
+        self.dense = xp.zeros(model.embed_offset, dtype=model.dtype)
+        self.embed = xp.zeros(model.shapes["W_embed"], dtype=model.dtype)
+        self.touched = xp.zeros(model.shapes["W_embed"][0], dtype=bool)
+
+    def start(self):
+        self.dense.fill(0)
+        self.embed.fill(0)
+        self.touched.fill(False)
+        self.loss, self.tokens = 0.0, 0
+
+    def add(self, grads):
+        self.loss += float(grads.loss)
+        self.tokens += grads.tokens
+        self.dense += grads.grad_buffer[: grads.embed_offset]
+        if grads.embed_ids.shape[0]:
+            ids = grads.embed_ids
+            self.embed[ids] += grads.embed_rows  # ids are unique within a micro-shard
+            self.touched[ids] = True
+
+    def result(self):
+        model, xp = self.model, self.model.xp
+        model.grad_buffer[: model.embed_offset] = self.dense
+        ids = xp.flatnonzero(self.touched)
+        return model.step_grads(self.loss, self.tokens, ids, self.embed[ids], dense=False)
+
+
 class TrainStep:
     """Runs one data-parallel step of ``model`` with ``optimizer`` and ``reducer``.
 
+    ``micro_batch`` m cuts this rank's rows into micro-shards of m rows (by
+    position), run one after the other: activation memory is bounded by m, and
+    with a :class:`~dtrain.parallel.reducer.DeterministicReducer` every micro-shard
+    is computed with the same shapes whatever the number of ranks.
     ``check(grads)``, when given to a call, inspects the local gradients
     between the backward pass and the reduction (``--debug``).
     """
 
-    def __init__(self, model, optimizer, reducer, graphs=True):
+    def __init__(self, model, optimizer, reducer, graphs=True, micro_batch=None):
         self.model, self.optimizer, self.reducer = model, optimizer, reducer
+        self.micro_batch = micro_batch
+        self.deterministic = isinstance(reducer, DeterministicReducer)
+        self.accumulator = None
         self.gpu = None
         if model.xp is not np:
             from .gpu_graph import GpuTrainStep
 
             self.gpu = GpuTrainStep(model, optimizer, graphs=graphs)
-        # one GPU rank: nothing to reduce, so Adam runs inside the step's graph
-        self.fused_adam = self.gpu is not None and isinstance(reducer, LocalReducer)
+        # one GPU rank, one pass: nothing to reduce, so Adam runs inside the step's graph
+        self.fused_adam = (self.gpu is not None and isinstance(reducer, LocalReducer)
+                           and micro_batch is None)
 
     def describe(self) -> str:
+        micro = f", micro-batch {self.micro_batch}" if self.micro_batch else ""
         if self.gpu is None:
             kern = self.model.kernels.name if self.model.kernels is not None else "plain xp"
-            return f"packed CPU step ({kern} kernels), {self.reducer.mode} gradient reduce"
-        return f"{self.gpu.describe()}; Adam {'in the graph' if self.fused_adam else 'after the reduce'}"
+            return f"packed CPU step ({kern} kernels), {self.reducer.mode} gradient reduce{micro}"
+        return (f"{self.gpu.describe()}; Adam {'in the graph' if self.fused_adam else 'after the reduce'}"
+                f"{micro}")
+
+    def _shards(self, n):
+        m = self.micro_batch or n
+        if m <= 0 or n % m:
+            raise ValueError(f"--micro-batch {m} does not divide this rank's {n} rows")
+        return [slice(i, i + m) for i in range(0, n, m)] if n else [slice(0, 0)]
+
+    def _forward_backward(self, features, captions, normalizer, lr):
+        model = self.model
+        if self.gpu is not None:  # batch in through pinned memory, one graph replay
+            return self.gpu.forward_backward(features, captions, normalizer, lr, fuse_adam=self.fused_adam)
+        packed = pack_captions(captions, model.null_idx)
+        return model.forward_backward(to_device(features, model.xp), packed, normalizer)
 
     def __call__(self, features, captions, normalizer, lr, stop=False, check=None) -> StepResult:
         model = self.model
         t0 = time.perf_counter()
-        if self.gpu is not None:  # batch in through pinned memory, one graph replay
-            grads = self.gpu.forward_backward(features, captions, normalizer, lr, fuse_adam=self.fused_adam)
-            loss = grads.loss if self.fused_adam else float(grads.loss)
+        shards = self._shards(captions.shape[0])
+        forward_end = 0.0
+        if self.deterministic:
+            reduced = None
+            while reduced is None:  # computed again only when the fixed-point scales change
+                self.reducer.start(model.grad_buffer, model.shapes["W_embed"])
+                for rows in shards:
+                    grads = self._forward_backward(features[rows], captions[rows], normalizer, lr)
+                    if check is not None:
+                        check(grads)
+                    self.reducer.add(grads)
+                t1 = time.perf_counter()
+                reduced = self.reducer.reduce(stop)
         else:
-            packed = pack_captions(captions, model.null_idx)
-            grads = model.forward_backward(to_device(features, model.xp), packed, normalizer)
-            loss = grads.loss
-        if check is not None:
-            check(grads)
-        t1 = time.perf_counter()
-        reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
+            if len(shards) == 1:
+                grads = self._forward_backward(features, captions, normalizer, lr)
+                forward_end = grads.forward_end
+                if check is not None:
+                    check(grads)
+            else:
+                if self.accumulator is None:
+                    self.accumulator = FloatAccumulator(model)
+                self.accumulator.start()
+                for rows in shards:
+                    part = self._forward_backward(features[rows], captions[rows], normalizer, lr)
+                    if check is not None:
+                        check(part)
+                    self.accumulator.add(part)
+                grads = self.accumulator.result()
+            loss = grads.loss if self.fused_adam else float(grads.loss)
+            t1 = time.perf_counter()
+            reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
         t2 = time.perf_counter()
         if not self.fused_adam:
             self.optimizer.step(model.param_buffer, model.grad_buffer, lr=lr)
         t3 = time.perf_counter()
-        marks = {"start": t0, "forward_end": grads.forward_end, "backward_end": t1, "reduce_end": t2,
-                 "end": t3}
+        marks = {"start": t0, "forward_end": forward_end, "backward_end": t1, "reduce_end": t2, "end": t3}
         return StepResult(loss=reduced.loss, tokens=reduced.tokens, stop=reduced.stop, mode=reduced.mode,
                           bytes=reduced.bytes, compute_s=t1 - t0, comm_s=reduced.seconds, seconds=t3 - t0,
                           marks=marks)
