@@ -14,7 +14,9 @@ of the gradient reduction.
 from __future__ import annotations
 
 import json
+import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,7 +73,15 @@ def run_bench(args):
                             args.cell, dtype=dtype, seed=args.seed, xp=xp, use_kernels=not args.no_kernels)
     adam = Adam(model.num_params, xp=xp, dtype=dtype,
                 kernels=None if args.no_kernels else for_arrays(xp, dtype))
-    reducer = make_reducer(comm, args.embed_reduce)
+    micro = args.micro_batch or (math.gcd(args.batch_size, 8) if args.deterministic else None)
+    if micro and (args.batch_size % micro or (args.batch_size // micro) % comm.size):
+        print(f"dtrain: error: --micro-batch {micro}: {comm.size} ranks must divide the "
+              f"--batch-size {args.batch_size} / {micro} micro-shards", file=sys.stderr)
+        return 2
+    reducer = make_reducer(comm, args.embed_reduce, deterministic=args.deterministic,
+                           segments=model.segments, total_micro=args.batch_size // micro if micro else 1,
+                           kernels=model.kernels)
+    step_micro = micro if micro and micro < shard else None
     real_tokens = int((captions[:, 1:] != 0).sum())
     flops = step_flops(pack_captions(captions, 0), args.batch_size, args.input_dim, args.wordvec_dim,
                        args.hidden_dim, args.vocab_size, get_cell(args.cell).gates)
@@ -96,9 +106,12 @@ def run_bench(args):
                                torch_step, torch_version)
     else:
         result = _run_cpu(args, comm, model, adam, reducer, my_feats, my_caps, real_tokens, flops,
-                          torch_step, torch_version)
+                          torch_step, torch_version, step_micro)
         result["threads_per_rank"] = threads
         result["blas"] = backend.blas_info()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result.update({"peak_rss_mb": float(comm.allreduce_scalars(np.array([peak]))[0]) / comm.size,
+                   "deterministic": bool(args.deterministic), "micro_batch": micro})
     result.update({"cell": args.cell, "dtype": args.dtype, "N": args.batch_size, "T": args.seq_len,
                    "D": args.input_dim, "W": args.wordvec_dim, "H": args.hidden_dim, "V": args.vocab_size,
                    "ranks": comm.size, "real_token_fraction": real_tokens / (args.batch_size * args.seq_len)})
@@ -112,8 +125,9 @@ def run_bench(args):
     return 0
 
 
-def _run_cpu(args, comm, model, adam, reducer, feats, caps, real_tokens, flops, torch_step, torch_version):
-    step = TrainStep(model, adam, reducer)
+def _run_cpu(args, comm, model, adam, reducer, feats, caps, real_tokens, flops, torch_step, torch_version,
+             micro_batch=None):
+    step = TrainStep(model, adam, reducer, micro_batch=micro_batch)
     B = args.batch_size
     for _ in range(args.warmup):
         step(feats, caps, B, 1e-3)
@@ -135,6 +149,8 @@ def _run_cpu(args, comm, model, adam, reducer, feats, caps, real_tokens, flops, 
     med = statistics.median(times)
     result = {"device": "cpu", "kernels": model.kernels.name if model.kernels is not None else "plain xp",
               "median_ms": med * 1e3, "tokens_per_s": real_tokens / med, "gflops": flops / med / 1e9}
+    result["bytes_per_step"] = int(statistics.median(nbytes))
+    result["reduce_mode"] = max(set(modes), key=modes.count)
     if comm.size > 1:
         comm_med = float(comm.allreduce_scalars(np.array([statistics.median(comm_times)]))[0]) / comm.size
         result.update({"comm_ms": comm_med * 1e3, "compute_ms": (med - statistics.median(comm_times)) * 1e3,
@@ -153,13 +169,17 @@ def print_result(r):
           f"H={r['H']} V={r['V']} ranks={r['ranks']} device={r['device']}")
     print(f"  BLAS: {b.get('library')} {b.get('version', '')} kernel={b.get('kernel')} "
           f"threads={b.get('threads')}; fused kernels: {r['kernels']}")
-    print(f"  real tokens: {100 * r['real_token_fraction']:.1f}% of target slots")
+    print(f"  real tokens: {100 * r['real_token_fraction']:.1f}% of target slots; peak memory "
+          f"{r['peak_rss_mb']:.0f} MB per rank; micro-batch {r['micro_batch'] or 'none'}"
+          f"{', deterministic' if r['deterministic'] else ''}")
     print(f"  dtrain : {r['median_ms']:8.1f} ms/step  {r['tokens_per_s']:9.0f} tokens/s  "
           f"{r['gflops']:6.1f} GFLOP/s")
     if "comm_ms" in r:
         print(f"  comm   : {r['comm_ms']:8.2f} ms/step ({100 * r['comm_share']:.1f}% of the step), "
               f"compute {r['compute_ms']:.1f} ms, embedding reduce {r['embed_reduce']}, "
               f"{r['bytes_per_step'] / 1e6:.2f} MB/step per rank")
+    elif r.get("reduce_mode"):
+        print(f"  reduce : {r['reduce_mode']}, {r.get('bytes_per_step', 0) / 1e6:.2f} MB/step per rank")
     if "torch_median_ms" in r:
         print(f"  PyTorch {r['torch_version']}: {r['torch_median_ms']:8.1f} ms/step  "
               f"{r['torch_tokens_per_s']:9.0f} tokens/s")

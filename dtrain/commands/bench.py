@@ -29,6 +29,10 @@ def add_parser(subparsers):
     p.add_argument("--no-kernels", action="store_true", help="plain xp code instead of fused kernels")
     p.add_argument("--compare-torch", action="store_true", help="time PyTorch too, interleaved")
     p.add_argument("--embed-reduce", choices=["auto", "dense", "sparse"], default="auto")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="rows per micro-shard (gradient accumulation), as for train")
+    p.add_argument("--deterministic", action="store_true",
+                   help="fixed-point, world-size independent reduction (as train --deterministic)")
     p.add_argument("--ranks", type=int, default=None,
                    help="relaunch under the mpiexec beside this Python with P ranks")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
