@@ -9,6 +9,7 @@ metrics.jsonl has one JSON record per line, with a ``kind``:
 * ``train``: one per log interval: step, epoch, mean loss, lr, tokens/s, ms/step,
   communication share and bytes, embedding reduce mode, ranks.
 * ``eval``: validation loss and BLEU-1..4 (``final`` at the end of training).
+* ``warning``: the divergence warning (see ``DivergenceWatch``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,37 @@ class Interval:
         self.comm_s += result.comm_s
         self.bytes += result.bytes
         self.modes[result.mode] = self.modes.get(result.mode, 0) + 1
+
+
+class DivergenceWatch:
+    """Warns once when the loss stays far above where it started.
+
+    Rule: L0 is the loss of the run's first step (at initialisation, about
+    ln(V) per token); if RUNS consecutive progress lines have a mean loss above
+    FACTOR * L0, print one warning (the loss has more than doubled and stayed
+    there: usually a learning rate too high). A non-finite loss stops the run instead (see step.NonFiniteError).
+    """
+
+    FACTOR, RUNS = 2.0, 3
+
+    def __init__(self):
+        self.first, self.above, self.warned = None, 0, False
+
+    def start(self, first_step_loss):
+        if self.first is None:
+            self.first = float(first_step_loss)
+
+    def observe(self, step, loss, log):
+        if loss is None or self.warned or self.first is None:
+            return
+        self.above = self.above + 1 if loss > self.FACTOR * self.first else 0
+        if self.above >= self.RUNS:
+            self.warned = True
+            log.say(f"warning: loss {loss:.4g} at step {step} has stayed above {self.FACTOR:g}x its "
+                    f"starting value {self.first:.4g} for {self.RUNS} progress lines: training is "
+                    "diverging (is --lr too high?)")
+            log.record({"kind": "warning", "step": step, "what": "divergence", "loss": loss,
+                        "first_loss": self.first})
 
 
 class RunLog:

@@ -1,7 +1,9 @@
 """Fault injection and state dumps for the end-to-end tests (environment variables only).
 
 * ``DTRAIN_FAULT="raise@R:S"`` raises on rank R after step S;
-  ``"signal@R:S"`` sends SIGTERM to rank R itself after step S.
+  ``"signal@R:S"`` sends SIGTERM to rank R itself after step S;
+  ``"signal@R:eval"`` sends it when the final evaluation starts;
+  ``"nan@R:S"`` makes rank R's features NaN in step S (so its loss and gradient are).
 * ``DTRAIN_DUMP_DIR=DIR`` gets each rank's parameters and Adam moments as .npy at the end.
 """
 
@@ -21,7 +23,7 @@ def inject_fault(rank, step):
         return
     kind, _, where = spec.partition("@")
     r, _, s = where.partition(":")
-    if int(r) != rank or int(s) != step:
+    if kind not in ("raise", "signal") or not s.isdigit() or int(r) != rank or int(s) != step:
         return
     if kind == "raise":
         raise RuntimeError(f"injected fault (DTRAIN_FAULT={spec})")
@@ -36,3 +38,24 @@ def dump_rank_state(rank, arrays: dict):
     os.makedirs(out, exist_ok=True)
     for name, arr in arrays.items():
         np.save(os.path.join(out, f"rank{rank}-{name}.npy"), to_host(arr))
+
+
+def _spec():
+    spec = os.environ.get("DTRAIN_FAULT", "")
+    kind, _, where = spec.partition("@")
+    rank, _, at = where.partition(":")
+    return kind, rank, at
+
+
+def corrupt_batch(rank, step, features):
+    """``nan@R:S``: rank R's features of step S (1-based) become NaN."""
+    kind, r, at = _spec()
+    if kind == "nan" and r == str(rank) and at == str(step):
+        return np.full_like(features, np.nan)
+    return features
+
+
+def at_final_evaluation(rank):
+    kind, r, at = _spec()
+    if kind == "signal" and r == str(rank) and at == "eval":
+        os.kill(os.getpid(), signal.SIGTERM)

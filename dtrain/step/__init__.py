@@ -15,6 +15,7 @@ that graph, with its hyperparameters from ``adam.advance``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,20 @@ class StepResult:
     # time.perf_counter() at the phase boundaries, for traces: start, forward_end
     # (0 where not measured: the GPU graph), backward_end, reduce_end, end
     marks: dict
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient is not finite on some rank; the step was not applied."""
+
+    def __init__(self, ranks, loss):
+        self.ranks, self.loss = list(ranks), loss
+        super().__init__(f"non-finite loss or gradient on rank(s) {self.ranks} (global loss {loss})")
+
+
+def _all_finite(xp, *arrays) -> bool:
+    """True when every entry is finite: one summing pass each (a sum of finite values that
+    overflows counts as non-finite too; such a gradient is no use either)."""
+    return all(bool(xp.isfinite(a.sum(dtype=np.float64))) for a in arrays if a.size)
 
 
 class FloatAccumulator:
@@ -124,6 +139,21 @@ class TrainStep:
         packed = pack_captions(captions, model.null_idx)
         return model.forward_backward(to_device(features, model.xp), packed, normalizer)
 
+    def _check_finite(self, reduced, local_ok):
+        """Raise NonFiniteError (on every rank alike) before a non-finite step reaches Adam.
+
+        The reduced loss and gradient are identical on every rank, so every rank takes
+        the same decision; only then do the ranks' own flags travel, to name the culprits.
+        """
+        loss = float(reduced.loss)
+        if math.isfinite(loss) and _all_finite(self.model.xp, self.model.grad_buffer):
+            return
+        comm = self.reducer.comm
+        ok = 1.0 if local_ok is None else float(local_ok)
+        flags = comm.allgather_scalars([ok])[:, 0] if comm.size > 1 else [ok]
+        bad = [r for r, f in enumerate(flags) if f == 0] or list(range(comm.size))
+        raise NonFiniteError(bad, loss)
+
     def __call__(self, features, captions, normalizer, lr, stop=False, check=None) -> StepResult:
         model = self.model
         t0 = time.perf_counter()
@@ -158,9 +188,12 @@ class TrainStep:
                 grads = self.accumulator.result()
             loss = grads.loss if self.fused_adam else float(grads.loss)
             t1 = time.perf_counter()
+            local_ok = self.fused_adam or (math.isfinite(loss) and _all_finite(
+                model.xp, grads.grad_buffer[: grads.embed_offset], grads.embed_rows))
             reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
         t2 = time.perf_counter()
         if not self.fused_adam:
+            self._check_finite(reduced, local_ok if not self.deterministic else None)
             self.optimizer.step(model.param_buffer, model.grad_buffer, lr=lr)
         t3 = time.perf_counter()
         marks = {"start": t0, "forward_end": forward_end, "backward_end": t1, "reduce_end": t2, "end": t3}
