@@ -331,10 +331,10 @@ class DeterministicReducer(Reducer):
             rows = np.ascontiguousarray(to_host(total_embed[ids]))
             all_ids = comm.allgatherv_rows(ids, counts)
             all_rows = comm.allgatherv_rows(rows, counts)
-            total_embed.fill(0)
             # integers: the sum is exact whatever the order; np.add.at handles repeated ids
-            np.add.at(total_embed, all_ids, all_rows) if xp is np else xp.add.at(
-                total_embed, xp.asarray(all_ids), xp.asarray(all_rows))
+            total = np.zeros((V, W), dtype=np.int64)
+            np.add.at(total, all_ids, all_rows)
+            total_embed[...] = total if xp is np else xp.asarray(total)
             nbytes += embedding_bytes(comm.size, int(counts.sum()), V, W, 8)["sparse"]
         # back to floating point: q * 2^-s, rounded once to the buffer's dtype
         g = self.grad_buffer
