@@ -360,7 +360,7 @@ def test_two_ranks_sharing_one_gpu_match_one_rank(tmp_path):
     for name, p in procs.items():
         assert p.returncode == 0, (name, out[name][-3000:])
     assert "gradient reduce: host-staged" in out["p2-dense"] or "CUDA-aware" in out["p2-dense"]
-    print(next(ln for ln in out["p2-dense"].splitlines() if "gpu step:" in ln))
+    print(next(ln for ln in out["p2-dense"].splitlines() if ln.startswith("step:")))
 
     def params(name):
         ck = load_checkpoint(latest_checkpoint(tmp_path / name))
@@ -371,3 +371,25 @@ def test_two_ranks_sharing_one_gpu_match_one_rank(tmp_path):
         got = params(name)
         for k in ref:
             assert rel_err(got[k], ref[k]) < 1e-10, (name, k)
+
+
+@gpu_test
+@pytest.mark.timeout(240)
+def test_deterministic_two_ranks_sharing_one_gpu_bitwise(tmp_path):
+    """--deterministic on the GPU: 1 rank and 2 ranks sharing the GPU give the same bits (float32)."""
+    from dtrain.data.synthetic import write_synthetic
+    from dtrain_run import run_dtrain
+    from helpers import final_state
+
+    data = write_synthetic(tmp_path / "data", train_images=60, val_images=8, seed=3)
+    common = ["train", "--data", data, "--device", "gpu", "--batch-size", "16", "--micro-batch", "4",
+              "--deterministic", "--hidden-dim", "12", "--wordvec-dim", "8", "--eval-images", "8",
+              "--eval-captions", "16", "--max-length", "6", "--lr", "5e-3", "--steps", "8", "--quiet"]
+    for ranks, name in ((None, "p1"), (2, "p2")):
+        run_dtrain(ranks, *common, "--checkpoint-dir", tmp_path / name, timeout=200)
+    _, a, ca = final_state(tmp_path / "p1")
+    _, b, cb = final_state(tmp_path / "p2")
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    for k in ("m", "v"):
+        assert np.array_equal(np.asarray(ca["adam"][k]), np.asarray(cb["adam"][k])), k

@@ -123,8 +123,10 @@ class TrainStep:
         if self.gpu is None:
             kern = self.model.kernels.name if self.model.kernels is not None else "plain xp"
             return f"packed CPU step ({kern} kernels), {self.reducer.mode} gradient reduce{micro}"
+        from .gpu_graph import reduce_path
+
         return (f"{self.gpu.describe()}; Adam {'in the graph' if self.fused_adam else 'after the reduce'}"
-                f"{micro}")
+                f"{micro}; gradient reduce: {self.reducer.mode}, {reduce_path(self.reducer.comm)}")
 
     def _shards(self, n):
         m = self.micro_batch or n
