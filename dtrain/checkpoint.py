@@ -6,14 +6,15 @@ and the JSON-able dicts under the keys "config", "vocab" and "extra" (and any
 list or tuple) are stored as JSON strings. Nothing is ever unpickled, so a
 checkpoint from elsewhere cannot run code.
 
-Integrity: the root carries a manifest (a JSON attribute, with its own
-SHA-256 beside it) that lists every group and every dataset in order, with
-the dataset's kind, dtype, shape and the SHA-256 of its content (dtype and
-shape included). Loading checks the manifest against its digest, the file's
-groups against the manifest (nothing missing, nothing extra), and every
-dataset's content against its digest, so a damaged file is refused by name
-and never read as wrong numbers. Every failure while reading is one
-CheckpointError line naming the file.
+Integrity: the file starts with a text header in HDF5's user block (which
+the library skips) holding an index: every group and dataset in order, each
+dataset's kind, dtype, shape, byte range and the SHA-256 of its stored bytes,
+plus one SHA-256 over all the other bytes (HDF5's own structures), and the
+index's own SHA-256. Loading checks every byte against these before HDF5
+opens the file (some damaged files make the library loop forever), then
+checks what HDF5 returns against the index once more. A damaged file is
+refused by name, naming the dataset at fault where one is, and never read as
+wrong numbers; every failure while reading is one CheckpointError line.
 
 Writing: rank 0 checks the whole state first (supported types, finite float
 arrays), then writes ``<name>.tmp-<pid>``, flushes and fsyncs it, renames it
@@ -52,22 +53,20 @@ __all__ = [
     "prune_checkpoints",
     "resolve_resume",
     "save_checkpoint",
+    "set_aside_checkpoint",
     "verify_checkpoint",
 ]
 
-# Version 2 added the manifest and content digests; version 1 files (no
-# checksums beyond Fletcher-32 on arrays) are refused rather than half-trusted.
+# Version 2 added the checksummed header; version 1 files (Fletcher-32 on
+# arrays only) are refused rather than half-trusted.
 FORMAT_VERSION = 2
 VERSION_ATTR = "dtrain_checkpoint_version"
-MANIFEST_ATTR = "dtrain_manifest"
-MANIFEST_DIGEST_ATTR = "dtrain_manifest_sha256"
 JSON_KEYS = frozenset({"config", "vocab", "extra"})
 _NAME_RE = re.compile(r"^ckpt-(\d{8,})\.h5$")
 _TMP_RE = re.compile(r"^ckpt-\d{8,}\.h5\.tmp-(\d+)$")
 _INT64 = np.iinfo(np.int64)
 _STR = h5py.string_dtype("utf-8")
 _TEXT_KINDS = ("str", "json", "bigint")
-_SCALAR_KINDS = ("bool", "int", "float", "scalar")
 
 
 class CheckpointError(ValueError):
@@ -156,6 +155,21 @@ def latest_verified_checkpoint(directory) -> tuple[Path | None, list[tuple[Path,
     return None, skipped
 
 
+def set_aside_checkpoint(path) -> Path:
+    """Rename a checkpoint that failed verification to ``<name>.damaged`` (or
+    ``<name>.damaged-N``) and return the new path: it stays for inspection, but
+    no longer counts as a checkpoint, so resume skips it and prune_checkpoints
+    (which keeps the newest by step) does not keep it in place of good ones."""
+    path = Path(path)
+    target = path.with_name(path.name + ".damaged")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged-{n}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -206,31 +220,90 @@ def resolve_resume(arg, directory) -> Path:
     return path
 
 
-# ----------------------------------------------------------------- digests
-def _array_digest(a: np.ndarray) -> str:
-    """SHA-256 of an array's dtype, shape and C-order bytes."""
-    a = _c_order(a)
-    h = hashlib.sha256(f"array|{a.dtype.str}|{a.shape}|".encode())
-    if a.size:
-        h.update(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()
+# ------------------------------------------------------------ file header
+# The first bytes of the file (HDF5's user block, which the library skips)
+# hold one text line and the index:
+#   DTRAIN-CHECKPOINT version=2 userblock=4096 size=<file bytes> index=<n> index_sha256=<hex>
+#   {"entries": [...], "rest_sha256": "<hex>"}
+# Every group and dataset is an entry, in the order of the state dict; a
+# dataset's entry has its kind, dtype, shape, the byte range of its stored
+# data and the SHA-256 of those bytes. "rest_sha256" covers every other byte
+# after the user block (HDF5's superblock, object headers, B-trees, heaps,
+# attributes), so no byte that HDF5 reads escapes a checksum, and HDF5 never
+# parses a damaged file: some damaged files make the library loop forever.
+_MAGIC = b"DTRAIN-CHECKPOINT"
+_HEADER_RE = re.compile(
+    rb"^(DTRAIN-CHECKPOINT version=(\d{1,6}) userblock=(\d{3,12}) size=(\d{1,15}) "
+    rb"index=(\d{1,12}) )index_sha256=([0-9a-f]{64})\n"
+)
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_CHUNK = 1 << 22  # bytes hashed per read
 
 
-def _c_order(a: np.ndarray) -> np.ndarray:
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _c_order(a) -> np.ndarray:
     """``a`` in C order, 0-d arrays kept 0-d (np.ascontiguousarray makes them 1-d)."""
     a = np.asarray(a)
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
-def _text_digest(data: bytes) -> str:
-    return hashlib.sha256(b"text|" + data).hexdigest()
+def _array_bytes(a: np.ndarray):
+    """The bytes HDF5 stores for a C-order numeric array, without a copy."""
+    a = _c_order(a)
+    return a.reshape(-1).view(np.uint8) if a.size else b""
 
 
-_NONE_DIGEST = hashlib.sha256(b"none|").hexdigest()
+def _hash_range(fh, start: int, stop: int, h) -> None:
+    fh.seek(start)
+    left = stop - start
+    while left > 0:
+        block = fh.read(min(left, _CHUNK))
+        if not block:
+            raise OSError(f"unexpected end of file at byte {stop - left}")
+        h.update(block)
+        left -= len(block)
 
 
-def _manifest_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def _ranges(entries: list[dict]) -> list[tuple[int, int, str]]:
+    """(start, stop, name) of every stored dataset, by offset."""
+    return sorted(
+        (e["offset"], e["offset"] + e["nbytes"], e["name"])
+        for e in entries
+        if e.get("offset") is not None and e["nbytes"] > 0
+    )
+
+
+def _rest_digest(fh, userblock: int, size: int, ranges) -> str:
+    """SHA-256 of every byte after the user block that is not a dataset's data."""
+    h = hashlib.sha256()
+    pos = userblock
+    for start, stop, _ in ranges:
+        _hash_range(fh, pos, start, h)
+        pos = stop
+    _hash_range(fh, pos, size, h)
+    return h.hexdigest()
+
+
+def _header(userblock: int, size: int, index: bytes) -> bytes:
+    """The header line; its digest covers the fields before it and the index."""
+    fields = (
+        f"DTRAIN-CHECKPOINT version={FORMAT_VERSION} userblock={userblock} size={size} "
+        f"index={len(index)} "
+    ).encode()
+    return fields + f"index_sha256={_sha256(fields + index)}\n".encode()
+
+
+def _userblock_size(records: list[dict]) -> int:
+    """A user block (a power of two, at least 512) with room for the header and index."""
+    wide = [dict(r, offset=10**15, nbytes=10**15) if r["kind"] != "group" else r for r in records]
+    need = len(json.dumps({"entries": wide, "rest_sha256": "0" * 64})) + 256
+    size = 512
+    while size < need:
+        size *= 2
+    return size
 
 
 # ------------------------------------------------------------------- write
@@ -259,17 +332,17 @@ def _flatten(value, name: str, key: str, out: list) -> None:
             text = json.dumps(value, allow_nan=True)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"save_checkpoint: {name} is not JSON-able: {exc}") from None
-        out.append((name, "json", text))
+        out.append((name, "json", text.encode("utf-8")))
         return
     if value is None:
         out.append((name, "none", None))
         return
     if isinstance(value, str):
         try:
-            value.encode("utf-8")
+            data = value.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ValueError(f"save_checkpoint: {name} is not valid text: {exc}") from None
-        out.append((name, "str", value))
+        out.append((name, "str", data))
         return
     if isinstance(value, bool):
         out.append((name, "bool", np.bool_(value)))
@@ -278,16 +351,16 @@ def _flatten(value, name: str, key: str, out: list) -> None:
         if _INT64.min <= value <= _INT64.max:
             out.append((name, "int", np.int64(value)))
         else:  # e.g. a PCG64 state: exact, as decimal text
-            out.append((name, "bigint", str(value)))
+            out.append((name, "bigint", str(value).encode()))
         return
     if isinstance(value, float):
         out.append((name, "float", np.float64(value)))
         return
     if isinstance(value, (np.generic, np.ndarray)):
-        if value.dtype.kind in "OUSVMm" or value.dtype.fields is not None:
+        if value.dtype.kind not in "biufc" or value.dtype.fields is not None:
             raise ValueError(f"save_checkpoint: {name} has unsupported dtype {value.dtype}")
         kind = "scalar" if isinstance(value, np.generic) else "array"
-        out.append((name, kind, value))
+        out.append((name, kind, _c_order(value)))
         return
     raise ValueError(
         f"save_checkpoint: {name} has unsupported type {type(value).__name__} "
@@ -299,33 +372,34 @@ def _check_finite(entries, path: Path) -> None:
     for name, kind, data in entries:
         if kind in ("array", "scalar") and data.dtype.kind in "fc":
             if not np.isfinite(data).all():
+                reason = f"{name} has non-finite values"
                 raise CheckpointError(
-                    f"refusing to write checkpoint {path}: {name} has non-finite values",
-                    path=path,
-                    reason=f"{name} has non-finite values",
+                    f"refusing to write checkpoint {path}: {reason}", path=path, reason=reason
                 )
 
 
-def _write_entry(f, name: str, kind: str, data) -> dict:
-    """Create one group or dataset; return its manifest record."""
+def _create(f, name: str, kind: str, data) -> dict:
+    """Create one group or dataset; return its index entry (offset filled in later)."""
     if kind == "group":
         f.create_group(name)
         return {"name": name, "kind": "group"}
     if kind == "none":
         f.create_dataset(name, data=h5py.Empty("f"))
-        return {"name": name, "kind": "none", "sha256": _NONE_DIGEST}
+        return {"name": name, "kind": "none"}
     if kind in _TEXT_KINDS:
-        f.create_dataset(name, data=data, dtype=_STR)
-        return {"name": name, "kind": kind, "sha256": _text_digest(data.encode("utf-8"))}
-    arr = _c_order(data)
-    f.create_dataset(name, data=arr)
-    return {
-        "name": name,
-        "kind": kind,
-        "dtype": arr.dtype.str,
-        "shape": list(arr.shape),
-        "sha256": _array_digest(arr),
-    }
+        # fixed-length UTF-8 (not variable-length): the text lies in one byte range
+        stored = max(len(data), 1)
+        arr = np.array(data.ljust(stored, b"\0"), dtype=h5py.string_dtype("utf-8", stored))
+        f.create_dataset(name, data=arr)
+        entry = {"name": name, "kind": kind, "text_bytes": len(data)}
+    else:
+        arr = data
+        f.create_dataset(name, data=arr)
+        entry = {"name": name, "kind": kind}
+    raw = _array_bytes(arr)
+    entry.update(dtype=arr.dtype.str, shape=list(arr.shape), sha256=_sha256(raw))
+    entry.update(offset=None, nbytes=len(raw))
+    return entry
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -358,6 +432,54 @@ def _write_failure(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(reason, path=path, reason=reason)
 
 
+def _write_file(tmp: Path, entries: list) -> None:
+    """The HDF5 file, then its header; the data read back must match its digests."""
+    records = [_create_placeholder(name, kind, data) for name, kind, data in entries]
+    userblock = _userblock_size(records)
+    with h5py.File(tmp, "w", userblock_size=userblock) as f:
+        f.attrs[VERSION_ATTR] = FORMAT_VERSION
+        records = [_create(f, name, kind, data) for name, kind, data in entries]
+        f.flush()
+        for rec in records:
+            if rec.get("nbytes"):
+                ds = f[rec["name"]]
+                offset, stored = ds.id.get_offset(), ds.id.get_storage_size()
+                if offset is None or stored != rec["nbytes"] or offset < userblock:
+                    raise OSError(f"unexpected storage for {rec['name']} ({offset}, {stored})")
+                rec["offset"] = int(offset)
+    size = tmp.stat().st_size
+    ranges = _ranges(records)
+    with open(tmp, "r+b") as fh:
+        for (_, stop, name), (next_start, _, _) in zip(ranges, ranges[1:]):
+            if stop > next_start:
+                raise OSError(f"overlapping storage at {name}")
+        for rec in records:  # read back: what is on disk is what was meant
+            if rec.get("offset") is not None:
+                h = hashlib.sha256()
+                _hash_range(fh, rec["offset"], rec["offset"] + rec["nbytes"], h)
+                if h.hexdigest() != rec["sha256"]:
+                    raise OSError(f"{rec['name']} reads back differently from what was written")
+        index = json.dumps(
+            {"entries": records, "rest_sha256": _rest_digest(fh, userblock, size, ranges)}
+        ).encode()
+        header = _header(userblock, size, index)
+        if len(header) + len(index) > userblock:
+            raise OSError(f"checkpoint index ({len(index)} bytes) exceeds its user block")
+        fh.seek(0)
+        fh.write(header + index)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _create_placeholder(name: str, kind: str, data) -> dict:
+    """An index entry as wide as the real one will be, to size the user block."""
+    entry = {"name": name, "kind": kind}
+    if kind not in ("group", "none"):
+        shape = [] if kind in _TEXT_KINDS else list(np.shape(data))
+        entry.update(dtype="|S" + "9" * 12, shape=shape, sha256="0" * 64, text_bytes=10**15)
+    return entry
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` atomically to ``path`` (temp file, fsync, rename, fsync dir).
 
@@ -379,14 +501,7 @@ def save_checkpoint(path, state: dict) -> Path:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
-            records = [_write_entry(f, name, kind, data) for name, kind, data in entries]
-            manifest = json.dumps({"version": FORMAT_VERSION, "entries": records})
-            f.attrs[VERSION_ATTR] = FORMAT_VERSION
-            f.attrs[MANIFEST_ATTR] = manifest
-            f.attrs[MANIFEST_DIGEST_ATTR] = _manifest_digest(manifest)
-            f.flush()
-        _fsync_path(tmp)
+        _write_file(tmp, entries)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -401,43 +516,63 @@ def save_checkpoint(path, state: dict) -> Path:
 
 
 # -------------------------------------------------------------------- read
-def _attr_text(f, name):
-    value = f.attrs.get(name)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    if not isinstance(value, str):
-        raise ValueError(f"attribute {name} is missing or not text")
-    return value
+def _verify_bytes(path: Path) -> list[dict]:
+    """Check the header, the index and every byte after the user block; return the index.
 
-
-def _read_manifest(f, path: Path) -> list[dict]:
-    version = f.attrs.get(VERSION_ATTR)
-    if version is None:
-        raise _error(path, f"not a dtrain checkpoint (no {VERSION_ATTR} attribute)")
-    try:
-        version = int(version)
-    except (TypeError, ValueError):
-        raise _error(path, f"{VERSION_ATTR} attribute is damaged ({version!r})") from None
-    if version != FORMAT_VERSION:
-        older = " (written before checksums)" if version == 1 else ""
-        raise _error(
-            path, f"format version {version}{older}, this dtrain reads version {FORMAT_VERSION}"
-        )
-    try:
-        text = _attr_text(f, MANIFEST_ATTR)
-        digest = _attr_text(f, MANIFEST_DIGEST_ATTR)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _error(path, f"manifest unreadable (file damaged): {_first_line(exc)}") from None
-    if _manifest_digest(text) != digest:
-        raise _error(path, "manifest fails its checksum (file damaged)")
-    manifest = json.loads(text)
-    if manifest.get("version") != FORMAT_VERSION or not isinstance(manifest.get("entries"), list):
-        raise _error(path, "manifest does not match the format version (file damaged)")
-    return manifest["entries"]
+    Runs before HDF5 opens the file. Raises CheckpointError naming the first
+    dataset whose bytes fail their checksum, or the part of the file at fault.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+        m = _HEADER_RE.match(head)
+        if m is None:
+            if head.startswith(_HDF5_SIGNATURE):
+                raise _error(
+                    path,
+                    "not a dtrain checkpoint (an HDF5 file without a dtrain header; "
+                    "checkpoints of format version 1, from before checksums, are no longer read)",
+                )
+            if head.startswith(_MAGIC):
+                raise _error(path, "header damaged (file damaged)")
+            raise _error(path, "not a dtrain checkpoint (no dtrain header; truncated or corrupt?)")
+        version, userblock, want_size, index_len = (int(g) for g in m.groups()[1:5])
+        if version != FORMAT_VERSION:
+            raise _error(
+                path,
+                f"format version {version} (a newer dtrain's, or a damaged header), "
+                f"this dtrain reads version {FORMAT_VERSION}",
+            )
+        if userblock < 512 or userblock & (userblock - 1) or m.end() + index_len > userblock:
+            raise _error(path, "header damaged (file damaged)")
+        fh.seek(m.end())
+        index_bytes = fh.read(index_len)
+        if _sha256(m.group(1) + index_bytes) != m.group(6).decode():
+            raise _error(path, "header or index fails its checksum (file damaged)")
+        if size != want_size:
+            raise _error(path, f"file is {size} bytes, its header says {want_size} (truncated or damaged)")
+        index = json.loads(index_bytes)
+        entries = index["entries"]
+        ranges = _ranges(entries)
+        prev_stop = userblock
+        for start, stop, name in ranges:
+            if start < prev_stop or stop > size:
+                raise _error(path, f"dataset {name} lies outside the file (file damaged)")
+            prev_stop = stop
+        digests = {e["name"]: e["sha256"] for e in entries if e["kind"] not in ("group", "none")}
+        for start, stop, name in ranges:
+            h = hashlib.sha256()
+            _hash_range(fh, start, stop, h)
+            if h.hexdigest() != digests[name]:
+                raise _error(path, f"dataset {name} fails its checksum (file damaged)")
+        if _rest_digest(fh, userblock, size, ranges) != index["rest_sha256"]:
+            raise _error(path, "HDF5 structure (groups, headers, attributes) fails its checksum "
+                               "(file damaged)")
+    return entries
 
 
 def _check_structure(f, path: Path, entries: list[dict]) -> None:
-    """Every group holds exactly the members the manifest lists."""
+    """Every group holds exactly the members the index lists."""
     children: dict[str, set] = {"": set()}
     for rec in entries:
         parent, _, leaf = rec["name"].rpartition("/")
@@ -447,56 +582,49 @@ def _check_structure(f, path: Path, entries: list[dict]) -> None:
     for group_name, expected in children.items():
         node = f[group_name] if group_name else f
         if not isinstance(node, h5py.Group):
-            raise _error(path, f"group {group_name} is not a group (file damaged)")
+            raise _error(path, f"{group_name} is not a group (file damaged)")
         found = set(node.keys())
         if found != expected:
-            where = group_name or "/"
             extra, missing = sorted(found - expected), sorted(expected - found)
-            what = "; ".join(
-                part
-                for part in (
-                    f"unexpected {', '.join(extra)}" if extra else "",
-                    f"missing {', '.join(missing)}" if missing else "",
-                )
-                if part
+            raise _error(
+                path,
+                f"group {group_name or '/'} differs from the index (unexpected {extra}, "
+                f"missing {missing}; file damaged)",
             )
-            raise _error(path, f"group {where} differs from the manifest ({what}; file damaged)")
 
 
-def _read_verified(obj, rec: dict, path: Path):
-    """Read one dataset and return its value if its content matches the manifest."""
+def _read_dataset(obj, rec: dict, path: Path):
+    """One dataset's value, if what HDF5 returns matches the index."""
     name, kind = rec["name"], rec["kind"]
-    bad = _error(path, f"dataset {name} fails its checksum (file damaged)")
+
+    def bad():
+        return _error(path, f"dataset {name} fails its checksum (file damaged)")
+
     if not isinstance(obj, h5py.Dataset):
-        raise _error(path, f"dataset {name} is not a dataset (file damaged)")
+        raise _error(path, f"{name} is not a dataset (file damaged)")
     if kind == "none":
         if obj.shape is not None:
-            raise bad
+            raise bad()
         return None
+    if obj.dtype.str != rec["dtype"] or list(obj.shape or ()) != rec["shape"]:
+        raise bad()
     if kind in _TEXT_KINDS:
-        if obj.shape != () or obj.dtype.kind != "O":
-            raise bad
-        raw = obj[()]
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8")
-        if not isinstance(raw, bytes) or _text_digest(raw) != rec["sha256"]:
-            raise bad
-        text = raw.decode("utf-8")
+        buf = np.empty((), dtype=obj.dtype)
+        obj.read_direct(buf)
+        raw = buf.tobytes()
+        if _sha256(raw) != rec["sha256"]:
+            raise bad()
+        text = raw[: rec["text_bytes"]].decode("utf-8")
         if kind == "str":
             return text
         if kind == "bigint":
             return int(text)
         return json.loads(text)
-    if kind not in ("array",) + _SCALAR_KINDS:
-        raise _error(path, f"dataset {name} has unknown kind {kind!r} (file damaged)")
-    # dtype and shape first: a damaged header must not make us read (or allocate) garbage
-    if obj.dtype.str != rec["dtype"] or list(obj.shape or ()) != rec["shape"]:
-        raise bad
     if obj.dtype.kind not in "biufc" or obj.dtype.fields is not None:
-        raise bad
+        raise bad()
     arr = np.asarray(obj[()])
-    if _array_digest(arr) != rec["sha256"]:
-        raise bad
+    if _sha256(_array_bytes(arr)) != rec["sha256"]:
+        raise bad()
     if kind == "array":
         return arr
     if kind == "bool":
@@ -505,22 +633,26 @@ def _read_verified(obj, rec: dict, path: Path):
         return int(arr)
     if kind == "float":
         return float(arr)
-    return arr.dtype.type(arr[()])
+    if kind == "scalar":
+        return arr[()]
+    raise _error(path, f"dataset {name} has unknown kind {kind!r}")
 
 
-def _load_verified(f, path: Path) -> CheckpointState:
-    entries = _read_manifest(f, path)
-    _check_structure(f, path, entries)
-    root = CheckpointState({}, path)
-    groups = {"": root}
-    for rec in entries:
-        name = rec["name"]
-        parent, _, leaf = name.rpartition("/")
-        target = groups[parent]
-        if rec["kind"] == "group":
-            groups[name] = target[leaf] = CheckpointState({}, path, name + "/")
-            continue
-        target[leaf] = _read_verified(f[name], rec, path)
+def _load(path: Path) -> CheckpointState:
+    entries = _verify_bytes(path)
+    with h5py.File(path, "r") as f:
+        if f.attrs.get(VERSION_ATTR) != FORMAT_VERSION:
+            raise _error(path, f"{VERSION_ATTR} attribute differs from the header (file damaged)")
+        _check_structure(f, path, entries)
+        root = CheckpointState({}, path)
+        groups = {"": root}
+        for rec in entries:
+            name = rec["name"]
+            parent, _, leaf = name.rpartition("/")
+            if rec["kind"] == "group":
+                groups[name] = groups[parent][leaf] = CheckpointState({}, path, name + "/")
+            else:
+                groups[parent][leaf] = _read_dataset(f[name], rec, path)
     return root
 
 
@@ -536,18 +668,11 @@ def load_checkpoint(path, required=()) -> CheckpointState:
     if not path.is_file():
         raise _error(path, "no such file")
     try:
-        f = h5py.File(path, "r")
-    except Exception as exc:
-        raise _error(
-            path, f"not a readable HDF5 file (truncated or corrupt): {_first_line(exc)}"
-        ) from None
-    try:
-        with f:
-            state = _load_verified(f, path)
+        state = _load(path)
     except CheckpointError:
         raise
-    except Exception as exc:  # h5py/HDF5 on a damaged file: any error, one line
-        raise _error(path, f"cannot be read (file damaged): {_first_line(exc)}") from None
+    except Exception as exc:  # whatever a damaged or unreadable file raises: one line
+        raise _error(path, f"cannot be read (file damaged?): {_first_line(exc)}") from None
     for req in required:
         node = state
         for part in req.split("/"):
@@ -559,7 +684,7 @@ def load_checkpoint(path, required=()) -> CheckpointState:
 
 def verify_checkpoint(path) -> None:
     """Raise CheckpointError (one line naming the file and the fault) unless
-    ``path`` is a complete checkpoint whose contents all match their checksums."""
+    ``path`` is a complete checkpoint whose every byte matches its checksum."""
     load_checkpoint(path)
 
 

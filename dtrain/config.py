@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass, fields
 
 from .nn.cells import CELLS
@@ -43,6 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end and on a signal
     keep_checkpoints: int = 3
     resume: str | None = None  # a path or "latest"
+    init_from: str | None = None  # a checkpoint whose parameters start a new run
     # distributed
     threads_per_rank: int | None = None
     embed_reduce: str = "auto"  # auto | dense | sparse
@@ -61,29 +65,77 @@ class TrainConfig:
         return 600
 
     def validate(self):
-        """Raise ValueError naming the flag for settings that cannot work."""
-        def need(cond, flag, what):
+        """Raise ValueError, one line naming the flag and what it expects, for any
+        setting that cannot work; called before any work is done."""
+        def need(cond, flag, what, value=None):
             if not cond:
-                raise ValueError(f"{flag}: expected {what}")
+                got = "" if value is None else f", got {value!r}"
+                raise ValueError(f"{flag}: expected {what}{got}")
 
-        need(self.cell in CELLS, "--cell", " or ".join(sorted(CELLS)))
-        need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64")
-        need(self.device in ("cpu", "gpu", "auto"), "--device", "cpu, gpu or auto")
-        need(self.embed_reduce in ("auto", "dense", "sparse"), "--embed-reduce", "auto, dense or sparse")
-        need(self.batch_size >= 1, "--batch-size", f"a positive integer, got {self.batch_size}")
-        need(self.lr > 0, "--lr", f"a positive number, got {self.lr}")
-        need(self.lr_decay > 0, "--lr-decay", f"a positive number, got {self.lr_decay}")
-        need(self.steps is None or self.steps >= 0, "--steps", f"a non-negative integer, got {self.steps}")
-        need(self.epochs is None or self.epochs > 0, "--epochs", f"a positive number, got {self.epochs}")
-        need(self.hidden_dim >= 1 and self.wordvec_dim >= 1, "--hidden-dim/--wordvec-dim", "positive sizes")
-        need(self.log_every >= 1, "--log-every", "at least 1")
-        need(self.buckets >= 1, "--buckets", "at least 1")
-        need(self.micro_batch is None or self.micro_batch >= 1, "--micro-batch",
-             f"a positive integer, got {self.micro_batch}")
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def count(flag, value, low, allow_none=False):
+            if value is None and allow_none:
+                return
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            need(is_int(value) and value >= low, flag, what, value)
+
+        def a_path(value):
+            return isinstance(value, (str, os.PathLike)) and str(value).strip() != ""
+
+        def positive_number(flag, value):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            need(ok and math.isfinite(value) and value > 0, flag, "a finite number > 0", value)
+
+        need(self.cell in CELLS, "--cell", " or ".join(sorted(CELLS)), self.cell)
+        need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64", self.dtype)
+        need(self.device in ("cpu", "gpu", "auto"), "--device", "cpu, gpu or auto", self.device)
+        need(self.embed_reduce in ("auto", "dense", "sparse"), "--embed-reduce",
+             "auto, dense or sparse", self.embed_reduce)
+        # data
+        need(self.data is None or a_path(self.data), "--data", "a data directory", self.data)
+        count("--max-train", self.max_train, 1, allow_none=True)
+        count("--feature-memory-budget-mb", self.feature_memory_budget_mb, 0)
+        # model
+        count("--wordvec-dim", self.wordvec_dim, 1)
+        count("--hidden-dim", self.hidden_dim, 1)
+        count("--max-length", self.max_length, 1)
+        # optimisation
+        count("--batch-size", self.batch_size, 1)
+        positive_number("--lr", self.lr)
+        positive_number("--lr-decay", self.lr_decay)
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("--epochs and --steps: give one, not both")
+        count("--steps", self.steps, 0, allow_none=True)
+        if self.epochs is not None:
+            positive_number("--epochs", self.epochs)
+        count("--seed", self.seed, 0)
+        # evaluation, logging, checkpoints
+        count("--eval-every", self.eval_every, 0)
+        count("--eval-images", self.eval_images, 0)
+        count("--eval-captions", self.eval_captions, 0)
+        count("--log-every", self.log_every, 1)
+        need(a_path(self.checkpoint_dir), "--checkpoint-dir", "a directory", self.checkpoint_dir)
+        count("--checkpoint-every", self.checkpoint_every, 0)
+        count("--keep-checkpoints", self.keep_checkpoints, 1)
+        need(self.resume is None or a_path(self.resume), "--resume",
+             "a checkpoint path, a directory or 'latest'", self.resume)
+        need(self.init_from is None or a_path(self.init_from), "--init-from", "a checkpoint path",
+             self.init_from)
+        if self.resume is not None and self.init_from is not None:
+            raise ValueError(
+                "--init-from and --resume: give one, not both (--resume continues a run with its "
+                "optimizer and data position; --init-from starts a new run from a checkpoint's "
+                "parameters)"
+            )
+        # distributed
+        count("--micro-batch", self.micro_batch, 1, allow_none=True)
         need(self.micro_batch is None or self.batch_size % self.micro_batch == 0, "--micro-batch",
-             f"a divisor of --batch-size {self.batch_size}, got {self.micro_batch}")
-        need(self.threads_per_rank is None or self.threads_per_rank >= 1, "--threads-per-rank", "at least 1")
-        need(self.max_length >= 1, "--max-length", "at least 1")
+             f"a divisor of --batch-size {self.batch_size}", self.micro_batch)
+        count("--threads-per-rank", self.threads_per_rank, 1, allow_none=True)
+        count("--buckets", self.buckets, 1)
+        count("--check-every", self.check_every, 0)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -101,6 +153,8 @@ def add_config_flags(parser: argparse.ArgumentParser):
         "eval_every": "evaluate (val loss, BLEU) every N steps; 0: only at the end",
         "checkpoint_every": "write a checkpoint every N steps; 0: only at the end and on SIGTERM/SIGUSR1",
         "resume": "resume from a checkpoint path, or 'latest' in --checkpoint-dir (starts fresh if none)",
+        "init_from": "start a new run (fresh Adam state and sampler) from this checkpoint's "
+                     "parameters; the way to fine-tune",
         "threads_per_rank": "BLAS/kernel threads per rank (default: the node's cores / its ranks)",
         "embed_reduce": "how the word-embedding gradient is reduced: auto (by bytes), dense or sparse",
         "check_every": "compare a parameter checksum across ranks every N steps (0: never)",
@@ -114,6 +168,7 @@ def add_config_flags(parser: argparse.ArgumentParser):
                          "summed exactly in int64 fixed point (see docs/determinism.md); BLAS threads "
                          "default to 1 per rank",
         "max_train": "use only this many training captions",
+        "keep_checkpoints": "how many of the newest checkpoints to keep (at least 1; default 3)",
     }
     choices = {"cell": sorted(CELLS), "dtype": ["float32", "float64"], "device": ["cpu", "gpu", "auto"],
                "embed_reduce": ["auto", "dense", "sparse"]}

@@ -15,6 +15,7 @@ the checkpoints together.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -33,12 +34,34 @@ from .nn.gradcheck import finite_difference_check
 from .nn.optim import Adam
 from .parallel.reducer import make_reducer
 from .parallel.sampler import ShardedSampler
-from .runlog import Interval, RunLog, fmt_time
+from .parallel.watchdog import Progress, Watchdog
+from .runlock import RunLock, check_writable_dir
+from .runlog import DivergenceWatch, Interval, RunLog, fmt_time
 from .runsetup import build_model, open_data
-from .step import TrainStep
+from .step import NonFiniteError, TrainStep
+from .trace import Tracer
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume with --resume latest
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def diagnostics_settings(cfg):
+    """(stall timeout in seconds, trace path or None): --stall-timeout / --trace, else the
+    environment's DTRAIN_STALL_TIMEOUT / DTRAIN_TRACE. A flag given (not at its default) wins."""
+    timeout = getattr(cfg, "stall_timeout", None)
+    env = os.environ.get("DTRAIN_STALL_TIMEOUT")
+    if env and (timeout is None or timeout == 600.0):
+        try:
+            timeout = float(env)
+        except ValueError:
+            raise UserError(f"DTRAIN_STALL_TIMEOUT: expected a number of seconds, got {env!r}") from None
+    timeout = 600.0 if timeout is None else float(timeout)
+    if not timeout >= 0:
+        raise UserError(f"--stall-timeout: expected a non-negative number of seconds (0: off), got {timeout}")
+    trace = getattr(cfg, "trace", None) or os.environ.get("DTRAIN_TRACE") or None
+    if trace and Path(trace).is_dir():
+        raise UserError(f"--trace: expected a file name, got the directory {trace}")
+    return timeout, trace
 
 
 class Trainer:
@@ -46,6 +69,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, comm):
         self.cfg, self.comm = cfg, comm
+        self._start_diagnostics()  # stall watchdog, --trace, --debug collective checks (docs/diagnostics.md)
         # --deterministic: BLAS results depend on the thread count, so it must not follow the
         # number of ranks (cores / ranks): one thread per rank unless given
         requested = cfg.threads_per_rank or (1 if cfg.deterministic else None)
@@ -55,6 +79,7 @@ class Trainer:
         self.xp = backend.select(self.device, comm.local_rank)
         self.ckpt_dir = Path(cfg.checkpoint_dir)
         self.log = RunLog(self.ckpt_dir, enabled=comm.is_root, quiet=cfg.quiet)
+        self._claim_output()
         self.data = open_data(cfg, comm)
         self.train_split = self.data.split("train")
         self.val_split = self.data.split("val")
@@ -88,22 +113,65 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _claim_output(self):
+        """Before any work: rank 0 creates and write-tests the checkpoint directory and takes
+        its lock (one run per directory); a failure is one line, on every rank (the abort)."""
+        self.lock = None
+        if not self.comm.is_root:
+            return
+        check_writable_dir(self.ckpt_dir, "--checkpoint-dir")
+        self.lock = RunLock(self.ckpt_dir)
+        message = self.lock.acquire()
+        if message:
+            self.log.say(message)
+
+    def _data_fingerprint(self):
+        splits = (self.train_split, self.val_split)
+        return checkpoint.data_fingerprint({s.name: s.captions for s in splits},
+                                           {s.name: s.image_idxs for s in splits})
+
+    def _resume_path(self):
+        """The checkpoint --resume names; for "latest", the newest that verifies (damaged newer
+        ones are named, set aside as <name>.damaged, and skipped)."""
+        cfg = self.cfg
+        if cfg.resume != "latest":
+            return checkpoint.resolve_resume(cfg.resume, self.ckpt_dir)
+        path, skipped = checkpoint.latest_verified_checkpoint(self.ckpt_dir)
+        for bad, why in skipped:
+            moved = checkpoint.set_aside_checkpoint(bad)
+            self.log.say(f"--resume latest: skipped {bad}: {why} (set aside as {moved.name})")
+        if path is None and skipped:
+            raise checkpoint.CheckpointError(
+                f"--resume latest: no checkpoint in {self.ckpt_dir} verifies (all {len(skipped)} damaged, "
+                "set aside as *.damaged); not starting fresh over them")
+        if path is None:
+            self.log.say(f"--resume latest: no checkpoint in {self.ckpt_dir}; starting fresh")
+        return path
+
+    def _init_from(self):
+        """--init-from: a new run (fresh Adam state and sampler) from a checkpoint's parameters."""
+        path = checkpoint.resolve_resume(self.cfg.init_from, self.ckpt_dir)
+        ckpt = checkpoint.load_checkpoint(path, required=("params", "vocab"))
+        checkpoint.check_compatible(ckpt, self.model.shapes, self.data.idx_to_word)
+        for name in self.model.shapes:
+            self.model.params[name] = np.asarray(ckpt["params"][name])
+        self.log.say(f"--init-from {path}: parameters loaded; a new run (fresh Adam state and sample "
+                     "stream)")
+
     def _resume_or_broadcast(self):
         """Parameters and Adam state start identical: rank 0's, from a checkpoint or fresh."""
         cfg, comm, model = self.cfg, self.comm, self.model
         info = {"path": None}
+        self.fingerprint = self._data_fingerprint() if comm.is_root else None
+        if cfg.init_from and comm.is_root:
+            self._init_from()
         if cfg.resume and comm.is_root:
-            path = None
-            if cfg.resume == "latest":
-                path = checkpoint.latest_checkpoint(self.ckpt_dir)
-                if path is None:
-                    self.log.say(f"--resume latest: no checkpoint in {self.ckpt_dir}; starting fresh")
-            else:
-                path = checkpoint.resolve_resume(cfg.resume, self.ckpt_dir)
+            path = self._resume_path()
             if path is not None:
                 ckpt = checkpoint.load_checkpoint(path, required=("params", "adam/m", "adam/v", "adam/t",
                                                                   "sampler", "step", "vocab"))
                 checkpoint.check_compatible(ckpt, model.shapes, self.data.idx_to_word)
+                checkpoint.check_same_data(ckpt, self.fingerprint, path)
                 saved_b = int(ckpt["config"].get("batch_size", cfg.batch_size)) if "config" in ckpt else cfg.batch_size
                 if saved_b != cfg.batch_size:
                     raise checkpoint.CheckpointError(
@@ -132,6 +200,46 @@ class Trainer:
             self.log.say(f"resumed from {info['path']} at step {self.step} "
                          f"(saved on {info.get('world_size')} ranks, now {comm.size})")
 
+    # ------------------------------------------------------------------ diagnostics
+
+    def _start_diagnostics(self):
+        """Before the run's first collective, so that a stall anywhere is caught."""
+        cfg, comm = self.cfg, self.comm
+        stall_timeout, trace = diagnostics_settings(cfg)
+        self.progress = Progress()  # where this rank is: read by the watchdog thread
+        comm.debug_collectives = bool(cfg.debug)
+        self.tracer = self.watchdog = None
+        if trace:
+            self.tracer = Tracer(trace, comm.rank, comm.size)
+            self.tracer.align(comm)
+            comm.tracer = self.tracer
+            comm.on_abort(self.tracer.write_own)
+        if comm.size > 1:
+            self.watchdog = Watchdog(comm, self.progress, stall_timeout, checkpoint=self._stall_checkpoint,
+                                     tracer=self.tracer)
+            self.watchdog.start()
+
+    def _finish_diagnostics(self):
+        """At the end of a run, on every rank: the merged trace (rank 0 writes); the watchdog stops."""
+        self.progress.enter("done")
+        if self.tracer is not None:
+            written = self.tracer.finish(self.comm)
+            if written:
+                paths = written if isinstance(written, tuple) else (written,)
+                self.log.say(f"trace: {paths[0]} (open in https://ui.perfetto.dev or chrome://tracing)"
+                             + (f"; timeline: {paths[1]}" if len(paths) > 1 else ""))
+        if self.watchdog is not None:
+            self.watchdog.close()
+
+    @contextlib.contextmanager
+    def _phase(self, name, category):
+        """A phase outside the step: the watchdog sees it, the trace gets a span."""
+        self.progress.enter(name, self.step)
+        t0 = time.perf_counter()
+        yield
+        if self.tracer is not None:
+            self.tracer.span(name, category, t0, time.perf_counter(), {"step": self.step})
+
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
 
@@ -141,23 +249,45 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self):
+        code = self._train()
+        self._finish_diagnostics()
+        return code
+
+    def _train(self):
         cfg, comm = self.cfg, self.comm
+        if self.tracer is not None:  # diagnostics: setup = from the aligned clocks' zero to here
+            self.tracer.span("setup", "setup", self.tracer.origin, time.perf_counter())
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         self.log.say(self.banner())
         self.log.start(uuid.uuid4().hex[:12], comm.size, self.step, self.resumed_from, cfg.to_dict())
         B = cfg.batch_size
         interval = Interval()
+        self.divergence = DivergenceWatch()
         start_step = self.step
         check = self._debug_check if cfg.debug else None
         while self.step < self.total_steps:
             epoch = self.sampler.epoch
             lr = cfg.lr * cfg.lr_decay**epoch
+            self.progress.enter("batch", self.step + 1)  # diagnostics
+            t_batch = time.perf_counter()
             captions, features = self.train_split.batch(self.sampler.next_shard())
+            features = testhooks.corrupt_batch(comm.rank, self.step + 1, features)
             self._first = self.step == start_step
             self._batch = (features, captions)
-            result = self.step_fn(features, captions, B, lr, stop=self._stop_requested(), check=check)
+            self.progress.enter("step")
+            try:
+                result = self.step_fn(features, captions, B, lr, stop=self._stop_requested(), check=check)
+            except NonFiniteError as exc:  # not applied: parameters are still those of self.step
+                last = checkpoint.latest_checkpoint(self.ckpt_dir) if comm.is_root else None
+                raise UserError(f"step {self.step + 1}: {exc}; the step was not applied and training "
+                                f"stopped; last good checkpoint: {last or 'none'} (lower --lr?)") from None
             self.step += 1
+            self.progress.completed(self.step, self._resume_point())  # diagnostics: what a stall saves
+            if self.tracer is not None:
+                self.tracer.step(self.step, t_batch, result)
+            if self.step == start_step + 1:
+                self.divergence.start(result.loss)
             interval.add(result)
             if cfg.debug:
                 print(f"[rank {comm.rank}] step {self.step}: compute {1e3 * result.compute_s:.1f} ms, "
@@ -165,8 +295,9 @@ class Trainer:
             if comm.size > 1 and (cfg.debug or (cfg.check_every and self.step % cfg.check_every == 0)):
                 comm.check_consistent(self.model.param_buffer, "parameters")
             if self.step % cfg.log_every == 0 or self.step == self.total_steps or result.stop:
-                self.log.interval(interval, self.step, self.total_steps, start_step,
-                                  self.sampler.steps_per_epoch, lr, comm.size)
+                mean_loss = self.log.interval(interval, self.step, self.total_steps, start_step,
+                                              self.sampler.steps_per_epoch, lr, comm.size)
+                self.divergence.observe(self.step, mean_loss, self.log)
                 interval = Interval()
             testhooks.inject_fault(comm.rank, self.step)
             if result.stop:
@@ -190,6 +321,7 @@ class Trainer:
         self.log.say(f"training done: {self.step} steps in "
                      f"{fmt_time(time.perf_counter() - self.log.run_start)}; checkpoint {path}")
         if self.total_steps > 0 or cfg.eval_every:
+            testhooks.at_final_evaluation(comm.rank)
             res = self.evaluate_and_log(final=True)
             if res.get("stopped"):
                 self.log.say(f"received {self.stop_signal or 'a stop signal'} during the final evaluation: "
@@ -238,8 +370,9 @@ class Trainer:
 
     def evaluate_and_log(self, final):
         cfg = self.cfg
-        res = evaluate(self.model, self.comm, self.val_split, self.data.idx_to_word, cfg.eval_captions,
-                       cfg.eval_images, cfg.max_length, should_stop=self._stop_requested)
+        with self._phase("evaluation", "compute"):
+            res = evaluate(self.model, self.comm, self.val_split, self.data.idx_to_word, cfg.eval_captions,
+                           cfg.eval_images, cfg.max_length, should_stop=self._stop_requested)
         self.log.evaluation(res, self.step, final)
         return res
 
@@ -248,21 +381,45 @@ class Trainer:
     def save_checkpoint(self):
         """Rank 0 writes; everyone waits, so nobody exits before the file is complete."""
         path = checkpoint.checkpoint_path(self.ckpt_dir, self.step)
-        if self.comm.is_root:
-            adam = self.adam.state_dict()
-            state = {
-                "step": self.step,
-                "params": {n: backend.to_host(v) for n, v in self.model.params.items()},
-                "adam": {"m": backend.to_host(adam["m"]), "v": backend.to_host(adam["v"]), "t": adam["t"]},
-                "sampler": self.sampler.state_dict(),
-                "rng": {"seed": self.cfg.seed},
-                "config": self.cfg.to_dict() | {"data_dir": str(self.data.data_dir)},
-                "vocab": {"idx_to_word": list(self.data.idx_to_word)},
-                "world_size": self.comm.size,
-            }
-            if hasattr(self.reducer, "state_dict"):  # --deterministic: the fixed-point scales
-                state["extra"] = {"reducer": self.reducer.state_dict()}
-            checkpoint.save_checkpoint(path, state)
-            checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
-        self.comm.barrier()
+        with self._phase("checkpoint", "io"):
+            if self.comm.is_root:
+                checkpoint.save_checkpoint(path, self._checkpoint_state(self.step, self._resume_point()))
+                checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+            self.comm.barrier()
         return path
+
+    def _resume_point(self):
+        """What, besides parameters and Adam, a resume needs after the step just completed."""
+        return (self.sampler.state_dict(),
+                self.reducer.state_dict() if hasattr(self.reducer, "state_dict") else None)
+
+    def _checkpoint_state(self, step, resume_point):
+        sampler_state, reducer_state = resume_point
+        adam = self.adam.state_dict()
+        state = {
+            "step": step,
+            "params": {n: backend.to_host(v) for n, v in self.model.params.items()},
+            "adam": {"m": backend.to_host(adam["m"]), "v": backend.to_host(adam["v"]), "t": adam["t"]},
+            "sampler": sampler_state,
+            "rng": {"seed": self.cfg.seed},
+            "config": self.cfg.to_dict() | {"data_dir": str(self.data.data_dir)},
+            "vocab": {"idx_to_word": list(self.data.idx_to_word)},
+            "world_size": self.comm.size,
+            "data_fingerprint": self.fingerprint,
+        }
+        if reducer_state is not None:  # --deterministic: the fixed-point scales
+            state["extra"] = {"reducer": reducer_state}
+        return state
+
+    def _stall_checkpoint(self):
+        """After a stall, on the rank the watchdog chose, from the watchdog thread: the last step
+        this rank completed. Its main thread is blocked in (or parked at) a collective, so the
+        parameters and Adam state are that step's: Adam runs only after the step's reduction."""
+        done = self.progress.done
+        if done is None:
+            return None
+        step, resume_point = done
+        path = checkpoint.checkpoint_path(self.ckpt_dir, step)
+        checkpoint.save_checkpoint(path, self._checkpoint_state(step, resume_point))
+        checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        return path, step

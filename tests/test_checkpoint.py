@@ -1,5 +1,6 @@
 """Checkpoint tests: round trip, naming, refusal of bad files, and crash safety."""
 
+import json
 import os
 import signal
 import subprocess
@@ -74,7 +75,9 @@ def test_round_trip(tmp_path):
     assert rng.random() == np.random.default_rng(5).random()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
     with h5py.File(path, "r") as f:  # plain HDF5: JSON strings, no pickles
-        assert f["config"].dtype.kind == "O" and f.attrs["dtrain_checkpoint_version"] == 2
+        assert f["config"].dtype.kind == "S" and f.attrs["dtrain_checkpoint_version"] == 2
+        assert json.loads(f["config"][()]) == state["config"]
+    assert path.read_bytes().startswith(b"DTRAIN-CHECKPOINT version=2 ")
 
 
 def test_missing_key_is_a_checkpoint_error(tmp_path):
@@ -131,7 +134,7 @@ def test_bad_files_refused_with_file_name(tmp_path):
     data = good.read_bytes()
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"truncated\.h5: .*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"truncated\.h5: file is \d+ bytes, .*truncated"):
         load_checkpoint(truncated)
 
     garbage = tmp_path / "garbage.h5"
@@ -159,14 +162,18 @@ def test_bad_files_refused_with_file_name(tmp_path):
         load_checkpoint(foreign)
 
     future = save_checkpoint(tmp_path / "future.h5", {"step": 1})
-    with h5py.File(future, "a") as f:
-        f.attrs["dtrain_checkpoint_version"] = 99
-    with pytest.raises(CheckpointError, match=r"future\.h5: format version 99"):
+    raw = future.read_bytes()
+    assert raw.startswith(b"DTRAIN-CHECKPOINT version=2 ")
+    future.write_bytes(raw.replace(b"version=2 ", b"version=9 ", 1))
+    with pytest.raises(CheckpointError, match=r"future\.h5: format version 9 \(a newer dtrain's"):
         load_checkpoint(future)
-    with h5py.File(future, "a") as f:  # a file from before checksums is refused, by name
+
+    old = tmp_path / "old.h5"  # format version 1: no checksummed header
+    with h5py.File(old, "w") as f:
         f.attrs["dtrain_checkpoint_version"] = 1
-    with pytest.raises(CheckpointError, match=r"future\.h5: format version 1 \(written before"):
-        load_checkpoint(future)
+        f["step"] = 1
+    with pytest.raises(CheckpointError, match=r"old\.h5: not a dtrain checkpoint .*version 1"):
+        load_checkpoint(old)
 
 
 def test_check_compatible(tmp_path):

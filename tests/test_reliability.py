@@ -114,3 +114,92 @@ def test_sample_and_evaluate_errors_name_their_flags(tmp_path):
     assert p.returncode == 2 and "-n" in p.stderr, p.stderr
     p = run_dtrain(None, "evaluate", "--checkpoint", "x", "--eval-images", "-1", check=False, timeout=60)
     assert p.returncode == 2 and "--eval-images" in p.stderr, p.stderr
+
+
+def test_unwritable_checkpoint_dir_fails_before_training(tiny_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", blocker / "ckpt", *SMALL,
+                   "--steps", 1000, check=False, timeout=60)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "--checkpoint-dir" in p.stderr and "Traceback" not in p.stderr
+    assert "step " not in p.stdout  # nothing trained
+
+
+def test_one_run_per_checkpoint_dir(tiny_data, tmp_path):
+    args = ["train", "--data", str(tiny_data), "--checkpoint-dir", str(tmp_path), *SMALL, "--steps", "100000"]
+    first = subprocess.Popen(dtrain_cmd(None, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for line in first.stdout:
+            if line.startswith("step ") and "/" in line:
+                break
+        second = run_dtrain(None, *args[1:], check=False, timeout=60)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert str(tmp_path) in second.stderr and f"pid {first.pid}" in second.stderr, second.stderr
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    third = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 2,
+                       timeout=120)
+    assert "stale lock" in third.stdout and str(first.pid) in third.stdout, third.stdout[-2000:]
+
+
+def test_resume_refuses_other_data_and_init_from_fine_tunes(tiny_data, tmp_path):
+    from dtrain.data.synthetic import write_synthetic
+
+    other = write_synthetic(tmp_path / "other", train_images=60, val_images=8, seed=4)
+    ck = tmp_path / "ck"
+    run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", ck, *SMALL, "--steps", 3)
+    p = run_dtrain(None, "train", "--data", other, "--checkpoint-dir", ck, *SMALL, "--steps", 6,
+                   "--resume", "latest", check=False, timeout=60)
+    assert p.returncode == 2 and "another data set" in p.stderr and "--init-from" in p.stderr, p.stderr
+    src = latest_checkpoint(ck)
+    ft = tmp_path / "ft"
+    p = run_dtrain(2, "train", "--data", other, "--checkpoint-dir", ft, *SMALL, "--steps", 2,
+                   "--init-from", src, timeout=120)
+    assert "--init-from" in p.stdout
+    tuned = load_checkpoint(latest_checkpoint(ft))
+    assert int(tuned["step"]) == 2 and int(tuned["adam"]["t"]) == 2  # a new run: fresh Adam, step 0 + 2
+    start = [r for r in records(ft, "start")][0]
+    assert start["step"] == 0
+
+
+def test_resume_latest_skips_damaged_checkpoint(tiny_data, tmp_path):
+    run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 4,
+               "--checkpoint-every", 2)
+    newest = latest_checkpoint(tmp_path)
+    assert newest.name == "ckpt-00000004.h5"
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    p = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 6,
+                   "--resume", "latest", timeout=120)
+    assert f"skipped {newest}" in p.stdout and "resumed from" in p.stdout and "ckpt-00000002.h5" in p.stdout
+    assert (tmp_path / "ckpt-00000004.h5.damaged").exists()
+    assert int(load_checkpoint(latest_checkpoint(tmp_path))["step"]) == 6
+
+
+def test_disk_full_while_checkpointing_is_one_line(tiny_data, tmp_path):
+    """A real full disk (a small tmpfs): one line naming the file, the previous checkpoint kept."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        import pytest
+
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", mnt, *SMALL, "--steps", 40,
+                       "--checkpoint-every", 1, "--keep-checkpoints", 100, check=False, timeout=120)
+        assert p.returncode != 0, p.stdout[-1000:]
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert lines and all(ln.startswith("dtrain: error: no space left on device writing") for ln in lines), \
+            p.stderr[-2000:]
+        assert "kept" in lines[0] and "Traceback" not in p.stderr
+        kept = latest_checkpoint(mnt)
+        assert kept is not None and int(load_checkpoint(kept)["step"]) >= 1
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -300,3 +300,68 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, synth_data, t
     assert re.search(rf"resumed from \S+ at step {preempted_at}\b", text), text
     assert f"training done: {steps} steps" in text, text
     _assert_same_params(ckpt, tmp_path / "ref" / "ckpt", steps)
+
+
+# ------------------------------------------------- the README command, plain
+
+
+def _sbatch_plain(cluster, workdir: Path, extra_flags: str, **env_vars):
+    """`sbatch slurm/train.sbatch` as the README has it: run from ``workdir``, no
+    DATA_DIR, no CKPT_DIR, no sbatch options (the script's own defaults)."""
+    env = {k: v for k, v in cluster.env.items() if k not in ("DATA_DIR", "CKPT_DIR")}
+    env["DTRAIN_CACHE"] = os.environ.get("DTRAIN_CACHE", str(REPO / "tests" / ".cache"))
+    env["EXTRA_FLAGS"] = extra_flags
+    env.update(env_vars)
+    r = subprocess.run(
+        ["sbatch", "--parsable", str(SBATCH_SCRIPT)], cwd=workdir, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    return job_id, workdir / f"dtrain-{job_id}.out"  # the script's --output=%x-%j.out
+
+
+def test_sbatch_without_data_dir_trains_on_builtin_data(slurm_cluster, tmp_path):
+    job_id, out = _sbatch_plain(slurm_cluster, tmp_path, " ".join(["--steps", "4", *COMMON]))
+    info = _wait_job(slurm_cluster, job_id, out, timeout=300)
+    text = _read(out)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+    launch = next(line for line in text.splitlines() if "launch: " in line)
+    assert " --data " not in launch, launch
+    assert re.search(r"^data: \S*synthetic-\S+ ", text, re.M), text  # the built-in data set
+    assert "training done: 4 steps" in text, text
+    assert "training step exited with code 0" in text, text
+    ckpt_dir = tmp_path / "checkpoints" / f"dtrain-{job_id}"
+    step, _ = _final_params(ckpt_dir)
+    assert step == 4
+
+
+def test_sbatch_user_errors_exit_2_not_137(slurm_cluster, tmp_path):
+    """A user error, caught before MPI starts or by one rank after it (which
+    MPI-aborts, so srun kills the other rank and reports 137), is exit code 2."""
+    cases = {
+        "bad-flag": dict(extra_flags="--batch-size 0", expect="dtrain: error: --batch-size"),
+        "bad-resume": dict(
+            extra_flags=f"--steps 4 --resume {tmp_path / 'missing.h5'}",
+            expect=f"dtrain: error: --resume {tmp_path / 'missing.h5'}: no such checkpoint file",
+        ),
+        "bad-data-dir": dict(
+            extra_flags="--steps 4", env={"DATA_DIR": str(tmp_path / "no-data")},
+            expect=f"DATA_DIR {tmp_path / 'no-data'}: no such directory",
+        ),
+    }  # fmt: skip
+    jobs = {}
+    for name, case in cases.items():  # all at once: the node has room for them
+        workdir = tmp_path / name
+        workdir.mkdir()
+        jobs[name] = _sbatch_plain(slurm_cluster, workdir, case["extra_flags"], **case.get("env", {}))
+    for name, (job_id, out) in jobs.items():
+        info = _wait_job(slurm_cluster, job_id, out, timeout=180)
+        text = _read(out)
+        assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{name}: {info}\n{text}"
+        assert cases[name]["expect"] in text, f"{name}:\n{text}"
+        assert info["Restarts"] == "0", f"{name}: {info}"
+    text = _read(jobs["bad-resume"][1])
+    assert "training step exited with code" in text, text
+    if "training step exited with code 137" in text:  # srun killed the other rank
+        assert "a rank reported a user error (dtrain exit code 2" in text, text

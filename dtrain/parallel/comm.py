@@ -12,6 +12,12 @@ trainer uses:
 * ``check_consistent``: a cross-rank checksum that stops a diverged job;
 * ``run_guarded``: a failure on any rank ends the whole job.
 
+Every collective goes through ``_enter``/``_leave`` (a few attribute writes):
+they number the calls (``seq``), publish the one in flight (``call``) for the
+stall watchdog (parallel/watchdog.py), record a trace event when a tracer is
+attached (dtrain/trace.py), and with ``debug_collectives`` first check that
+every rank makes the same call (``--debug``). See docs/diagnostics.md.
+
 It is transport only: what to send (dense or sparse gradients) is the
 reducer's business (``parallel/reducer.py``). The module knows nothing of the
 model. A plain ``python -m dtrain`` (no
@@ -26,18 +32,31 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 
 import numpy as np
 
-__all__ = ["Communicator", "DivergenceError", "run_guarded"]
+__all__ = ["CollectiveMismatchError", "Communicator", "DivergenceError", "run_guarded"]
 
 
 class DivergenceError(RuntimeError):
     """Ranks that should hold identical arrays do not."""
 
     user_error = True  # run_guarded prints the message alone, no traceback
+
+
+class CollectiveMismatchError(RuntimeError):
+    """--debug: the ranks are not making the same collective call."""
+
+
+# Operation codes for the --debug agreement check (names as the methods are called).
+COLLECTIVES = ("barrier", "bcast_array_", "bcast_obj", "allreduce_sum_", "allreduce_scalars", "allgatherv",
+               "allgatherv_rows", "allgather_scalars", "check_consistent", "gather_bytes")
+_OP_CODE = {name: i for i, name in enumerate(COLLECTIVES)}
+_CALLER_BYTES = 96  # where the call came from, shown in a mismatch report
+_GATHER_TAG = 7001
 
 
 def _import_mpi():
@@ -116,6 +135,20 @@ class Communicator:
         self.local_size = self.local_comm.Get_size()
         self.cuda_aware = _query_cuda_aware(MPI)
         self._pinned = None  # (raw pinned memory, nbytes) reused for staging
+        # Diagnostics (docs/diagnostics.md). The call in flight is published as one
+        # tuple (seq, op, count, dtype, nbytes, perf_counter at entry), so another
+        # thread reads it whole.
+        self.seq = 0  # collectives entered so far (the same sequence on every rank)
+        self.call = None  # the collective in flight, or None
+        self.last_op = None  # the last collective completed
+        self.tracer = None  # dtrain.trace.Tracer, when --trace
+        self.debug_collectives = False  # --debug: ranks agree on every call first
+        self.hold = None  # set by the watchdog while it ends the job: parks the main thread
+        self._abort_hooks = []  # called (best effort) just before an abort
+        if mpi_comm is None:
+            from .watchdog import arm_orphan_exit
+
+            arm_orphan_exit(self.rank, self.size)
 
     def __repr__(self) -> str:
         return (
@@ -155,10 +188,74 @@ class Communicator:
         if not buf.flags.c_contiguous:
             raise ValueError(f"{name}: expected a contiguous buffer")
 
+    # ------------------------------------------------------- call bookkeeping
+    def _enter(self, op: str, count: int = 0, dtype=None, nbytes: int = 0) -> None:
+        """Before a collective (only when size > 1): number it, publish it, check it under --debug.
+
+        ``count`` and ``dtype`` are what every rank must agree on (for the
+        Allgatherv of rows: the total received); ``nbytes`` is this rank's
+        payload, for traces.
+        """
+        if self.hold is not None:
+            self.hold()
+        self.seq += 1
+        self.call = (self.seq, op, count, dtype, nbytes, time.perf_counter())
+        if self.debug_collectives:
+            self._agree(op, count, dtype)
+
+    def _leave(self) -> None:
+        call, self.call = self.call, None
+        self.last_op = call[1]
+        if self.tracer is not None:
+            self.tracer.collective(call, time.perf_counter())
+        if self.hold is not None:
+            self.hold()
+
+    def _agree(self, op: str, count: int, dtype) -> None:
+        """--debug: every rank's (sequence number, operation, count, dtype), compared before the call.
+
+        One extra Allgather per collective; the first mismatch raises on every
+        rank, naming the ranks that differ and both calls (with their callers).
+        """
+        rec = np.zeros(4 + _CALLER_BYTES // 8, dtype=np.int64)
+        rec[:4] = (self.seq, _OP_CODE[op], int(count), -1 if dtype is None else ord(np.dtype(dtype).char))
+        rec.view(np.uint8)[32:][:_CALLER_BYTES] = np.frombuffer(
+            _caller().encode()[:_CALLER_BYTES].ljust(_CALLER_BYTES, b"\0"), dtype=np.uint8)
+        table = np.empty((self.size, rec.size), dtype=np.int64)
+        self.comm.Allgather(rec, table)
+        keys = [tuple(row[:4]) for row in table]
+        if len(set(keys)) == 1:
+            return
+        # the call most ranks make is the reference (rank 0's on a tie)
+        ref = max(keys, key=lambda k: (keys.count(k), -keys.index(k)))
+        odd = [r for r, k in enumerate(keys) if k != ref]
+        first = keys.index(ref)
+
+        def show(r):
+            _, code, cnt, dt = keys[r]
+            where = table[r].view(np.uint8)[32:].tobytes().rstrip(b"\0").decode(errors="replace")
+            kind = "" if dt < 0 else f", {np.dtype(chr(int(dt))).name}"
+            return f"{COLLECTIVES[code]}(count={cnt}{kind}) at {where}"
+
+        others = keys.count(ref) - 1
+        self.call = None
+        raise CollectiveMismatchError(
+            f"--debug: collective #{self.seq} does not match across ranks: "
+            + "; ".join(f"rank {r} calls {show(r)}" for r in odd[:4])
+            + ("; ..." if len(odd) > 4 else "")
+            + f"; but rank {first}{f' (and {others} more)' if others else ''} calls {show(first)}"
+        )
+
+    def on_abort(self, fn) -> None:
+        """Register ``fn()`` to run (best effort) just before this rank aborts the job."""
+        self._abort_hooks.append(fn)
+
     # -------------------------------------------------------------- collectives
     def barrier(self) -> None:
         if self.size > 1:
+            self._enter("barrier")
             self.comm.Barrier()
+            self._leave()
 
     def bcast_array_(self, arr, root: int = 0):
         """Overwrite ``arr`` (numpy or cupy, contiguous) with root's values; returns ``arr``.
@@ -170,6 +267,7 @@ class Communicator:
             return arr
         if not arr.flags.c_contiguous:
             raise ValueError("bcast_array_: expected a contiguous array")
+        self._enter("bcast_array_", arr.size, arr.dtype, arr.nbytes)
         header = np.full(10, -1, dtype=np.int64)
         header[0] = arr.ndim
         header[1] = np.dtype(arr.dtype).num
@@ -178,6 +276,7 @@ class Communicator:
         self.comm.Allgather(header, headers)
         bad = [r for r in range(self.size) if not np.array_equal(headers[r], headers[root])]
         if bad:
+            self._leave()
             raise ValueError(
                 f"bcast_array_: ranks {bad} hold an array of another shape or dtype than "
                 f"root {root} (shape {tuple(headers[root][2 : 2 + headers[root][0]])})"
@@ -190,6 +289,7 @@ class Communicator:
             if _is_cupy(arr):
                 self._sync_device()
             self.comm.Bcast(arr, root=root)
+        self._leave()
         return arr
 
     def bcast_obj(self, obj, root: int = 0):
@@ -207,12 +307,14 @@ class Communicator:
                 payload = b"\x00" + str(exc).encode()
         else:
             payload = b""
+        self._enter("bcast_obj", 0, np.uint8, len(payload))
         n = np.array([len(payload)], dtype=np.int64)
         self.comm.Bcast(n, root=root)
         buf = np.frombuffer(bytearray(payload), dtype=np.uint8) if self.rank == root else None
         if buf is None:
             buf = np.empty(int(n[0]), dtype=np.uint8)
         self.comm.Bcast(buf, root=root)
+        self._leave()
         data = buf.tobytes()
         if data[:1] == b"\x00":
             raise TypeError(f"bcast_obj: root's object is not JSON-able: {data[1:].decode()}")
@@ -229,6 +331,7 @@ class Communicator:
         if self.size == 1:
             return
         MPI = self.MPI
+        self._enter("allreduce_sum_", buf.size, buf.dtype, buf.nbytes)
         staged = _is_cupy(buf) and not self.cuda_aware
         if staged:
             target = self._host_stage(buf)
@@ -240,12 +343,15 @@ class Communicator:
             self.comm.Allreduce(MPI.IN_PLACE, target[lo:hi], op=MPI.SUM)
         if staged:
             self._host_unstage(target, buf)
+        self._leave()
 
     def allreduce_scalars(self, values) -> np.ndarray:
         """float64 SUM over ranks of a small vector (losses, token counts)."""
         out = np.array(values, dtype=np.float64).reshape(-1)
         if self.size > 1:
+            self._enter("allreduce_scalars", out.size, out.dtype, out.nbytes)
             self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
+            self._leave()
         return out
 
     def allgatherv(self, arr) -> np.ndarray:
@@ -262,6 +368,8 @@ class Communicator:
             raise ValueError("allgatherv: expected an array with at least one axis")
         if self.size == 1:
             return arr.copy()
+        # count: the elements of one row, which every rank must agree on
+        self._enter("allgatherv", int(np.prod(arr.shape[1:], dtype=np.int64)), arr.dtype, arr.nbytes)
         header = np.full(10, -1, dtype=np.int64)
         header[0] = arr.shape[0]
         header[1] = arr.ndim
@@ -271,14 +379,26 @@ class Communicator:
         self.comm.Allgather(header, headers)
         bad = [r for r in range(self.size) if not np.array_equal(headers[r, 1:], headers[0, 1:])]
         if bad:
+            self._leave()
             raise ValueError(
                 f"allgatherv: ranks {bad} send rows of another trailing shape or dtype than rank 0"
             )
-        out = self.allgatherv_rows(arr, headers[:, 0])
+        out = self._allgatherv_rows(arr, headers[:, 0])
+        self._leave()
         return out
 
     def allgatherv_rows(self, arr: np.ndarray, row_counts) -> np.ndarray:
         """Allgatherv of a contiguous host array whose per-rank row counts are known."""
+        if self.size == 1:
+            return self._allgatherv_rows(arr, row_counts)
+        row = int(np.prod(arr.shape[1:], dtype=np.int64))
+        total = int(np.sum(row_counts)) * row
+        self._enter("allgatherv_rows", total, arr.dtype, total * arr.dtype.itemsize)
+        out = self._allgatherv_rows(arr, row_counts)
+        self._leave()
+        return out
+
+    def _allgatherv_rows(self, arr: np.ndarray, row_counts) -> np.ndarray:
         from mpi4py.util.dtlib import from_numpy_dtype
 
         row = int(np.prod(arr.shape[1:], dtype=np.int64))
@@ -302,8 +422,36 @@ class Communicator:
         if self.size == 1:
             return values.reshape(1, -1).copy()
         out = np.empty((self.size, values.size), dtype=np.float64)
+        self._enter("allgather_scalars", values.size, values.dtype, values.nbytes)
         self.comm.Allgather(values, out)
+        self._leave()
         return out
+
+    def gather_bytes(self, payload: bytes, root: int = 0):
+        """Every rank's ``payload`` at ``root`` (a list in rank order); None on the other ranks.
+
+        One message per rank (no int32 displacements to overflow): for traces at the end of a run.
+        """
+        if self.size == 1:
+            return [bytes(payload)]
+        self._enter("gather_bytes", 0, np.uint8, len(payload))
+        sizes = np.empty(self.size, dtype=np.int64) if self.rank == root else None
+        self.comm.Gather(np.array([len(payload)], dtype=np.int64), sizes, root=root)
+        parts = None
+        if self.rank == root:
+            parts = []
+            for r in range(self.size):
+                if r == root:
+                    parts.append(bytes(payload))
+                    continue
+                buf = bytearray(int(sizes[r]))
+                self.comm.Recv([buf, self.MPI.BYTE], source=r, tag=_GATHER_TAG)
+                parts.append(bytes(buf))
+        else:
+            self.comm.Send([np.frombuffer(bytes(payload), dtype=np.uint8), self.MPI.BYTE], dest=root,
+                           tag=_GATHER_TAG)
+        self._leave()
+        return parts
 
     # -------------------------------------------------------------- consistency
     def check_consistent(self, array, what: str = "parameters") -> None:
@@ -320,7 +468,9 @@ class Communicator:
         local[0] = np.frombuffer(digest, dtype=np.uint64)[0]
         local[1] = np.array(host.sum(dtype=np.float64)).view(np.uint64)
         table = np.empty((self.size, 2), dtype=np.uint64)
+        self._enter("check_consistent", host.size, host.dtype, local.nbytes)
         self.comm.Allgather(local, table)
+        self._leave()
         bad = [r for r in range(self.size) if not np.array_equal(table[r], table[0])]
         if bad:
             sums = table[:, 1].view(np.float64)
@@ -331,6 +481,11 @@ class Communicator:
 
     # ------------------------------------------------------------------ failure
     def _abort_now(self, code: int):
+        for hook in self._abort_hooks:  # e.g. the trace writes what it has
+            try:
+                hook()
+            except Exception:
+                pass
         try:
             sys.stdout.flush()
         except Exception:
@@ -341,12 +496,41 @@ class Communicator:
         # down at once, and lines still in flight can be lost. A short pause lets the
         # message that explains the abort reach the user first.
         time.sleep(0.5)
+        _quiet_stderr()  # our line said what went wrong; MPICH's "Abort(2) on node 1 ..." would bury it
+        _exit_later(code)  # MPI_Abort can hang when the launcher is gone
         try:
             self.MPI.COMM_WORLD.Abort(code)
         finally:
             # MPI_Abort may return before the launcher kills this rank: never fall
             # through to more output (a traceback after the one-line error)
             os._exit(code)
+
+
+def _quiet_stderr() -> None:
+    """Send this process's stderr (fd 2) to /dev/null, after flushing what is written."""
+    try:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+    except (OSError, ValueError):
+        pass
+
+
+def _exit_later(code: int, seconds: float = 10.0) -> None:
+    """``os._exit(code)`` from a daemon thread after ``seconds``: a bound on a hanging abort."""
+    timer = threading.Timer(seconds, os._exit, (code,))
+    timer.daemon = True
+    timer.start()
+
+
+def _caller() -> str:
+    """``file:line function`` of the first frame outside this module (for --debug reports)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
 
 
 def _print_err(text: str) -> None:
