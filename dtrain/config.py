@@ -56,6 +56,9 @@ class TrainConfig:
     check_every: int = 100
     debug: bool = False
     quiet: bool = False
+    # diagnostics (docs/diagnostics.md)
+    stall_timeout: float = 600.0  # seconds in one collective before the job is ended; 0: off
+    trace: str | None = None  # Chrome/Perfetto trace file
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.steps is not None:
@@ -129,6 +132,12 @@ class TrainConfig:
                 "optimizer and data position; --init-from starts a new run from a checkpoint's "
                 "parameters)"
             )
+        # diagnostics
+        ok = isinstance(self.stall_timeout, numbers.Real) and not isinstance(self.stall_timeout, bool)
+        need(ok and math.isfinite(self.stall_timeout) and self.stall_timeout >= 0, "--stall-timeout",
+             "a non-negative number of seconds (0: off)", self.stall_timeout)
+        need(self.trace is None or (a_path(self.trace) and not os.path.isdir(self.trace)), "--trace",
+             "a file name (not a directory)", self.trace)
         # distributed
         count("--micro-batch", self.micro_batch, 1, allow_none=True)
         need(self.micro_batch is None or self.batch_size % self.micro_batch == 0, "--micro-batch",
@@ -159,7 +168,13 @@ def add_config_flags(parser: argparse.ArgumentParser):
         "embed_reduce": "how the word-embedding gradient is reduced: auto (by bytes), dense or sparse",
         "check_every": "compare a parameter checksum across ranks every N steps (0: never)",
         "debug": "finite checks every step, a finite-difference gradient check on the first batch, "
-                 "consistency check every step, per-rank timings",
+                 "consistency check every step, per-rank timings, every collective checked for "
+                 "agreement across ranks",
+        "stall_timeout": "seconds ranks may wait for the others in one collective before the job names "
+                         "the missing ranks, checkpoints the last completed step and ends (exit 124); "
+                         "0 turns it off (default 600)",
+        "trace": "write a Chrome/Perfetto trace (JSON, one track per rank) to this file, and "
+                 "timeline.png beside it; open in https://ui.perfetto.dev or chrome://tracing",
         "device": "cpu, gpu or auto",
         "micro_batch": "rows per micro-shard: the global batch is cut into B/m micro-shards by position, "
                        "run one after the other (gradient accumulation: activation memory bounded by m); "

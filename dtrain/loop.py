@@ -120,6 +120,8 @@ class Trainer:
         if not self.comm.is_root:
             return
         check_writable_dir(self.ckpt_dir, "--checkpoint-dir")
+        if self.cfg.trace:
+            check_writable_dir(Path(self.cfg.trace).resolve().parent, "--trace")
         self.lock = RunLock(self.ckpt_dir)
         message = self.lock.acquire()
         if message:
@@ -209,15 +211,16 @@ class Trainer:
         self.progress = Progress()  # where this rank is: read by the watchdog thread
         comm.debug_collectives = bool(cfg.debug)
         self.tracer = self.watchdog = None
+        if comm.size > 1 and Watchdog.supported(comm):
+            self.watchdog = Watchdog(comm, self.progress, stall_timeout, checkpoint=self._stall_checkpoint)
+            self.watchdog.start()
         if trace:
             self.tracer = Tracer(trace, comm.rank, comm.size)
             self.tracer.align(comm)
             comm.tracer = self.tracer
             comm.on_abort(self.tracer.write_own)
-        if comm.size > 1:
-            self.watchdog = Watchdog(comm, self.progress, stall_timeout, checkpoint=self._stall_checkpoint,
-                                     tracer=self.tracer)
-            self.watchdog.start()
+            if self.watchdog is not None:
+                self.watchdog.tracer = self.tracer
 
     def _finish_diagnostics(self):
         """At the end of a run, on every rank: the merged trace (rank 0 writes); the watchdog stops."""

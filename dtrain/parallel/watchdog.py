@@ -189,7 +189,7 @@ class Watchdog:
         self.rank, self.size = comm.rank, comm.size
         self.timeout = float(stall_timeout)
         on = self.timeout > 0
-        self.tick = min(0.5, max(0.05, self.timeout / 20)) if on else 0.5
+        self.tick = min(1.0, max(0.05, self.timeout / 20)) if on else 1.0
         self.window = min(5.0, max(1.0, self.timeout / 2)) if on else 5.0  # for answers from the others
         self.grace = min(SIGNAL_GRACE, self.timeout) if on else SIGNAL_GRACE
         self.checkpoint, self.tracer = checkpoint, tracer
@@ -209,6 +209,16 @@ class Watchdog:
         self._closing = threading.Event()
         self._thread = None
         self._wakeup = None
+
+    @staticmethod
+    def supported(comm) -> bool:
+        """The watchdog makes MPI calls beside the main thread's: MPI_THREAD_MULTIPLE is required."""
+        if comm.MPI.Query_thread() >= comm.MPI.THREAD_MULTIPLE:
+            return True
+        if comm.rank == 0:
+            _err("dtrain: warning: MPI was initialised without MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level); "
+                 "the stall inspector is off")
+        return False
 
     def _identities(self):
         """(host, pid) of every rank."""
@@ -398,7 +408,7 @@ class Watchdog:
             _err(f"dtrain: rank {self.rank}/{self.size}: stall: rank {writer} did not end the job "
                  f"within {WRITER_GRACE:.0f} s; aborting")
             self._abort(STALL_EXIT_CODE)
-        lines = self._report(why, records, got, waiting)
+        lines = self._report(why, records, got, waiting, now)
         try:
             saved = self.checkpoint() if self.checkpoint is not None else None
             if saved is None:
@@ -449,15 +459,15 @@ class Watchdog:
         except Exception as exc:
             return f"dtrain: stall: the trace could not be written: {type(exc).__name__}: {exc}"
 
-    def _report(self, why, records, got, waiting) -> list[str]:
+    def _report(self, why, records, got, waiting, t_ref) -> list[str]:
         """Which ranks are missing, and where every rank was last seen.
 
         The ranks waiting in a collective are the victims; the missing ones are
         all the others: silent, or alive but not in a collective. (A rank can stop
         inside a collective that some ranks complete and others do not, so the
-        waiting ranks need not all be in the same one.)
+        waiting ranks need not all be in the same one.) Times are as of ``t_ref``,
+        when this rank sent its STATUS, like the waiting ranks' times.
         """
-        now = time.perf_counter()
         missing = [r for r in range(self.size) if r not in waiting]
         waited = max((records[r]["waited"] for r in waiting), default=0.0)
         seqs = sorted({records[r]["op_seq"] for r in waiting})
@@ -480,10 +490,10 @@ class Watchdog:
         # how far the silent ranks got: they entered every collective a waiting rank completed
         done_seq = max(waiting, key=lambda r: records[r]["op_seq"], default=None)
         # heartbeats, as heard by any responder: rank -> (record, seconds ago)
-        last = {r: (rec, now - t) for r, (rec, t) in self.heard.items()}
+        last = {r: (rec, t_ref - t) for r, (rec, t) in self.heard.items()}
         for msg, t in got.values():
             for r, (rec, age) in msg.get("heard", {}).items():
-                ago = age + (now - t)
+                ago = max(age + (t_ref - t), 0.0)
                 if int(r) not in last or ago < last[int(r)][1]:
                     last[int(r)] = (rec, ago)
         for r in range(self.size):
