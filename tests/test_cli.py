@@ -26,25 +26,6 @@ def test_invalid_values_name_the_flag(flag, value):
         config_from_args(args)
 
 
-def test_bench_reports_fields(tmp_path):
-    out = tmp_path / "b.json"
-    p = run_dtrain(None, "bench", "-N", 8, "-T", 16, "-D", 16, "-W", 8, "-H", 16, "-V", 40,
-                   "--steps", 3, "--warmup", 1, "--json", out, timeout=120)
-    assert "ms/step" in p.stdout and "tokens/s" in p.stdout and "BLAS" in p.stdout
-    r = json.loads(out.read_text())
-    assert r["median_ms"] > 0 and r["tokens_per_s"] > 0 and r["gflops"] > 0
-    assert 0.5 < r["real_token_fraction"] < 1.0
-
-
-def test_bench_under_mpiexec_reports_communication(tmp_path):
-    out = tmp_path / "b.json"
-    run_dtrain(None, "bench", "--ranks", 2, "-N", 8, "-T", 6, "-D", 16, "-W", 8, "-H", 16, "-V", 40,
-               "--steps", 3, "--warmup", 1, "--json", out, "--embed-reduce", "sparse", timeout=120)
-    r = json.loads(out.read_text())
-    assert r["ranks"] == 2 and r["embed_reduce"] == "sparse" and r["bytes_per_step"] > 0
-    assert 0 <= r["comm_share"] < 1
-
-
 def test_broken_dependency_is_one_line_naming_it(tmp_path):
     """A dependency that fails to import names itself; `train` does not silently vanish."""
     fake = tmp_path / "fake"

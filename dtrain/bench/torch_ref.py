@@ -1,55 +1,133 @@
-"""The same captioner in PyTorch (nn.LSTM / nn.RNN / nn.GRU, Adam), for ``bench --compare-torch``."""
+"""The same captioner in PyTorch (nn.LSTM / nn.RNN / nn.GRU, Adam), for ``bench --compare-torch``.
+
+It runs in a process of its own (``bench --framework torch``, started by
+``isolated.py``), never beside dtrain: two thread pools on the same cores slow
+whichever runs second. Its timed step is what a plain PyTorch training loop
+does with the same batches: the batch assembled from the same sampler (or the
+same fixed synthetic batch), turned into tensors, forward over all T slots
+(PyTorch pads; ignore_index masks the loss), backward, Adam.
+"""
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import numpy as np
 
 
-def torch_step_factory(args, threads, features, captions, device="cpu"):
+def torch_model(cell, V, D, W, H, dtype, seed, device="cpu"):
+    """(torch module, Adam optimizer, torch) for the captioner."""
     import torch
-    import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
     if device != "cpu":  # exact float32 on both sides: no TF32 in cuBLAS/cuDNN (dtrain uses none)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(args.seed)
-    tdtype = torch.float32 if args.dtype == "float32" else torch.float64
-    V, W, H, D = args.vocab_size, args.wordvec_dim, args.hidden_dim, args.input_dim
+    torch.manual_seed(seed)
+    tdtype = torch.float32 if dtype == "float32" else torch.float64
 
     class TorchCaptioner(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.proj = torch.nn.Linear(D, H)
             self.embed = torch.nn.Embedding(V, W)
-            rnn = {"lstm": torch.nn.LSTM, "rnn": torch.nn.RNN, "gru": torch.nn.GRU}[args.cell]
-            kw = {"nonlinearity": "tanh"} if args.cell == "rnn" else {}
+            rnn = {"lstm": torch.nn.LSTM, "rnn": torch.nn.RNN, "gru": torch.nn.GRU}[cell]
+            kw = {"nonlinearity": "tanh"} if cell == "rnn" else {}
             self.rnn = rnn(W, H, batch_first=True, **kw)
             self.vocab = torch.nn.Linear(H, V)
 
         def forward(self, feats, cin):
             h0 = self.proj(feats).unsqueeze(0)
             x = self.embed(cin)
-            if args.cell == "lstm":
+            if cell == "lstm":
                 out, _ = self.rnn(x, (h0, torch.zeros_like(h0)))
             else:
                 out, _ = self.rnn(x, h0)
             return self.vocab(out)
 
     model = TorchCaptioner().to(tdtype).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    feats = torch.from_numpy(features).to(tdtype).to(device)
-    caps = torch.from_numpy(captions.astype(np.int64)).to(device)
-    cin, cout = caps[:, :-1], caps[:, 1:]
-    N = caps.shape[0]
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), torch
 
-    def step():
+
+def torch_step_factory(cell, V, D, W, H, dtype, seed, null_idx=0, device="cpu"):
+    """``step(features, captions) -> loss``: one PyTorch training step from host arrays."""
+    model, opt, torch = torch_model(cell, V, D, W, H, dtype, seed, device)
+    tdtype = next(model.parameters()).dtype
+
+    def step(features, captions):
+        feats = torch.from_numpy(np.ascontiguousarray(features)).to(device=device, dtype=tdtype)
+        caps = torch.from_numpy(captions.astype(np.int64)).to(device)
+        cin, cout = caps[:, :-1], caps[:, 1:]
         opt.zero_grad(set_to_none=True)
         scores = model(feats, cin)
-        loss = F.cross_entropy(scores.reshape(-1, V), cout.reshape(-1), ignore_index=0,
-                               reduction="sum") / N
+        loss = torch.nn.functional.cross_entropy(scores.reshape(-1, V), cout.reshape(-1),
+                                                 ignore_index=null_idx, reduction="sum") / caps.shape[0]
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss)  # waits for the device
 
-    return step, torch.__version__
+    return step
+
+
+def torch_info():
+    import torch
+
+    lines = torch.__config__.parallel_info().splitlines()
+    backend = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("ATen parallel backend")), "?")
+    libs = [name for name, ok in (("MKL", torch.backends.mkl.is_available()),
+                                  ("oneDNN", torch.backends.mkldnn.is_available())) if ok]
+    return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_parallel": f"ATen parallel backend {backend}; {', '.join(libs) or 'no MKL/oneDNN'}"}
+
+
+class TorchTimer:
+    """PyTorch's step on the bench's batches: warm-up, timed blocks, the result of all blocks."""
+
+    def __init__(self, args, batches, work, threads, device):
+        import torch
+
+        from .load import ForeignLoad
+
+        torch.set_num_threads(threads)
+        self.args, self.batches, self.device, self.threads = args, batches, device, threads
+        self.null = work.word_to_idx["<NULL>"]
+        self.step = torch_step_factory(args.cell, len(work.word_to_idx), work.input_dim, args.wordvec_dim,
+                                       args.hidden_dim, args.dtype, args.seed, self.null, device)
+        self.load = ForeignLoad()
+        self.times, self.tokens, self.blocks = [], [], []
+
+    def warmup(self, steps):
+        for _ in range(steps):
+            captions, features = self.batches.next()
+            self.step(features, captions)
+
+    def block(self, steps):
+        times = []
+        self.load.start()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            captions, features = self.batches.next()
+            self.step(features, captions)
+            times.append(time.perf_counter() - t0)
+            self.tokens.append(int((captions[:, 1:] != self.null).sum()))
+        self.load.stop()
+        self.times += times
+        self.blocks.append(1e3 * statistics.median(times))
+        return times
+
+    def result(self):
+        t = statistics.median(self.times)
+        tok = float(np.mean(self.tokens))
+        return {"framework": "torch", "foreign_load": self.load.share(), "device": self.device,
+                "median_ms": 1e3 * t, "tokens_per_s": tok / t, "tokens_per_step": tok,
+                "step_times_ms": [1e3 * x for x in self.times], "block_medians_ms": self.blocks,
+                **torch_info()}
+
+
+def run_torch(args, batches, work, threads, device):
+    """Warm up, then time ``args.steps`` PyTorch steps on the bench's batches; a result dict."""
+    timer = TorchTimer(args, batches, work, threads, device)
+    timer.warmup(args.warmup)
+    timer.block(args.steps)
+    return timer.result()

@@ -30,6 +30,15 @@ def step_flops(packed, N, D, W, H, V, gates):
     return 3 * fwd  # backward: a gradient w.r.t. weights and one w.r.t. inputs per GEMM
 
 
+def mean_step_flops(model, captions_list, gates):
+    """Mean GEMM FLOPs of the steps over these (n, T+1) caption batches of one rank."""
+    from ..nn.model import pack_captions
+
+    return float(np.mean([step_flops(pack_captions(c, model.null_idx), c.shape[0], model.input_dim,
+                                     model.wordvec_dim, model.hidden_dim, model.vocab_size, gates)
+                          for c in captions_list]))
+
+
 def vocab(V):
     w = {"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3}
     for i in range(4, V):

@@ -1,0 +1,252 @@
+"""The GEMM floor of a training step, and where the rest of the step goes (CPU, one rank).
+
+**GEMM floor.** During a profiled step every ``numpy.matmul`` call (the step's
+code calls ``xp.matmul(a, b, out=...)``; nothing else does GEMMs) is recorded:
+shapes, dtype, strides (so transposed views stay transposed) and which
+buffer each operand lives in. The recorded GEMMs are then replayed alone, in
+the same order, on preallocated arrays of the same layouts (operands that
+shared a buffer in the step share one in the replay), and timed: the median
+of several replays is the floor, the time the step could not go below while
+it does these GEMMs with this BLAS. It is an optimistic floor: nothing else
+runs between the GEMMs, so their operands stay in cache.
+
+**Breakdown.** The same profiled steps time, by wrapping them for the
+duration of the step, each part that is not a GEMM: the cells' fused gate
+kernels, the softmax and loss, the embedding lookup and its sparse gradient,
+the other row gathers, the reducer, the finite checks, Adam and the packing of
+the captions (only the outermost wrapped call is timed, so nothing counts
+twice). What no wrapper covers is Python plus the small NumPy operations
+between the wrapped calls (bias adds, bias-gradient sums, copies, fills). The
+Python part is measured by running the same steps, on the same caption
+lengths (so the same time steps and the same calls), with a model of width 4:
+there every NumPy call costs only its call overhead, so the unwrapped time of
+that step is the interpreter's and NumPy's per-call overhead. The remainder
+is the size-dependent work of the small NumPy operations.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+
+import numpy as np
+
+# (key, label) in the order they are printed
+CATEGORIES = (
+    ("gemm", "GEMMs, inside the step"),
+    ("gates", "gate kernels (fused cell step forward/backward)"),
+    ("softmax", "softmax + loss (fused, in place)"),
+    ("embedding", "embedding lookup and sparse gradient"),
+    ("gathers", "row gathers (features, scored rows)"),
+    ("reduce", "gradient reduce (one rank: W_embed row scatter)"),
+    ("finite", "finite checks of loss and gradients"),
+    ("adam", "Adam (fused, flat buffers)"),
+    ("packing", "packing the captions"),
+    ("batch", "batch assembly (sampler rows -> captions, features)"),
+    ("python", "Python and NumPy per-call overhead"),
+    ("elementwise", "the rest: bias adds and sums, copies, fills (not wrapped)"),
+)
+FLOOR_REPEATS = 5
+TINY_WIDTH = 4
+
+
+def _layout(x):
+    """(data pointer, shape, byte strides, dtype) of an ndarray operand."""
+    x = np.asarray(x)
+    return (x.__array_interface__["data"][0], x.shape, x.strides, x.dtype.str)
+
+
+class _Patches:
+    """Set attributes for the length of a ``with`` block, and put the originals back."""
+
+    def __init__(self):
+        self._undo = []
+
+    def set(self, obj, name, value):
+        own = isinstance(obj, type(np)) or name in getattr(obj, "__dict__", {})
+        self._undo.append((obj, name, getattr(obj, name), own))
+        setattr(obj, name, value)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, old, own in reversed(self._undo):
+            if own:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+        self._undo.clear()
+
+
+class StepProfiler:
+    """Times the parts of the steps run inside ``with profiler.active(step parts):``."""
+
+    def __init__(self):
+        self.times = defaultdict(float)
+        self.gemms = []  # (a, b, out) layouts of every GEMM, in call order
+        self.time_steps = 0  # recurrent time steps (packed batch_sizes) of the steps profiled
+        self._depth = 0
+
+    def reset(self):
+        self.times = defaultdict(float)
+        self.gemms = []
+        self.time_steps = 0
+
+    def _timed(self, category, fn, record=None):
+        prof = self
+
+        def wrapper(*args, **kwargs):
+            if prof._depth:  # inside another wrapped call: counted there
+                return fn(*args, **kwargs)
+            prof._depth += 1
+            t0 = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                prof.times[category if isinstance(category, str) else category(args)] += \
+                    time.perf_counter() - t0
+                prof._depth -= 1
+            if record is not None:
+                record(args, kwargs, result)
+            return result
+
+        return wrapper
+
+    def active(self, model, adam, reducer):
+        """A context in which the step's parts are wrapped (numpy, the model's kernels, Adam, ...)."""
+        from .. import step as step_module
+        from ..nn import layers
+
+        p = _Patches()
+        prof = self
+
+        def record_gemm(args, kwargs, result):
+            out = kwargs.get("out", result)
+            prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(out)))
+
+        def record_packing(args, kwargs, packed):
+            prof.time_steps += len(packed.batch_sizes)
+
+        w_embed = model.params["W_embed"]
+        p.set(np, "matmul", self._timed("gemm", np.matmul, record_gemm))
+        p.set(np, "take", self._timed(lambda a: "embedding" if a[0] is w_embed else "gathers", np.take))
+        kern = model.kernels
+        if kern is not None:
+            for name in model.cell.kernels:
+                if hasattr(kern, name):
+                    p.set(kern, name, self._timed("gates", getattr(kern, name)))
+            p.set(kern, "softmax_cross_entropy", self._timed("softmax", kern.softmax_cross_entropy))
+        p.set(layers, "softmax_cross_entropy", self._timed("softmax", layers.softmax_cross_entropy))
+        p.set(layers, "embedding_grad_sparse", self._timed("embedding", layers.embedding_grad_sparse))
+        p.set(step_module, "pack_captions", self._timed("packing", step_module.pack_captions, record_packing))
+        if hasattr(step_module, "_all_finite"):
+            p.set(step_module, "_all_finite", self._timed("finite", step_module._all_finite))
+        for name in ("start", "add", "reduce"):  # start/add: --deterministic's fixed-point sums
+            if hasattr(reducer, name):
+                p.set(reducer, name, self._timed("reduce", getattr(reducer, name)))
+        p.set(adam, "step", self._timed("adam", adam.step))
+        return p
+
+
+def replay_ops(gemms, seed=0):
+    """[(a, b, out)] arrays with the recorded shapes, strides and dtypes; operands that lived in
+    one buffer in the step (the same data pointer) are views of one buffer here too."""
+    rng = np.random.default_rng(seed)
+    extent = {}
+    for call in gemms:
+        for ptr, shape, strides, dt in call:
+            if any(s < 0 for s in strides):
+                raise ValueError("negative strides in a recorded GEMM operand")
+            item = np.dtype(dt).itemsize
+            size = item + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else item
+            extent[(ptr, dt)] = max(extent.get((ptr, dt), 0), size)
+    buffers = {}
+    for (ptr, dt), size in extent.items():
+        buf = np.empty(-(-size // np.dtype(dt).itemsize), dtype=dt)
+        buf[...] = rng.standard_normal(buf.shape) * 0.1
+        buffers[(ptr, dt)] = buf
+    return [tuple(np.lib.stride_tricks.as_strided(buffers[(ptr, dt)], shape, strides)
+                  for ptr, shape, strides, dt in call) for call in gemms]
+
+
+def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0):
+    """Median seconds of the recorded GEMMs run alone, in order, on arrays of the same layouts."""
+    if not gemms:
+        return 0.0
+    ops = replay_ops(gemms, seed)
+    matmul = np.matmul
+    for a, b, out in ops:  # one warm pass: pages touched, BLAS threads awake
+        matmul(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for a, b, out in ops:
+            matmul(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def tiny_captions(captions, null_idx, vocab_size=8):
+    """The same caption lengths with word ids in [1, vocab_size) (NULL -> 0): same packing."""
+    c = np.asarray(captions)
+    return np.where(c == null_idx, 0, 1 + c % (vocab_size - 1)).astype(c.dtype)
+
+
+def profile_steps(build, model, adam, reducer, step, batches, normalizer, batch_ms):
+    """GEMM floor and breakdown of ``step`` over ``batches`` [(captions, features)].
+
+    ``build(vocab_size, input_dim, width) -> (model, adam, reducer, step)`` makes the
+    same step for another model size (the width-4 run that measures the overhead).
+    Returns a dict of milliseconds (medians over the batches).
+    """
+    prof = StepProfiler()
+    totals, floors, counts, parts, steps_t = [], [], [], defaultdict(list), []
+    for captions, features in batches:
+        prof.reset()
+        with prof.active(model, adam, reducer):
+            t0 = time.perf_counter()
+            step(features, captions, normalizer, 1e-3)
+            totals.append(time.perf_counter() - t0)
+        for key, _ in CATEGORIES:
+            parts[key].append(prof.times.get(key, 0.0))
+        steps_t.append(prof.time_steps)
+        counts.append(len(prof.gemms))
+        floors.append(replay_gemms(prof.gemms))
+
+    t_model, t_adam, t_reducer, t_step = build(8, TINY_WIDTH, TINY_WIDTH)
+    tiny = [(tiny_captions(c, model.null_idx), np.zeros((c.shape[0], TINY_WIDTH), np.float32))
+            for c, _ in batches]
+    for c, f in tiny[:2]:  # warm up (first call of a shape)
+        t_step(f, c, normalizer, 1e-3)
+    tiny_totals, tiny_rest = [], []
+    for c, f in tiny:
+        prof.reset()
+        with prof.active(t_model, t_adam, t_reducer):
+            t0 = time.perf_counter()
+            t_step(f, c, normalizer, 1e-3)
+            total = time.perf_counter() - t0
+        tiny_totals.append(total)
+        tiny_rest.append(total - sum(prof.times.values()))
+
+    med = statistics.median
+    ms = {key: 1e3 * med(v) for key, v in parts.items()}
+    total_ms = 1e3 * med(totals)
+    wrapped = sum(ms.values())
+    python_ms = min(max(0.0, 1e3 * med(tiny_rest)), max(0.0, total_ms - wrapped))
+    ms["batch"] = batch_ms
+    ms["python"] = python_ms
+    ms["elementwise"] = max(0.0, total_ms - wrapped - python_ms)
+    time_steps = med(steps_t)
+    # each profiled step against the replay of its own GEMMs, taken right after it: a ratio
+    # that the slow drifts of a shared machine do not move much (the timed median may be
+    # minutes away from the replays)
+    paired = med([(t + batch_ms / 1e3) / f for t, f in zip(totals, floors) if f > 0]) if any(floors) else None
+    return {"step_over_floor": paired,
+        "floor_ms": 1e3 * med(floors), "floor_gemms": int(med(counts)), "floor_batches": len(batches),
+        "floor_repeats": FLOOR_REPEATS, "profiled_step_ms": total_ms + batch_ms,
+        "breakdown_ms": ms, "time_steps": time_steps,
+        "python_us_per_time_step": 1e3 * python_ms / time_steps if time_steps else 0.0,
+        "tiny_step_ms": 1e3 * med(tiny_totals),
+    }
