@@ -54,7 +54,7 @@ class NonFiniteError(FloatingPointError):
 def _all_finite(xp, *arrays) -> bool:
     """True when every entry is finite: one summing pass each (a sum of finite values that
     overflows counts as non-finite too; such a gradient is no use either)."""
-    return all(bool(xp.isfinite(a.sum(dtype=np.float64))) for a in arrays if a.size)
+    return all(bool(xp.isfinite(a.sum())) for a in arrays if a.size)
 
 
 class FloatAccumulator:
@@ -190,7 +190,8 @@ class TrainStep:
                 grads = self.accumulator.result()
             loss = grads.loss if self.fused_adam else float(grads.loss)
             t1 = time.perf_counter()
-            local_ok = self.fused_adam or (math.isfinite(loss) and _all_finite(
+            # one rank: the global check below sees the same numbers, no need to look twice
+            local_ok = self.fused_adam or self.reducer.comm.size == 1 or (math.isfinite(loss) and _all_finite(
                 model.xp, grads.grad_buffer[: grads.embed_offset], grads.embed_rows))
             reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
         t2 = time.perf_counter()
