@@ -151,9 +151,10 @@ class TrainStep:
         if math.isfinite(loss) and _all_finite(self.model.xp, self.model.grad_buffer):
             return
         comm = self.reducer.comm
+        size = comm.size if comm is not None else 1
         ok = 1.0 if local_ok is None else float(local_ok)
-        flags = comm.allgather_scalars([ok])[:, 0] if comm.size > 1 else [ok]
-        bad = [r for r, f in enumerate(flags) if f == 0] or list(range(comm.size))
+        flags = comm.allgather_scalars([ok])[:, 0] if size > 1 else [ok]
+        bad = [r for r, f in enumerate(flags) if f == 0] or list(range(size))
         raise NonFiniteError(bad, loss)
 
     def __call__(self, features, captions, normalizer, lr, stop=False, check=None) -> StepResult:
@@ -191,7 +192,7 @@ class TrainStep:
             loss = grads.loss if self.fused_adam else float(grads.loss)
             t1 = time.perf_counter()
             # one rank: the global check below sees the same numbers, no need to look twice
-            local_ok = self.fused_adam or self.reducer.comm.size == 1 or (math.isfinite(loss) and _all_finite(
+            local_ok = self.fused_adam or isinstance(self.reducer, LocalReducer) or (math.isfinite(loss) and _all_finite(
                 model.xp, grads.grad_buffer[: grads.embed_offset], grads.embed_rows))
             reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
         t2 = time.perf_counter()
