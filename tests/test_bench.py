@@ -295,3 +295,10 @@ def test_args_namespace_has_no_unforwardable_values():
         if key not in NOT_FORWARDED:
             assert value is None or isinstance(value, (bool, int, float, str)), key
     assert isinstance(args, argparse.Namespace)
+
+
+@pytest.mark.parametrize("argv,flag", [(["-H", "-3"], "--hidden-dim"), (["-N", "0"], "--batch-size"),
+                                       (["--micro-batch", "0"], "--micro-batch")])
+def test_bad_sizes_are_one_line_errors(argv, flag):
+    p = run_dtrain(None, "bench", "--steps", 1, *argv, check=False, timeout=60)
+    assert p.returncode == 2 and flag in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -47,6 +47,14 @@ def run_bench(args):
     if args.steps < 1 or args.warmup < 0:
         return _error(f"--steps {args.steps} --warmup {args.warmup}: expected at least 1 timed step and "
                       "no negative warm-up")
+    for flag, name, low in (("--batch-size", "batch_size", 1), ("--seq-len", "seq_len", 2),
+                            ("--input-dim", "input_dim", 1), ("--wordvec-dim", "wordvec_dim", 1),
+                            ("--hidden-dim", "hidden_dim", 1), ("--vocab-size", "vocab_size", 5),
+                            ("--threads", "threads", 1), ("--micro-batch", "micro_batch", 1),
+                            ("--ranks", "ranks", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            return _error(f"{flag}: expected an integer >= {low}, got {value}")
     if args.framework is None and (args.compare_torch or args.compare_trainer or args.strong_scaling):
         return run_isolated(args)
     if args.framework == "torch":
