@@ -39,6 +39,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .runlock import pid_alive
+
 __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
@@ -170,16 +172,6 @@ def set_aside_checkpoint(path) -> Path:
     return target
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prune_checkpoints(directory, keep: int | None) -> list[Path]:
     """Delete all but the ``keep`` highest-step checkpoints; returns what was removed.
 
@@ -195,7 +187,7 @@ def prune_checkpoints(directory, keep: int | None) -> list[Path]:
     if directory.is_dir():
         for entry in directory.iterdir():
             m = _TMP_RE.match(entry.name)
-            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
     return removed

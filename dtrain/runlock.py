@@ -46,7 +46,8 @@ class OutputPathError(ValueError):
     user_error = True
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -127,7 +128,7 @@ class RunLock:
         self.message = None
         if previous:
             host, pid = previous.get("host"), previous.get("pid")
-            if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+            if host == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
                 state = "which is no longer running"
             else:
                 state = "which ended without releasing it"

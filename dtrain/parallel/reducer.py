@@ -337,14 +337,11 @@ class DeterministicReducer(Reducer):
             total_embed[...] = total if xp is np else xp.asarray(total)
             nbytes += embedding_bytes(comm.size, int(counts.sum()), V, W, 8)["sparse"]
         # back to floating point: q * 2^-s, rounded once to the buffer's dtype
-        g = self.grad_buffer
-        for j, (_, lo, hi) in enumerate(self.segments[:-1]):
-            f = self._scratch[lo:hi]
-            f[...] = self._acc[lo:hi]
-            f *= 2.0 ** -self.exps[j]
-            g[lo:hi] = f
-        e = self.segments[-1]
-        g[e[1] : e[2]] = (total_embed.reshape(-1) * 2.0 ** -self.exps[-1]).astype(g.dtype)
+        # (int64 -> float64 rounds once, 2^-s is exact, the store rounds once: one pass each)
+        xp, g = get_array_module(self.grad_buffer), self.grad_buffer
+        for j, (_, lo, hi) in enumerate(self.segments):
+            q = self._acc[lo:hi] if j < S - 1 else total_embed.reshape(-1)
+            xp.multiply(q, 2.0 ** -self.exps[j], out=g[lo:hi], casting="unsafe")
         loss = 0.0
         for value in meta[:, 4 + S :].reshape(-1):  # micro-shard order, whatever the world size
             loss += float(value)

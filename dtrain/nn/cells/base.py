@@ -56,3 +56,13 @@ class Cell:
     def kernel(self, kernels, name):
         """The fused kernel ``name`` of the set ``kernels``, or None (plain xp path)."""
         return None if kernels is None else getattr(kernels, name, None)
+
+
+def single_state_sampler(step_forward):
+    """``sample_step`` of a cell whose state is h alone: ``step_forward(x, h, Wx, Wh, b) -> (h, cache)``."""
+
+    def sample_step(x, state, Wx, Wh, b):
+        h, _ = step_forward(x, state[0], Wx, Wh, b)
+        return h, (h,)
+
+    return sample_step

@@ -21,7 +21,7 @@ from __future__ import annotations
 from ...backend import get_array_module
 from .. import layers as L
 from ..layers import sigmoid
-from .base import Cell
+from .base import Cell, single_state_sampler
 
 
 def gru_step_forward(x, prev_h, Wx, Wh, b):
@@ -164,11 +164,6 @@ def gru_backward(dh, cache):
     return L.full_sequence_backward(gru_packed_backward, dh, cache)
 
 
-def _sample_step(x, state, Wx, Wh, b):
-    h, _ = gru_step_forward(x, state[0], Wx, Wh, b)
-    return h, (h,)
-
-
 CELL = Cell(name="gru", gates=3, packed_forward=gru_packed_forward, packed_backward=gru_packed_backward,
-            forward=gru_forward, backward=gru_backward, sample_step=_sample_step,
+            forward=gru_forward, backward=gru_backward, sample_step=single_state_sampler(gru_step_forward),
             kernels=("gru_step_forward", "gru_step_backward"))

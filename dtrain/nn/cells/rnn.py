@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ...backend import get_array_module
 from .. import layers as L
-from .base import Cell
+from .base import Cell, single_state_sampler
 
 
 def rnn_step_forward(x, prev_h, Wx, Wh, b):
@@ -101,11 +101,6 @@ def rnn_backward(dh, cache):
 
 
 
-def _sample_step(x, state, Wx, Wh, b):
-    h, _ = rnn_step_forward(x, state[0], Wx, Wh, b)
-    return h, (h,)
-
-
 CELL = Cell(name="rnn", gates=1, packed_forward=rnn_packed_forward, packed_backward=rnn_packed_backward,
-            forward=rnn_forward, backward=rnn_backward, sample_step=_sample_step,
+            forward=rnn_forward, backward=rnn_backward, sample_step=single_state_sampler(rnn_step_forward),
             kernels=("rnn_step_forward", "rnn_step_backward"))
