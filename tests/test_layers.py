@@ -223,3 +223,16 @@ def test_stable_nonlinearities(dtype):
                                            np.zeros((2, H), dtype), np.full((1, 4 * H), 1.0, dtype),
                                            np.zeros((H, 4 * H), dtype), np.zeros(4 * H, dtype))
     assert np.all(np.isfinite(h)) and np.all(np.isfinite(c))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_recurrent_backward_is_the_plain_product(dtype):
+    # (Wh @ d.T).T through a scratch buffer: the same products in the same order as d @ Wh.T
+    rng = np.random.default_rng(3)
+    Wh = rng.standard_normal((64, 256)).astype(dtype)
+    ws = layers.Workspace()
+    for n in (1, 5, 32, 17, 128):
+        d = rng.standard_normal((n, 256)).astype(dtype)
+        out = np.empty((n, 64), dtype=dtype)
+        assert layers.recurrent_backward(d, Wh, out, ws) is out
+        np.testing.assert_allclose(out, d @ Wh.T, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)

@@ -18,28 +18,33 @@ forward and the softmax hand their exp pass to NumPy's SIMD exp (see
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 _CPU = None
 
 
-def _build_cpu(parallel):
-    from numba import njit, prange
+def _build_cpu():
+    from numba import njit
 
-    opts = {"cache": True, "fastmath": False, "nogil": True}
+    # error_model="numpy": a division by zero gives inf/nan instead of raising, so LLVM
+    # may vectorise loops with divisions (with "python" every division is a branch).
+    # Serial kernels: Numba's OpenMP threads spin after a parallel region and fight
+    # OpenBLAS's threads for the cores (measured: 7x slower steps with parallel=True).
+    # The hot loops run over one row at a time through 1-D views (ar = a[row]), which
+    # LLVM vectorises; 2-D indexing a[row, H + j] with a runtime H stays scalar.
+    opts = {"cache": True, "fastmath": False, "nogil": True, "error_model": "numpy"}
 
     @njit(inline="always")
     def sigm(x):
         # logistic through tanh: stable for any finite x (no exp overflow)
         return 0.5 * (1.0 + math.tanh(0.5 * x))
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def lstm_fwd(a, r, prev_c, c, tc, h):
         n, G = a.shape
         H = G // 4
-        for row in prange(n):
+        for row in range(n):
             for j in range(H):
                 i = sigm(a[row, j] + r[row, j])
                 f = sigm(a[row, H + j] + r[row, H + j])
@@ -55,43 +60,41 @@ def _build_cpu(parallel):
                 tc[row, j] = t
                 h[row, j] = o * t
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def lstm_bwd(d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc):
         n, G = a.shape
         H = G // 4
-        dt = a.dtype.type  # constants in the array's dtype: no float64 promotion
+        dt = a.dtype.type
         one = dt(1.0)
-        for row in prange(n):
-            carried = row < n_next
+        # rows n_next..n end their caption here: nothing carried from step t+1
+        dh_rec[n_next:n] = 0
+        dc_rec[n_next:n] = 0
+        for row in range(n):
+            ar, dr = a[row], d[row]
+            i, f, o, g = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
+            di, df, do, dg = dr[:H], dr[H : 2 * H], dr[2 * H : 3 * H], dr[3 * H :]
+            tcr, pcr, dhu, dhr, dcr = tc[row], prev_c[row], dh_up[row], dh_rec[row], dc_rec[row]
             for j in range(H):
-                i = a[row, j]
-                f = a[row, H + j]
-                o = a[row, 2 * H + j]
-                g = a[row, 3 * H + j]
-                t = tc[row, j]
-                dh = dh_up[row, j]
-                dc = dt(0.0)
-                if carried:
-                    dh += dh_rec[row, j]
-                    dc = dc_rec[row, j]
-                dc += dh * o * (one - t * t)
-                d[row, j] = dc * g * i * (one - i)
-                d[row, H + j] = dc * prev_c[row, j] * f * (one - f)
-                d[row, 2 * H + j] = dh * t * o * (one - o)
-                d[row, 3 * H + j] = dc * i * (one - g * g)
-                dc_rec[row, j] = dc * f
+                dh = dhu[j] + dhr[j]
+                t = tcr[j]
+                dc = dcr[j] + dh * o[j] * (one - t * t)
+                di[j] = dc * g[j] * i[j] * (one - i[j])
+                df[j] = dc * pcr[j] * f[j] * (one - f[j])
+                do[j] = dh * t * o[j] * (one - o[j])
+                dg[j] = dc * i[j] * (one - g[j] * g[j])
+                dcr[j] = dc * f[j]
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def rnn_fwd(a, r):
         n, H = a.shape
-        for row in prange(n):
+        for row in range(n):
             for j in range(H):
                 a[row, j] = math.tanh(a[row, j] + r[row, j])
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def rnn_bwd(d, dh_up, dh_rec, n_next, h):
         n, H = h.shape
-        for row in prange(n):
+        for row in range(n):
             carried = row < n_next
             for j in range(H):
                 dh = dh_up[row, j]
@@ -100,10 +103,10 @@ def _build_cpu(parallel):
                 hv = h[row, j]
                 d[row, j] = dh * (1.0 - hv * hv)
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def softmax_xent(scores, targets, inv_norm, row_loss):
         M, V = scores.shape
-        for row in prange(M):
+        for row in range(M):
             m = scores[row, 0]
             for k in range(1, V):
                 if scores[row, k] > m:
@@ -122,9 +125,9 @@ def _build_cpu(parallel):
             scores[row, y] -= inv_norm
 
     # Adam is memory-bound: keep its arithmetic in the buffer's dtype (no float64
-    # promotion) and let LLVM vectorise the sqrt and division (fastmath), which
-    # nearly halves its time in float32; float64 runs stay float64.
-    @njit(parallel=parallel, cache=True, nogil=True, fastmath=True)
+    # promotion); with error_model="numpy" LLVM vectorises the sqrt and division
+    # (IEEE, no fastmath: the same bits as the scalar loop).
+    @njit(**opts)
     def adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         dt = p.dtype.type
         step = dt(lr / bias1)
@@ -132,7 +135,7 @@ def _build_cpu(parallel):
         c1, c1m = dt(b1), dt(1.0 - b1)
         c2, c2m = dt(b2), dt(1.0 - b2)
         e = dt(eps)
-        for k in prange(p.size):
+        for k in range(p.size):
             gk = g[k]
             mk = c1 * m[k] + c1m * gk
             vk = c2 * v[k] + c2m * gk * gk
@@ -140,91 +143,108 @@ def _build_cpu(parallel):
             v[k] = vk
             p[k] -= step * mk / (np.sqrt(vk * inv_b2) + e)
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def lstm_preact(a, r):
         # a = -(a + r) for i, f, o and -2(a + r) for g, clamped to [-80, 80], so that one
         # vectorised exp pass gives every gate: sigmoid(z) = 1 / (1 + e^-z) and
         # tanh(z) = 2 / (1 + e^-2z) - 1, with no overflow anywhere
         n, G = a.shape
         H = G // 4
-        dt = a.dtype.type  # constants in the array's dtype: no float64 promotion
+        dt = a.dtype.type
         lim, two = dt(80.0), dt(2.0)
-        for row in prange(n):
+        for row in range(n):
+            ar, rr = a[row], r[row]
             for j in range(3 * H):
-                z = -(a[row, j] + r[row, j])
-                a[row, j] = min(max(z, -lim), lim)
+                z = -(ar[j] + rr[j])
+                ar[j] = min(max(z, -lim), lim)
             for j in range(3 * H, G):
-                z = -two * (a[row, j] + r[row, j])
-                a[row, j] = min(max(z, -lim), lim)
+                z = -two * (ar[j] + rr[j])
+                ar[j] = min(max(z, -lim), lim)
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def lstm_cell(a, prev_c, c, tc):
         # a holds the exps; finish the gates, update c, and leave -2c (clamped) in tc
         n, G = a.shape
         H = G // 4
         dt = a.dtype.type
         one, two, lim = dt(1.0), dt(2.0), dt(80.0)
-        for row in prange(n):
+        for row in range(n):
+            ar = a[row]
+            i, f, g = ar[:H], ar[H : 2 * H], ar[3 * H :]
+            for j in range(3 * H):
+                ar[j] = one / (one + ar[j])
             for j in range(H):
-                i = one / (one + a[row, j])
-                f = one / (one + a[row, H + j])
-                g = two / (one + a[row, 3 * H + j]) - one
-                a[row, j] = i
-                a[row, H + j] = f
-                a[row, 2 * H + j] = one / (one + a[row, 2 * H + j])
-                a[row, 3 * H + j] = g
-                cc = f * prev_c[row, j] + i * g
-                c[row, j] = cc
-                tc[row, j] = min(max(-two * cc, -lim), lim)
+                g[j] = two / (one + g[j]) - one
+            pcr, cr, tcr = prev_c[row], c[row], tc[row]
+            for j in range(H):
+                cc = f[j] * pcr[j] + i[j] * g[j]
+                cr[j] = cc
+                tcr[j] = min(max(-two * cc, -lim), lim)
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def lstm_out(a, tc, h):
         # tc holds exp(-2c): tanh(c) = 2 / (1 + exp(-2c)) - 1; h = o * tanh(c)
         n, H = h.shape
         dt = h.dtype.type
         one, two = dt(1.0), dt(2.0)
-        for row in prange(n):
+        for row in range(n):
+            o, tcr, hr = a[row, 2 * H : 3 * H], tc[row], h[row]
             for j in range(H):
-                t = two / (one + tc[row, j]) - one
-                tc[row, j] = t
-                h[row, j] = a[row, 2 * H + j] * t
+                t = two / (one + tcr[j]) - one
+                tcr[j] = t
+                hr[j] = o[j] * t
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def softmax_shift(scores, targets, shifted_target):
-        # subtract each row's max (so exp cannot overflow); remember the target's shifted logit
+        # subtract each row's max (so exp cannot overflow); remember the target's shifted
+        # logit. The max runs in 8 independent chains (a max is the same in any order).
         M, V = scores.shape
-        for row in prange(M):
-            m = scores[row, 0]
-            for k in range(1, V):
-                if scores[row, k] > m:
-                    m = scores[row, k]
-            for k in range(V):
-                scores[row, k] -= m
-            shifted_target[row] = scores[row, targets[row]]
+        for row in range(M):
+            s = scores[row]
+            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = s[0]
+            k = 0
+            while k + 8 <= V:
+                m0, m1, m2, m3 = max(m0, s[k]), max(m1, s[k + 1]), max(m2, s[k + 2]), max(m3, s[k + 3])
+                m4, m5, m6, m7 = max(m4, s[k + 4]), max(m5, s[k + 5]), max(m6, s[k + 6]), max(m7, s[k + 7])
+                k += 8
+            m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+            for j in range(k, V):
+                m = max(m, s[j])
+            for j in range(V):
+                s[j] -= m
+            shifted_target[row] = s[targets[row]]
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def softmax_finish(probs, targets, shifted_target, inv_norm, row_loss):
-        # probs holds exp(shifted scores): normalise into the gradient, in place
+        # probs holds exp(shifted scores): normalise into the gradient, in place. The row
+        # sum is float64 in 8 interleaved partial sums (lane k % 8), added pairwise.
         M, V = probs.shape
-        for row in prange(M):
-            s = 0.0
-            for k in range(V):
-                s += probs[row, k]
-            row_loss[row] = math.log(s) - shifted_target[row]
-            scale = inv_norm / s
-            for k in range(V):
-                probs[row, k] *= scale
-            probs[row, targets[row]] -= inv_norm
+        dt = probs.dtype.type
+        for row in range(M):
+            p = probs[row]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+            k = 0
+            while k + 8 <= V:
+                s0, s1, s2, s3 = s0 + p[k], s1 + p[k + 1], s2 + p[k + 2], s3 + p[k + 3]
+                s4, s5, s6, s7 = s4 + p[k + 4], s5 + p[k + 5], s6 + p[k + 6], s7 + p[k + 7]
+                k += 8
+            total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+            for j in range(k, V):
+                total += p[j]
+            row_loss[row] = math.log(total) - shifted_target[row]
+            scale = dt(inv_norm / total)
+            for j in range(V):
+                p[j] *= scale
+            p[targets[row]] -= dt(inv_norm)
 
-
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def gru_fwd(a, r, prev_h, hn, h):
         # a: x Wx + b (r, z, n blocks), r: h Wh; leaves the activated r, z, n in a
         n, G = a.shape
         H = G // 3
         dt = a.dtype.type
         half, one = dt(0.5), dt(1.0)
-        for row in prange(n):
+        for row in range(n):
             for j in range(H):
                 rg = half * (one + math.tanh(half * (a[row, j] + r[row, j])))
                 z = half * (one + math.tanh(half * (a[row, H + j] + r[row, H + j])))
@@ -236,13 +256,13 @@ def _build_cpu(parallel):
                 hn[row, j] = hv
                 h[row, j] = ng + z * (prev_h[row, j] - ng)
 
-    @njit(parallel=parallel, **opts)
+    @njit(**opts)
     def gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, ph):
         n, G = a.shape
         H = G // 3
         dt = a.dtype.type
         one = dt(1.0)
-        for row in prange(n):
+        for row in range(n):
             carried = row < n_next
             for j in range(H):
                 dh = dh_up[row, j]
@@ -301,9 +321,8 @@ class CpuKernels:
 
     def __init__(self, dtype):
         global _CPU
-        parallel = os.environ.get("DTRAIN_PARALLEL_KERNELS", "0") == "1"
         if _CPU is None:
-            _CPU = _build_cpu(parallel)
+            _CPU = _build_cpu()
         (self._lstm_fwd, self._lstm_bwd, self._rnn_fwd, self._rnn_bwd,
          self._softmax_xent, self._adam, self._lstm_preact, self._lstm_cell, self._lstm_out,
          self._softmax_shift, self._softmax_finish, self._gru_fwd, self._gru_bwd,

