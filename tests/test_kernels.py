@@ -74,3 +74,36 @@ def test_lstm_kernel_saturated_gates_finite():
     k.lstm_step_forward(a, r, np.zeros((2, H), np.float32), c, tc, h)
     assert np.all(np.isfinite(h)) and np.all(np.isfinite(c))
     assert np.all(a[0] == 1.0) and np.all(a[1, : 3 * H] < 1e-30) and np.all(a[1, 3 * H :] == -1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_grad_kernel_matches_sorting_path(dtype):
+    k = CpuKernels(dtype)
+    rng = np.random.default_rng(5)
+    for M, W in ((1, 8), (37, 12), (1556, 256), (300, 256)):  # shrinking after growing reuses buffers
+        words = rng.integers(0, 60, M)
+        dx = rng.standard_normal((M, W)).astype(dtype)
+        ref_ids, ref_rows = layers.embedding_grad_sparse(words, dx)
+        ids, rows = layers.embedding_grad_sparse(words, dx, k, 60)
+        np.testing.assert_array_equal(ids, ref_ids)
+        tol = 1e-12 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(rows, ref_rows, rtol=tol, atol=tol)
+        dense = np.zeros((60, W), dtype)
+        np.add.at(dense, words, dx)
+        np.testing.assert_allclose(rows, dense[ids], rtol=tol, atol=tol)
+        assert np.all(k._slot == -1)  # the word -> row map is left clean for the next call
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_kernel_wide_rows_match_plain(dtype):
+    # rows longer than the 8-way max and sum chains, and a length that leaves a remainder
+    rng = np.random.default_rng(7)
+    for V in (8, 17, 1003):
+        scores = (rng.standard_normal((29, V)) * 4).astype(dtype)
+        targets = rng.integers(0, V, 29)
+        ref_loss, ref_d = layers.softmax_cross_entropy(scores.copy(), targets, 7)
+        s = scores.copy()
+        loss = CpuKernels(dtype).softmax_cross_entropy(s, targets, 7)
+        tol = 1e-12 if dtype == np.float64 else 1e-5
+        assert abs(loss - ref_loss) <= tol * abs(ref_loss)
+        np.testing.assert_allclose(s, ref_d, rtol=tol, atol=tol * np.abs(ref_d).max())

@@ -231,7 +231,7 @@ def test_recurrent_backward_is_the_plain_product(dtype):
     rng = np.random.default_rng(3)
     Wh = rng.standard_normal((64, 256)).astype(dtype)
     ws = layers.Workspace()
-    for n in (1, 5, 32, 17, 128):
+    for n in (1, 5, 32, 17, 128, 129, 200):
         d = rng.standard_normal((n, 256)).astype(dtype)
         out = np.empty((n, 64), dtype=dtype)
         assert layers.recurrent_backward(d, Wh, out, ws) is out

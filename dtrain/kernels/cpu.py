@@ -283,6 +283,29 @@ def _build_cpu():
                 dah[row, 2 * H + j] = dan * rg
                 carry[row, j] = dh * z
 
+    @njit(**opts)
+    def embed_grad_rows(words, dx, slot, ids, rows):
+        # the row-sparse embedding gradient: ids = the distinct words, ascending; rows[i] =
+        # the sum of dx over the positions of ids[i], in position order. slot (V,) is -1
+        # on entry and on exit; rows are summed in place (no gathered copy of dx).
+        M = words.size
+        for k in range(M):
+            slot[words[k]] = -2
+        count = 0
+        for w in range(slot.size):
+            if slot[w] == -2:
+                slot[w] = count
+                ids[count] = w
+                count += 1
+        rows[:count] = 0
+        for k in range(M):
+            acc, src = rows[slot[words[k]]], dx[k]
+            for j in range(acc.size):
+                acc[j] += src[j]
+        for i in range(count):
+            slot[ids[i]] = -1
+        return count
+
     # --deterministic: fixed-point accumulation, one pass (see parallel/reducer.py)
     @njit(**opts)
     def quantize_add(acc, g, scale):
@@ -311,7 +334,7 @@ def _build_cpu():
 
     return (lstm_fwd, lstm_bwd, rnn_fwd, rnn_bwd, softmax_xent, adam,
             lstm_preact, lstm_cell, lstm_out, softmax_shift, softmax_finish, gru_fwd, gru_bwd,
-            quantize_add, quantize_add_rows)
+            quantize_add, quantize_add_rows, embed_grad_rows)
 
 
 class CpuKernels:
@@ -326,10 +349,13 @@ class CpuKernels:
         (self._lstm_fwd, self._lstm_bwd, self._rnn_fwd, self._rnn_bwd,
          self._softmax_xent, self._adam, self._lstm_preact, self._lstm_cell, self._lstm_out,
          self._softmax_shift, self._softmax_finish, self._gru_fwd, self._gru_bwd,
-         self._quantize_add, self._quantize_add_rows) = _CPU
+         self._quantize_add, self._quantize_add_rows, self._embed_grad_rows) = _CPU
         self.dtype = np.dtype(dtype)
         self._row_loss = np.empty(0, dtype=np.float64)
         self._shifted = np.empty(0, dtype=self.dtype)
+        self._slot = np.empty(0, dtype=np.int64)  # word -> row of the sparse gradient; -1 between calls
+        self._ids = np.empty(0, dtype=np.int64)
+        self._rows = np.empty((0, 0), dtype=self.dtype)
         # Numba's tanh and exp are scalar libm calls; NumPy's float32 exp is SIMD
         # (about 4x faster than a scalar loop, 2x faster than its own tanh). In
         # float32 the gate and softmax kernels therefore hand one exp pass to
@@ -383,6 +409,17 @@ class CpuKernels:
         else:
             self._softmax_xent(scores, targets, 1.0 / normalizer, row_loss)
         return float(row_loss.sum()) / normalizer
+
+    def embedding_grad_sparse(self, words, dx, vocab_size):
+        """(ids, rows) as ``layers.embedding_grad_sparse``, in this object's buffers (views)."""
+        M, W = dx.shape
+        if self._slot.size < vocab_size:
+            self._slot = np.full(vocab_size, -1, dtype=np.int64)
+        if self._ids.size < M or self._rows.shape[1] != W:
+            self._ids = np.empty(max(M, 1), dtype=np.int64)
+            self._rows = np.empty((max(M, 1), W), dtype=self.dtype)
+        count = self._embed_grad_rows(words, dx, self._slot[:vocab_size], self._ids, self._rows)
+        return self._ids[:count], self._rows[:count]
 
     def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         self._adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2)

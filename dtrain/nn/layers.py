@@ -109,19 +109,26 @@ def input_projection(x_packed, Wx, b, out):
     return out
 
 
+# Up to this many rows, recurrent_backward computes (Wh @ d.T).T (measured crossover
+# between 128 and 192 rows, H=512, OpenBLAS SkylakeX, 2 threads; above it the extra
+# transposing copy costs what the GEMM gains).
+TRANSPOSED_BACKWARD_ROWS = 128
+
+
 def recurrent_backward(d, Wh, out, ws):
     """out = d @ Wh.T: a step's gradient back to the previous hidden state.
 
-    On NumPy this is computed as (Wh @ d.T).T into a scratch buffer and copied:
-    OpenBLAS runs that form 1.6x to 2.4x faster for the few rows (n <= 32) of a
-    short caption batch's step, and as fast at n = 128. Same products; at the
-    model's sizes the results were bitwise equal (H=512, n=4..128), and
-    tests/test_layers.py checks them against the plain product.
+    On NumPy, for at most TRANSPOSED_BACKWARD_ROWS rows, this is computed as
+    (Wh @ d.T).T into a scratch buffer and copied: OpenBLAS runs that form
+    1.6x to 2.4x faster for the few rows (n <= 32) of a short caption batch's
+    step, and 1.05x to 1.4x at n = 128. Same products; at the model's sizes
+    the results were bitwise equal (H=512, n=4..512), and tests/test_layers.py
+    checks them against the plain product.
     """
     xp = get_array_module(d)
-    if xp is not np:
-        return xp.matmul(d, Wh.T, out=out)
     n, H = out.shape
+    if xp is not np or n > TRANSPOSED_BACKWARD_ROWS:
+        return xp.matmul(d, Wh.T, out=out)
     scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, xp)
     out_T = scratch[: H * n].reshape(H, n)
     xp.matmul(Wh, d.T, out=out_T)
@@ -205,18 +212,23 @@ def word_embedding_forward(x, W):
     return out, (x, W.shape)
 
 
-def embedding_grad_sparse(words, dout):
-    """Row-sparse embedding gradient: (unique word ids, summed rows).
+def embedding_grad_sparse(words, dout, kernels=None, vocab_size=None):
+    """Row-sparse embedding gradient: (unique word ids ascending, summed rows).
 
     ``words`` (M,) ids, ``dout`` (M, W) the gradients of their embeddings.
     Sorting the ids groups equal words, so each row sum is one segment
-    reduction (no np.add.at, which is slow on the CPU).
+    reduction (no np.add.at, which is slow on the CPU). With ``kernels`` that
+    offer it (and ``vocab_size``), one pass sums the rows in place instead
+    (the same sums, in position order; results are the kernel's buffers).
     """
     xp = get_array_module(dout)
     words = words.reshape(-1)
     dout = dout.reshape(words.shape[0], -1)
     if words.shape[0] == 0:
         return xp.zeros(0, dtype=np.int64), dout[:0].copy()
+    fused = getattr(kernels, "embedding_grad_sparse", None)
+    if fused is not None and vocab_size is not None:
+        return fused(words, dout, vocab_size)
     order = xp.argsort(words, kind="stable")
     sorted_words = words[order]
     starts = xp.concatenate(

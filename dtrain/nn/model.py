@@ -427,7 +427,7 @@ class CaptioningModel:
         xp.matmul(feats.T, dh0[:n0], out=g["W_proj"])
         dh0[:n0].sum(axis=0, out=g["b_proj"])
 
-        ids, rows = layers.embedding_grad_sparse(words, dx)
+        ids, rows = layers.embedding_grad_sparse(words, dx, self.kernels, self.vocab_size)
         grads = self.step_grads(float(loss), packed.num_tokens, ids, rows, dense=False)
         grads.forward_end = forward_end
         return grads
