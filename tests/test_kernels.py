@@ -71,7 +71,7 @@ def test_lstm_kernel_saturated_gates_finite():
     a[1] = -1e4
     r = np.zeros_like(a)
     c, tc, h = (np.empty((2, H), np.float32) for _ in range(3))
-    k.lstm_step_forward(a, r, np.zeros((2, H), np.float32), c, tc, h)
+    k.lstm_step_forward(a, r, np.zeros((2, H), np.float32), c, tc, h, np.zeros(4 * H, np.float32))
     assert np.all(np.isfinite(h)) and np.all(np.isfinite(c))
     assert np.all(a[0] == 1.0) and np.all(a[1, : 3 * H] < 1e-30) and np.all(a[1, 3 * H :] == -1.0)
 

@@ -144,10 +144,11 @@ def _build_cpu():
             p[k] -= step * mk / (np.sqrt(vk * inv_b2) + e)
 
     @njit(**opts)
-    def lstm_preact(a, r):
-        # a = -(a + r) for i, f, o and -2(a + r) for g, clamped to [-80, 80], so that one
-        # vectorised exp pass gives every gate: sigmoid(z) = 1 / (1 + e^-z) and
-        # tanh(z) = 2 / (1 + e^-2z) - 1, with no overflow anywhere
+    def lstm_preact(a, b, r):
+        # a = -(a + b + r) for i, f, o and -2(a + b + r) for g, clamped to [-80, 80], so
+        # that one vectorised exp pass gives every gate: sigmoid(z) = 1 / (1 + e^-z) and
+        # tanh(z) = 2 / (1 + e^-2z) - 1, with no overflow anywhere. (a + b) + r is the
+        # order of the plain path (x Wx + b first), so folding b in here changes no bit.
         n, G = a.shape
         H = G // 4
         dt = a.dtype.type
@@ -155,10 +156,10 @@ def _build_cpu():
         for row in range(n):
             ar, rr = a[row], r[row]
             for j in range(3 * H):
-                z = -(ar[j] + rr[j])
+                z = -((ar[j] + b[j]) + rr[j])
                 ar[j] = min(max(z, -lim), lim)
             for j in range(3 * H, G):
-                z = -two * (ar[j] + rr[j])
+                z = -two * ((ar[j] + b[j]) + rr[j])
                 ar[j] = min(max(z, -lim), lim)
 
     @njit(**opts)
@@ -195,23 +196,26 @@ def _build_cpu():
                 hr[j] = o[j] * t
 
     @njit(**opts)
-    def softmax_shift(scores, targets, shifted_target):
-        # subtract each row's max (so exp cannot overflow); remember the target's shifted
+    def softmax_shift(scores, b, targets, shifted_target):
+        # scores + b (the vocabulary bias, added here rather than in a pass of its own),
+        # minus each row's max (so exp cannot overflow); remember the target's shifted
         # logit. The max runs in 8 independent chains (a max is the same in any order).
         M, V = scores.shape
         for row in range(M):
             s = scores[row]
-            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = s[0]
+            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = s[0] + b[0]
             k = 0
             while k + 8 <= V:
-                m0, m1, m2, m3 = max(m0, s[k]), max(m1, s[k + 1]), max(m2, s[k + 2]), max(m3, s[k + 3])
-                m4, m5, m6, m7 = max(m4, s[k + 4]), max(m5, s[k + 5]), max(m6, s[k + 6]), max(m7, s[k + 7])
+                m0, m1 = max(m0, s[k] + b[k]), max(m1, s[k + 1] + b[k + 1])
+                m2, m3 = max(m2, s[k + 2] + b[k + 2]), max(m3, s[k + 3] + b[k + 3])
+                m4, m5 = max(m4, s[k + 4] + b[k + 4]), max(m5, s[k + 5] + b[k + 5])
+                m6, m7 = max(m6, s[k + 6] + b[k + 6]), max(m7, s[k + 7] + b[k + 7])
                 k += 8
             m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
             for j in range(k, V):
-                m = max(m, s[j])
+                m = max(m, s[j] + b[j])
             for j in range(V):
-                s[j] -= m
+                s[j] = (s[j] + b[j]) - m
             shifted_target[row] = s[targets[row]]
 
     @njit(**opts)
@@ -353,6 +357,7 @@ class CpuKernels:
         self.dtype = np.dtype(dtype)
         self._row_loss = np.empty(0, dtype=np.float64)
         self._shifted = np.empty(0, dtype=self.dtype)
+        self._zeros = np.empty(0, dtype=self.dtype)
         self._slot = np.empty(0, dtype=np.int64)  # word -> row of the sparse gradient; -1 between calls
         self._ids = np.empty(0, dtype=np.int64)
         self._rows = np.empty((0, 0), dtype=self.dtype)
@@ -363,12 +368,14 @@ class CpuKernels:
         # checks) the one-pass kernels are used.
         self.hybrid = self.dtype == np.float32
 
-    def lstm_step_forward(self, a, r, prev_c, c, tc, h):
+    def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias):
+        """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added)."""
         n = a.shape[0]
         if not self.hybrid:
+            a += bias
             self._lstm_fwd(a, r, prev_c[:n], c, tc, h)
             return
-        self._lstm_preact(a, r)
+        self._lstm_preact(a, bias, r)
         np.exp(a, out=a)
         self._lstm_cell(a, prev_c[:n], c, tc)
         np.exp(tc, out=tc)
@@ -393,8 +400,9 @@ class CpuKernels:
     def gru_step_backward(self, dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h):
         self._gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h)
 
-    def softmax_cross_entropy(self, scores, targets, normalizer):
-        """Loss (float) and, in place in ``scores``, its gradient."""
+    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None):
+        """Loss (float) and, in place in ``scores``, its gradient; ``bias`` (V,), when
+        given, is added to every row of ``scores`` first."""
         M = scores.shape[0]
         if self._row_loss.size < M:
             self._row_loss = np.empty(M, dtype=np.float64)
@@ -403,12 +411,21 @@ class CpuKernels:
             if self._shifted.size < M:
                 self._shifted = np.empty(M, dtype=self.dtype)
             shifted = self._shifted[:M]
-            self._softmax_shift(scores, targets, shifted)
+            if bias is None:
+                bias = self._zero_bias(scores.shape[1])
+            self._softmax_shift(scores, bias, targets, shifted)
             np.exp(scores, out=scores)
             self._softmax_finish(scores, targets, shifted, 1.0 / normalizer, row_loss)
         else:
+            if bias is not None:
+                scores += bias
             self._softmax_xent(scores, targets, 1.0 / normalizer, row_loss)
         return float(row_loss.sum()) / normalizer
+
+    def _zero_bias(self, V):
+        if self._zeros.size < V:
+            self._zeros = np.zeros(V, dtype=self.dtype)
+        return self._zeros[:V]
 
     def embedding_grad_sparse(self, words, dx, vocab_size):
         """(ids, rows) as ``layers.embedding_grad_sparse``, in this object's buffers (views)."""

@@ -305,11 +305,12 @@ class GpuKernels:
                 raise TypeError(f"GPU kernels built for {self.dtype}, got an array of {a.dtype}")
 
     # ------------------------------------------------------------------ LSTM / RNN
-    def lstm_step_forward(self, a, r, prev_c, c, tc, h):
+    def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias):
         n, G = a.shape
         H = G // 4
         if n == 0:
             return
+        a += bias  # x Wx arrives without its bias (the CPU kernels fold it into their pass)
         self._check(a, r, prev_c, c, tc, h)
         self._k["lstm_fwd"](_grid(n * H), (_THREADS,), (
             a, r, prev_c, c, tc, h, np.int32(n), np.int32(H),
@@ -377,9 +378,12 @@ class GpuKernels:
             scores, targets, weights if has_w else self._ones, np.int32(has_w),
             np.float64(1.0 / normalizer), row_loss, np.int32(M), np.int32(V), _ld(scores)))
 
-    def softmax_cross_entropy(self, scores, targets, normalizer):
-        """Loss (float: one device sync) and, in place in ``scores``, its gradient."""
+    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None):
+        """Loss (float: one device sync) and, in place in ``scores``, its gradient
+        (``bias``, when given, added to every row first)."""
         M = scores.shape[0]
+        if bias is not None:
+            scores += bias
         if self._row_loss.size < M:
             self._row_loss = self.cp.empty(M, dtype=np.float64)
         row_loss = self._row_loss[:M]

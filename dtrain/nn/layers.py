@@ -20,6 +20,8 @@ packed functions with the same shapes allocates nothing after the first call.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..backend import get_array_module
@@ -33,7 +35,7 @@ class Workspace:
 
     def get(self, name, shape, dtype, xp=np, zero=False):
         shape = tuple(int(s) for s in shape)
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         dtype = np.dtype(dtype)
         key = (name, dtype.str, xp.__name__)
         buf = self._buffers.get(key)
@@ -102,10 +104,12 @@ def check_batch_sizes(batch_sizes, total):
 
 
 def input_projection(x_packed, Wx, b, out):
-    """out = x_packed @ Wx + b: the input projection of every step, one GEMM."""
+    """out = x_packed @ Wx + b: the input projection of every step, one GEMM
+    (b None: left to the caller)."""
     xp = get_array_module(x_packed)
     xp.matmul(x_packed, Wx, out=out)
-    out += b
+    if b is not None:
+        out += b
     return out
 
 
@@ -149,13 +153,16 @@ def prev_h_packed(H_packed, h0, batch_sizes, offsets, out):
     return out
 
 
-def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None):
+def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None, input_grad=True):
     """dWx, dWh, db and dx from the packed pre-activation gradients: one GEMM each.
 
     ``da`` is the gradient of the input pre-activations (x Wx + b); ``da_h``
     that of the recurrent ones (h Wh) where a cell makes them differ (GRU),
     else ``da`` serves both. ``out`` = (dWx, dWh, db) arrays to write into
-    (views of a flat gradient buffer), or None to allocate.
+    (views of a flat gradient buffer), or None to allocate. With
+    ``input_grad=False`` the dx GEMM is left to the caller: ``da`` itself is
+    returned in dx's place (the model sums it per word first, so its GEMM has
+    one row per distinct word instead of one per position).
     """
     xp = get_array_module(da)
     if out is None:
@@ -168,6 +175,8 @@ def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None):
     xp.matmul(x_packed.T, da, out=dWx)
     xp.matmul(prev_h.T, da if da_h is None else da_h, out=dWh)
     da.sum(axis=0, out=db)
+    if not input_grad:
+        return da, dh0, dWx, dWh, db
     dx_packed = buffer(ws, "dx_packed", (da.shape[0], Wx.shape[0]), da.dtype, xp)
     xp.matmul(da, Wx.T, out=dx_packed)
     return dx_packed, dh0, dWx, dWh, db

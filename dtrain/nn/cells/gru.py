@@ -99,7 +99,7 @@ def gru_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=No
     return Hp, cache
 
 
-def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
+def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input_grad=True):
     xp = get_array_module(dH_packed)
     x_packed, h0, Wx, Wh, gates, HN, Hp, batch_sizes, offsets = cache
     total, H = Hp.shape
@@ -153,7 +153,7 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
         else:
             L.recurrent_backward(dh_t, Wh, dh0[:n], ws)
             dh0[:n] += carry[:n]
-    return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah)
+    return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah, input_grad=input_grad)
 
 
 def gru_forward(x, h0, Wx, Wh, b):

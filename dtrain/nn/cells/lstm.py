@@ -69,7 +69,8 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
     rec = L.buffer(ws, "lstm_rec", (n0, 4 * H), dtype, xp)
     zero_c = L.buffer(ws, "lstm_c0", (n0, H), dtype, xp, zero=True)
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
-    L.input_projection(x_packed, Wx, b, gates)
+    # the fused step adds b in its own pass over the step's rows (one pass fewer)
+    L.input_projection(x_packed, Wx, None if fused is not None else b, gates)
     prev_h, prev_c = h0, zero_c
     for t, n in enumerate(batch_sizes):
         s = offsets[t]
@@ -78,7 +79,7 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
         xp.matmul(prev_h[:n], Wh, out=r)
         c, tc, h = C[s : s + n], TC[s : s + n], Hp[s : s + n]
         if fused is not None:
-            fused(a, r, prev_c, c, tc, h)
+            fused(a, r, prev_c, c, tc, h, b)
         else:
             a += r
             sigmoid(a[:, : 3 * H], out=a[:, : 3 * H])
@@ -94,7 +95,7 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
     return Hp, cache
 
 
-def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
+def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input_grad=True):
     xp = get_array_module(dH_packed)
     x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets = cache
     total, H = Hp.shape
@@ -153,7 +154,7 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
         else:
             L.recurrent_backward(d, Wh, dh0[:n], ws)
     prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp))
-    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws)
+    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad)
 
 
 def lstm_forward(x, h0, Wx, Wh, b):

@@ -59,7 +59,7 @@ def rnn_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=No
     return Hp, cache
 
 
-def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
+def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input_grad=True):
     xp = get_array_module(dH_packed)
     x_packed, h0, Wx, Wh, Hp, batch_sizes, offsets = cache
     total, H = Hp.shape
@@ -88,7 +88,7 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None):
         else:
             L.recurrent_backward(d, Wh, dh0[:n], ws)
     prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "rnn_prev_h", (total, H), dtype, xp))
-    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws)
+    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad)
 
 
 def rnn_forward(x, h0, Wx, Wh, b):
