@@ -84,8 +84,10 @@ def test_embedding_grad_kernel_matches_sorting_path(dtype):
         words = rng.integers(0, 60, M)
         dx = rng.standard_normal((M, W)).astype(dtype)
         ref_ids, ref_rows = layers.embedding_grad_sparse(words, dx)
-        ids, rows = layers.embedding_grad_sparse(words, dx, k, 60)
+        col_sum = np.full(W, np.nan, dtype)
+        ids, rows = layers.embedding_grad_sparse(words, dx, k, 60, col_sum=col_sum)
         np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(col_sum, dx.sum(axis=0))  # the same pass, the same bits
         tol = 1e-12 if dtype == np.float64 else 1e-5
         np.testing.assert_allclose(rows, ref_rows, rtol=tol, atol=tol)
         dense = np.zeros((60, W), dtype)
@@ -107,3 +109,11 @@ def test_softmax_kernel_wide_rows_match_plain(dtype):
         tol = 1e-12 if dtype == np.float64 else 1e-5
         assert abs(loss - ref_loss) <= tol * abs(ref_loss)
         np.testing.assert_allclose(s, ref_d, rtol=tol, atol=tol * np.abs(ref_d).max())
+        # the bias folded in, and its gradient summed in the same pass
+        bias = rng.standard_normal(V).astype(dtype)
+        s2, db = scores.copy(), np.full(V, np.nan, dtype)
+        loss2 = CpuKernels(dtype).softmax_cross_entropy(s2, targets, 7, bias=bias, bias_grad=db)
+        ref_loss2, ref_d2 = layers.softmax_cross_entropy(scores + bias, targets, 7)
+        assert abs(loss2 - ref_loss2) <= tol * abs(ref_loss2)
+        np.testing.assert_allclose(s2, ref_d2, rtol=tol, atol=tol * np.abs(ref_d2).max())
+        np.testing.assert_array_equal(db, s2.sum(axis=0))

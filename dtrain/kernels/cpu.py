@@ -219,11 +219,16 @@ def _build_cpu():
             shifted_target[row] = s[targets[row]]
 
     @njit(**opts)
-    def softmax_finish(probs, targets, shifted_target, inv_norm, row_loss):
+    def softmax_finish(probs, targets, shifted_target, inv_norm, row_loss, col_sum):
         # probs holds exp(shifted scores): normalise into the gradient, in place. The row
         # sum is float64 in 8 interleaved partial sums (lane k % 8), added pairwise.
+        # col_sum (V,), unless empty, gets the gradient's column sums (the vocabulary
+        # bias gradient), rows added in order as NumPy's sum(axis=0) does: the same bits.
         M, V = probs.shape
         dt = probs.dtype.type
+        with_sum = col_sum.size > 0
+        if with_sum:
+            col_sum[:] = 0
         for row in range(M):
             p = probs[row]
             s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
@@ -240,6 +245,9 @@ def _build_cpu():
             for j in range(V):
                 p[j] *= scale
             p[targets[row]] -= dt(inv_norm)
+            if with_sum:
+                for j in range(V):
+                    col_sum[j] += p[j]
 
     @njit(**opts)
     def gru_fwd(a, r, prev_h, hn, h):
@@ -288,11 +296,16 @@ def _build_cpu():
                 carry[row, j] = dh * z
 
     @njit(**opts)
-    def embed_grad_rows(words, dx, slot, ids, rows):
+    def embed_grad_rows(words, dx, slot, ids, rows, col_sum):
         # the row-sparse embedding gradient: ids = the distinct words, ascending; rows[i] =
         # the sum of dx over the positions of ids[i], in position order. slot (V,) is -1
         # on entry and on exit; rows are summed in place (no gathered copy of dx).
+        # col_sum, unless empty, gets the column sums of dx in row order (the same bits as
+        # NumPy's dx.sum(axis=0)) from the same pass.
         M = words.size
+        with_sum = col_sum.size > 0
+        if with_sum:
+            col_sum[:] = 0
         for k in range(M):
             slot[words[k]] = -2
         count = 0
@@ -306,6 +319,9 @@ def _build_cpu():
             acc, src = rows[slot[words[k]]], dx[k]
             for j in range(acc.size):
                 acc[j] += src[j]
+            if with_sum:
+                for j in range(acc.size):
+                    col_sum[j] += src[j]
         for i in range(count):
             slot[ids[i]] = -1
         return count
@@ -400,9 +416,10 @@ class CpuKernels:
     def gru_step_backward(self, dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h):
         self._gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h)
 
-    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None):
+    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None, bias_grad=None):
         """Loss (float) and, in place in ``scores``, its gradient; ``bias`` (V,), when
-        given, is added to every row of ``scores`` first."""
+        given, is added to every row of ``scores`` first; ``bias_grad`` (V,), when given,
+        receives the gradient's column sums (the gradient of ``bias``)."""
         M = scores.shape[0]
         if self._row_loss.size < M:
             self._row_loss = np.empty(M, dtype=np.float64)
@@ -415,11 +432,14 @@ class CpuKernels:
                 bias = self._zero_bias(scores.shape[1])
             self._softmax_shift(scores, bias, targets, shifted)
             np.exp(scores, out=scores)
-            self._softmax_finish(scores, targets, shifted, 1.0 / normalizer, row_loss)
+            col_sum = self._zero_bias(0) if bias_grad is None else bias_grad
+            self._softmax_finish(scores, targets, shifted, 1.0 / normalizer, row_loss, col_sum)
         else:
             if bias is not None:
                 scores += bias
             self._softmax_xent(scores, targets, 1.0 / normalizer, row_loss)
+            if bias_grad is not None:
+                scores.sum(axis=0, out=bias_grad)
         return float(row_loss.sum()) / normalizer
 
     def _zero_bias(self, V):
@@ -427,15 +447,17 @@ class CpuKernels:
             self._zeros = np.zeros(V, dtype=self.dtype)
         return self._zeros[:V]
 
-    def embedding_grad_sparse(self, words, dx, vocab_size):
-        """(ids, rows) as ``layers.embedding_grad_sparse``, in this object's buffers (views)."""
+    def embedding_grad_sparse(self, words, dx, vocab_size, col_sum=None):
+        """(ids, rows) as ``layers.embedding_grad_sparse``, in this object's buffers (views);
+        ``col_sum`` (W,), when given, receives dx.sum(axis=0) from the same pass."""
         M, W = dx.shape
         if self._slot.size < vocab_size:
             self._slot = np.full(vocab_size, -1, dtype=np.int64)
         if self._ids.size < M or self._rows.shape[1] != W:
             self._ids = np.empty(max(M, 1), dtype=np.int64)
             self._rows = np.empty((max(M, 1), W), dtype=self.dtype)
-        count = self._embed_grad_rows(words, dx, self._slot[:vocab_size], self._ids, self._rows)
+        col_sum = self._zero_bias(0) if col_sum is None else col_sum
+        count = self._embed_grad_rows(words, dx, self._slot[:vocab_size], self._ids, self._rows, col_sum)
         return self._ids[:count], self._rows[:count]
 
     def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):

@@ -378,9 +378,10 @@ class GpuKernels:
             scores, targets, weights if has_w else self._ones, np.int32(has_w),
             np.float64(1.0 / normalizer), row_loss, np.int32(M), np.int32(V), _ld(scores)))
 
-    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None):
+    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None, bias_grad=None):
         """Loss (float: one device sync) and, in place in ``scores``, its gradient
-        (``bias``, when given, added to every row first)."""
+        (``bias``, when given, added to every row first; ``bias_grad``, when given,
+        the gradient's column sums)."""
         M = scores.shape[0]
         if bias is not None:
             scores += bias
@@ -388,6 +389,8 @@ class GpuKernels:
             self._row_loss = self.cp.empty(M, dtype=np.float64)
         row_loss = self._row_loss[:M]
         self._softmax(scores, targets, None, normalizer, row_loss)
+        if bias_grad is not None:
+            scores.sum(axis=0, out=bias_grad)
         return float(row_loss.sum()) / normalizer
 
     def softmax_cross_entropy_masked(self, scores, targets, weights, normalizer, row_loss):

@@ -160,9 +160,10 @@ def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None, input_grad=T
     that of the recurrent ones (h Wh) where a cell makes them differ (GRU),
     else ``da`` serves both. ``out`` = (dWx, dWh, db) arrays to write into
     (views of a flat gradient buffer), or None to allocate. With
-    ``input_grad=False`` the dx GEMM is left to the caller: ``da`` itself is
-    returned in dx's place (the model sums it per word first, so its GEMM has
-    one row per distinct word instead of one per position).
+    ``input_grad=False`` the dx GEMM and db are left to the caller: ``da``
+    itself is returned in dx's place (the model sums it per word first, so its
+    GEMM has one row per distinct word instead of one per position, and takes
+    db = da.sum(axis=0) from the same pass), and db is not written.
     """
     xp = get_array_module(da)
     if out is None:
@@ -174,9 +175,9 @@ def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None, input_grad=T
     dWx, dWh, db = out
     xp.matmul(x_packed.T, da, out=dWx)
     xp.matmul(prev_h.T, da if da_h is None else da_h, out=dWh)
-    da.sum(axis=0, out=db)
     if not input_grad:
         return da, dh0, dWx, dWh, db
+    da.sum(axis=0, out=db)
     dx_packed = buffer(ws, "dx_packed", (da.shape[0], Wx.shape[0]), da.dtype, xp)
     xp.matmul(da, Wx.T, out=dx_packed)
     return dx_packed, dh0, dWx, dWh, db
@@ -221,7 +222,7 @@ def word_embedding_forward(x, W):
     return out, (x, W.shape)
 
 
-def embedding_grad_sparse(words, dout, kernels=None, vocab_size=None):
+def embedding_grad_sparse(words, dout, kernels=None, vocab_size=None, col_sum=None):
     """Row-sparse embedding gradient: (unique word ids ascending, summed rows).
 
     ``words`` (M,) ids, ``dout`` (M, W) the gradients of their embeddings.
@@ -229,15 +230,19 @@ def embedding_grad_sparse(words, dout, kernels=None, vocab_size=None):
     reduction (no np.add.at, which is slow on the CPU). With ``kernels`` that
     offer it (and ``vocab_size``), one pass sums the rows in place instead
     (the same sums, in position order; results are the kernel's buffers).
+    ``col_sum`` (W,), when given, receives ``dout.sum(axis=0)`` (the kernel
+    takes it from the same pass).
     """
     xp = get_array_module(dout)
     words = words.reshape(-1)
     dout = dout.reshape(words.shape[0], -1)
+    fused = getattr(kernels, "embedding_grad_sparse", None)
+    if fused is not None and vocab_size is not None and words.shape[0]:
+        return fused(words, dout, vocab_size, col_sum)
+    if col_sum is not None:
+        dout.sum(axis=0, out=col_sum)
     if words.shape[0] == 0:
         return xp.zeros(0, dtype=np.int64), dout[:0].copy()
-    fused = getattr(kernels, "embedding_grad_sparse", None)
-    if fused is not None and vocab_size is not None:
-        return fused(words, dout, vocab_size)
     order = xp.argsort(words, kind="stable")
     sorted_words = words[order]
     starts = xp.concatenate(

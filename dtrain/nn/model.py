@@ -404,17 +404,19 @@ class CaptioningModel:
             xp.take(hidden, score_pos, axis=0, out=scored)
         scores = ws.get("scores", (scored.shape[0], self.vocab_size), dtype, xp)
         xp.matmul(scored, p["W_vocab"], out=scores)
-        if self.kernels is not None:  # adds b_vocab inside its first pass
-            loss = self.kernels.softmax_cross_entropy(scores, targets, normalizer, bias=p["b_vocab"])
+        if self.kernels is not None:  # adds b_vocab in its first pass, sums its gradient in its last
+            loss = self.kernels.softmax_cross_entropy(scores, targets, normalizer, bias=p["b_vocab"],
+                                                      bias_grad=None if forward_only else g["b_vocab"])
             dscores = scores
         else:
             scores += p["b_vocab"]
             loss, dscores = layers.softmax_cross_entropy(scores, targets, normalizer, dscores=scores)
+            if not forward_only:
+                dscores.sum(axis=0, out=g["b_vocab"])
         if forward_only:
             return float(loss)
         forward_end = time.perf_counter()
         xp.matmul(scored.T, dscores, out=g["W_vocab"])
-        dscores.sum(axis=0, out=g["b_vocab"])
         dscored = ws.get("dscored", scored.shape, dtype, xp)
         xp.matmul(dscores, p["W_vocab"].T, out=dscored)
         if packed.score_pos is None:
@@ -425,13 +427,14 @@ class CaptioningModel:
 
         # W_embed's gradient: the rows of dx = da_x Wx^T summed per word. Summing da_x per word
         # first gives the same sums with one GEMM row per distinct word instead of one per
-        # position (at batch 128, about 800 words for 1,556 positions).
+        # position (at batch 128, about 800 words for 1,556 positions); the same pass sums
+        # db (the gate bias gradient, da_x's column sums).
         da_x, dh0, *_ = cell.packed_backward(dhidden, cache, ws, self.kernels, out=(g["Wx"], g["Wh"], g["b"]),
                                              input_grad=False)
         xp.matmul(feats.T, dh0[:n0], out=g["W_proj"])
         dh0[:n0].sum(axis=0, out=g["b_proj"])
 
-        ids, da_rows = layers.embedding_grad_sparse(words, da_x, self.kernels, self.vocab_size)
+        ids, da_rows = layers.embedding_grad_sparse(words, da_x, self.kernels, self.vocab_size, col_sum=g["b"])
         rows = ws.get("embed_rows", (da_rows.shape[0], self.wordvec_dim), dtype, xp)
         xp.matmul(da_rows, p["Wx"].T, out=rows)
         grads = self.step_grads(float(loss), packed.num_tokens, ids, rows, dense=False)

@@ -24,7 +24,8 @@ class Cell:
     ``gates``: blocks of width H in Wx (W, gates*H), Wh (H, gates*H), b (gates*H,).
     ``packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws, kernels) -> (H_packed, cache)``
     ``packed_backward(dH_packed, cache, ws, kernels, out, input_grad=True) -> (dx_packed, dh0, dWx, dWh, db)``;
-    with ``input_grad=False``, the gradient of x Wx (total, gates*H) in dx_packed's place.
+    with ``input_grad=False``, the gradient of x Wx + b (total, gates*H) in dx_packed's place
+    and db not written (the caller sums it).
     ``sample_step(x, state, Wx, Wh, b) -> (h, state)``: one step of greedy sampling;
     ``state`` starts as ``init_state(h0)``.
     ``forward`` / ``backward``: the CS231n full-sequence signatures.
