@@ -45,7 +45,7 @@ CATEGORIES = (
     ("packing", "packing the captions"),
     ("batch", "batch assembly (sampler rows -> captions, features)"),
     ("python", "Python and NumPy per-call overhead"),
-    ("elementwise", "the rest: bias adds and sums, copies, fills (not wrapped)"),
+    ("elementwise", "the rest: copies, fills, transposes (not wrapped)"),
 )
 FLOOR_REPEATS = 5
 TINY_WIDTH = 4
