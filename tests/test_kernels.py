@@ -117,3 +117,138 @@ def test_softmax_kernel_wide_rows_match_plain(dtype):
         assert abs(loss2 - ref_loss2) <= tol * abs(ref_loss2)
         np.testing.assert_allclose(s2, ref_d2, rtol=tol, atol=tol * np.abs(ref_d2).max())
         np.testing.assert_array_equal(db, s2.sum(axis=0))
+
+
+def _ulps(got32, x32):
+    """|got - exp(x)| in units of the float32 spacing at the float64 exp(x)."""
+    ref = np.exp(x32.astype(np.float64))
+    return np.abs(got32.astype(np.float64) - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+
+
+def test_exp32_accuracy():
+    # every 97th float32 in [-87, 88] (23 million values; all 2.24 billion measured
+    # once: max 1.088 ulp, docs/performance.md), and the interval's ends and zero
+    k = CpuKernels(np.float32)
+    lo, hi = np.float32(-87.0).view(np.uint32), np.float32(88.0).view(np.uint32)
+    neg = np.arange(0x80000000, int(lo) + 1, 97, dtype=np.uint32).view(np.float32)
+    pos = np.arange(0, int(hi) + 1, 97, dtype=np.uint32).view(np.float32)
+    ends = np.array([-87.0, -0.0, 0.0, 1e-30, 88.0], np.float32)
+    for x in (neg, pos, ends):
+        assert _ulps(k.exp32(x), x).max() <= 1.1
+    assert np.all(k.exp32(np.float32([0.0, -0.0])) == 1.0)
+    # NumPy's own float32 exp, for comparison, is off by up to about 2.5 ulp
+    assert _ulps(k.exp32(pos[::50]), pos[::50]).mean() < 0.2
+
+
+def test_exp32_polynomial_is_the_documented_fit():
+    import math
+
+    from dtrain.kernels import cpu
+
+    r = np.cos(np.linspace(0, np.pi, 4000)) * math.log(2) / 2
+    fit = np.polynomial.polynomial.polyfit(r, np.exp(r), 6)
+    # the fit's float32 roundings are the constants, up to a last-bit difference that
+    # another LAPACK may give
+    np.testing.assert_allclose(np.float32(fit), np.float32(cpu.EXP_POLY), rtol=2 ** -22)
+    # n * LN2_HI is exact in float32 for every n exp32 meets (|n| <= 127)
+    n = np.arange(-128, 129, dtype=np.float32)
+    assert np.all((n * np.float32(cpu.LN2_HI)).astype(np.float64) == n.astype(np.float64) * cpu.LN2_HI)
+    assert np.float32(cpu.LN2_LO) == np.float32(math.log(2) - cpu.LN2_HI)  # the rest, in float32
+
+
+@pytest.mark.parametrize("H", [64, 67])
+def test_float32_lstm_step_against_float64(H):
+    # the float32 one-pass step (exp32, vector loop plus remainder at H=67) against the
+    # float64 step on the same float32 inputs
+    rng = np.random.default_rng(H)
+    n = 5
+    a = (rng.standard_normal((n, 4 * H)) * 4).astype(np.float32)
+    a[0, :5] = [90, -90, 1e4, -1e4, 0]
+    r = rng.standard_normal((n, 4 * H)).astype(np.float32)
+    b = rng.standard_normal(4 * H).astype(np.float32)
+    pc = rng.standard_normal((n, H)).astype(np.float32)
+    outs = {}
+    for dt in (np.float32, np.float64):
+        aa = a.astype(dt)
+        c, tc, h = (np.empty((n, H), dt) for _ in range(3))
+        CpuKernels(dt).lstm_step_forward(aa, r.astype(dt), pc.astype(dt), c, tc, h, b.astype(dt))
+        outs[dt] = (aa, c, tc, h)
+    for got, ref in zip(outs[np.float32], outs[np.float64]):
+        np.testing.assert_allclose(got, ref, rtol=3e-6, atol=3e-7)
+
+
+def test_float32_softmax_against_float64_and_nan():
+    rng = np.random.default_rng(5)
+    M, V = 37, 1004
+    scores = (rng.standard_normal((M, V)) * 6).astype(np.float32)
+    scores[0, :3] = [200.0, -200.0, 0.0]
+    scores[1, 7] = -0.0
+    b = rng.standard_normal(V).astype(np.float32)
+    targets = rng.integers(0, V, M)
+    res = {}
+    for dt in (np.float32, np.float64):
+        s, g = scores.astype(dt), np.empty(V, dt)
+        loss = CpuKernels(dt).softmax_cross_entropy(s, targets, 9.0, bias=b.astype(dt), bias_grad=g)
+        res[dt] = (loss, s, g)
+    assert abs(res[np.float32][0] - res[np.float64][0]) <= 1e-6 * abs(res[np.float64][0])
+    np.testing.assert_allclose(res[np.float32][1], res[np.float64][1], rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(res[np.float32][2], res[np.float64][2], rtol=1e-4, atol=1e-7)
+    k = CpuKernels(np.float32)
+    for pos in (0, 500, 1003):  # a NaN anywhere in a row reaches the loss
+        s = scores.copy()
+        s[2, pos] = np.nan
+        assert np.isnan(k.softmax_cross_entropy(s, targets, 9.0, bias=b))
+
+
+def test_kernels_load_from_the_disk_cache(tmp_path):
+    """A second process loads every kernel it uses from Numba's cache, compiles none.
+
+    (Numba pickles the helpers a kernel calls into the cache key, with a uuid of their
+    own per process unless dtrain fixes it: the kernels were compiled anew, 2 s, in
+    every process.)
+    """
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from dtrain.nn.model import CaptioningModel
+w2i = {"<NULL>": 0, "<START>": 1, "<END>": 2, **{f"w{i}": i for i in range(3, 20)}}
+caps = np.array([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0]], np.int32)
+for dtype in (np.float32, np.float64):
+    for cell in ("rnn", "lstm", "gru"):
+        m = CaptioningModel(w2i, input_dim=6, wordvec_dim=4, hidden_dim=5, cell_type=cell, dtype=dtype,
+                            seed=0, use_kernels=True)
+        m.loss(np.ones((2, 6)), caps)
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    counts = []
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+        counts.append(sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.nbc")))
+    assert counts[0], "nothing was cached"
+    assert counts[1] == counts[0], sorted(set(counts[1]) - set(counts[0]))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_float32_rnn_gru_steps_against_float64(cell):
+    rng = np.random.default_rng(7)
+    n, H = 4, 67
+    G = H if cell == "rnn" else 3 * H
+    a = (rng.standard_normal((n, G)) * 4).astype(np.float32)
+    a[0, :4] = [90, -90, 1e4, -1e4]
+    r = rng.standard_normal((n, G)).astype(np.float32)
+    ph = rng.standard_normal((n, H)).astype(np.float32)
+    outs = {}
+    for dt in (np.float32, np.float64):
+        k, aa = CpuKernels(dt), a.astype(dt)
+        if cell == "rnn":
+            k.rnn_step_forward(aa, r.astype(dt))
+            outs[dt] = (aa,)
+        else:
+            hn, h = np.empty((n, H), dt), np.empty((n, H), dt)
+            k.gru_step_forward(aa, r.astype(dt), ph.astype(dt), hn, h)
+            outs[dt] = (aa, hn, h)
+    for got, ref in zip(outs[np.float32], outs[np.float64]):
+        np.testing.assert_allclose(got, ref, rtol=3e-6, atol=3e-7)
