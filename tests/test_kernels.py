@@ -252,3 +252,21 @@ def test_float32_rnn_gru_steps_against_float64(cell):
             outs[dt] = (aa, hn, h)
     for got, ref in zip(outs[np.float32], outs[np.float64]):
         np.testing.assert_allclose(got, ref, rtol=3e-6, atol=3e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_kernel(dtype):
+    k = CpuKernels(dtype)
+    big = np.finfo(dtype).max
+    for size in (1, 3, 4, 7, 1001):
+        a = np.full(size, big, dtype)  # finite, however large (a sum would overflow)
+        a[::2] = -big
+        assert k.all_finite(a)
+        for pos in {0, size // 4, size // 2, (3 * size) // 4, size - 1}:  # each quarter and the tail
+            for bad in (np.nan, np.inf, -np.inf):
+                b = a.copy()
+                b[pos] = bad
+                assert not k.all_finite(b), (size, pos, bad)
+    m = np.zeros((6, 5), dtype)
+    m[4, 3] = np.nan
+    assert not k.all_finite(m) and k.all_finite(m[:4])

@@ -51,9 +51,13 @@ class NonFiniteError(FloatingPointError):
         super().__init__(f"non-finite loss or gradient on rank(s) {self.ranks} (global loss {loss})")
 
 
-def _all_finite(xp, *arrays) -> bool:
-    """True when every entry is finite: one summing pass each (a sum of finite values that
-    overflows counts as non-finite too; such a gradient is no use either)."""
+def _all_finite(xp, *arrays, kernels=None) -> bool:
+    """True when every entry is finite: one reading pass each (the CPU kernels' check
+    of the exponent bits where they offer one, else a sum, for which a sum of finite
+    values that overflows counts as non-finite too)."""
+    check = getattr(kernels, "all_finite", None)
+    if check is not None:
+        return all(check(a) for a in arrays if a.size)
     return all(bool(xp.isfinite(a.sum())) for a in arrays if a.size)
 
 
@@ -148,7 +152,7 @@ class TrainStep:
         the same decision; only then do the ranks' own flags travel, to name the culprits.
         """
         loss = float(reduced.loss)
-        if math.isfinite(loss) and _all_finite(self.model.xp, self.model.grad_buffer):
+        if math.isfinite(loss) and _all_finite(self.model.xp, self.model.grad_buffer, kernels=self.model.kernels):
             return
         comm = self.reducer.comm
         size = comm.size if comm is not None else 1
@@ -193,7 +197,7 @@ class TrainStep:
             t1 = time.perf_counter()
             # one rank: the global check below sees the same numbers, no need to look twice
             local_ok = self.fused_adam or isinstance(self.reducer, LocalReducer) or (math.isfinite(loss) and _all_finite(
-                model.xp, grads.grad_buffer[: grads.embed_offset], grads.embed_rows))
+                model.xp, grads.grad_buffer[: grads.embed_offset], grads.embed_rows, kernels=model.kernels))
             reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
         t2 = time.perf_counter()
         if not self.fused_adam:
