@@ -170,7 +170,18 @@ def _build_cpu():
 
     # Adam is memory-bound: keep its arithmetic in the buffer's dtype (no float64
     # promotion); with error_model="numpy" LLVM vectorises the sqrt and division
-    # (IEEE, no fastmath: the same bits as the scalar loop).
+    # (IEEE, no fastmath: the same bits as the scalar loop). Both halves of the buffers
+    # advance in one loop: 14 memory streams instead of 7 keep more of memory busy
+    # (3.3 -> 2.9 ms at 2.6M parameters, bitwise the same).
+    @njit(inline="always")
+    def adam_one(p, g, m, v, k, step, inv_b2, c1, c1m, c2, c2m, e):
+        gk = g[k]
+        mk = c1 * m[k] + c1m * gk
+        vk = c2 * v[k] + c2m * gk * gk
+        m[k] = mk
+        v[k] = vk
+        p[k] -= step * mk / (np.sqrt(vk * inv_b2) + e)
+
     @njit(**opts)
     def adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         dt = p.dtype.type
@@ -179,13 +190,14 @@ def _build_cpu():
         c1, c1m = dt(b1), dt(1.0 - b1)
         c2, c2m = dt(b2), dt(1.0 - b2)
         e = dt(eps)
-        for k in range(p.size):
-            gk = g[k]
-            mk = c1 * m[k] + c1m * gk
-            vk = c2 * v[k] + c2m * gk * gk
-            m[k] = mk
-            v[k] = vk
-            p[k] -= step * mk / (np.sqrt(vk * inv_b2) + e)
+        h = p.size // 2
+        pa, ga, ma, va = p[:h], g[:h], m[:h], v[:h]
+        pb, gb, mb, vb = p[h : 2 * h], g[h : 2 * h], m[h : 2 * h], v[h : 2 * h]
+        for k in range(h):
+            adam_one(pa, ga, ma, va, k, step, inv_b2, c1, c1m, c2, c2m, e)
+            adam_one(pb, gb, mb, vb, k, step, inv_b2, c1, c1m, c2, c2m, e)
+        for k in range(2 * h, p.size):
+            adam_one(p, g, m, v, k, step, inv_b2, c1, c1m, c2, c2m, e)
 
     # float32: one pass per LSTM step and per softmax row, with exp32 (below) in place of
     # the libm calls, which do not vectorise.
@@ -274,7 +286,7 @@ def _build_cpu():
     # calls (a dispatcher or an intrinsic) with a uuid drawn anew in every process:
     # without fixed ones every process would compile the kernels that call helpers
     # again (2 s) instead of loading them (tests/test_kernels.py checks).
-    for helper in (sigm, f32_from_bits, bits_from_f32, exp32, row_sum64):
+    for helper in (sigm, adam_one, f32_from_bits, bits_from_f32, exp32, row_sum64):
         try:
             helper._set_uuid(f"dtrain.kernels.cpu.{helper.__name__}.v1")
         except (AttributeError, AssertionError):  # another Numba: compiled per process
