@@ -71,8 +71,9 @@ def _build_cpu():
     # exact: LN2_HI has 9 trailing zero bits, n at most 8 significant ones), e^r by
     # EXP_POLY on |r| <= ln2/2. For x in [-87, 88] (callers clamp): at most 1.088 ulp
     # from exp(x) over all 2.24 billion float32 in that range with FMA, 1.35 without
-    # (tests/test_kernels.py samples them). contract lets LLVM fuse the polynomial's multiply-adds
-    # into FMAs: only this function's own rounding, nothing around it, changes.
+    # (tests/test_kernels.py samples them). contract lets LLVM fuse the polynomial's
+    # multiply-adds into FMAs: only this function's own rounding, nothing around it,
+    # changes.
     log2e, ln2_hi, ln2_lo = np.float32(LOG2E), np.float32(LN2_HI), np.float32(LN2_LO)
     c0, c1, c2, c3, c4, c5, c6 = (np.float32(c) for c in EXP_POLY)
 
@@ -82,6 +83,19 @@ def _build_cpu():
         r = (x - n * ln2_hi) - n * ln2_lo
         p = ((((((c6 * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r) + c0
         return p * f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+    # The float32 gates: sigmoid(z) = 1 / (1 + e^-z), tanh(z) = 2 / (1 + e^-2z) - 1, the
+    # exponent clamped to [-80, 80] (no overflow; both saturate to the last bit well
+    # before).
+    one32, two32, lim32 = np.float32(1.0), np.float32(2.0), np.float32(80.0)
+
+    @njit(inline="always")
+    def sigmoid32(z):
+        return one32 / (one32 + exp32(min(max(-z, -lim32), lim32)))
+
+    @njit(inline="always")
+    def tanh32(z):
+        return two32 / (one32 + exp32(min(max(-two32 * z, -lim32), lim32))) - one32
 
     @njit(**opts)
     def lstm_fwd(a, r, prev_c, c, tc, h):
@@ -204,13 +218,9 @@ def _build_cpu():
     @njit(**opts)
     def lstm_fwd32(a, r, b, prev_c, c, tc, h):
         # a = x Wx (b not yet added), r = h Wh; leaves the activated i, f, o, g in a.
-        # sigmoid(z) = 1 / (1 + e^-z), tanh(z) = 2 / (1 + e^-2z) - 1, with the exponent
-        # clamped to [-80, 80] (no overflow; both saturate to the last bit well before).
         # (a + b) + r is the plain path's order (x Wx + b first).
         n, G = a.shape
         H = G // 4
-        dt = a.dtype.type
-        one, two, lim = dt(1.0), dt(2.0), dt(80.0)
         bi, bf, bo, bg = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
         for row in range(n):
             ar, rr = a[row], r[row]
@@ -218,49 +228,44 @@ def _build_cpu():
             ri, rf, ro, rg = rr[:H], rr[H : 2 * H], rr[2 * H : 3 * H], rr[3 * H :]
             pcr, cr, tcr, hr = prev_c[row], c[row], tc[row], h[row]
             for j in range(H):
-                i = one / (one + exp32(min(max(-((ai[j] + bi[j]) + ri[j]), -lim), lim)))
-                f = one / (one + exp32(min(max(-((af[j] + bf[j]) + rf[j]), -lim), lim)))
-                o = one / (one + exp32(min(max(-((ao[j] + bo[j]) + ro[j]), -lim), lim)))
-                g = two / (one + exp32(min(max(-two * ((ag[j] + bg[j]) + rg[j]), -lim), lim))) - one
+                i = sigmoid32((ai[j] + bi[j]) + ri[j])
+                f = sigmoid32((af[j] + bf[j]) + rf[j])
+                o = sigmoid32((ao[j] + bo[j]) + ro[j])
+                g = tanh32((ag[j] + bg[j]) + rg[j])
                 ai[j] = i
                 af[j] = f
                 ao[j] = o
                 ag[j] = g
                 cc = f * pcr[j] + i * g
                 cr[j] = cc
-                t = two / (one + exp32(min(max(-two * cc, -lim), lim))) - one
+                t = tanh32(cc)
                 tcr[j] = t
                 hr[j] = o * t
 
     @njit(**opts)
     def rnn_fwd32(a, r):
-        # a = tanh(a + r) in place, tanh as in lstm_fwd32
+        # a = tanh(a + r) in place
         n, H = a.shape
-        dt = a.dtype.type
-        one, two, lim = dt(1.0), dt(2.0), dt(80.0)
         for row in range(n):
             ar, rr = a[row], r[row]
             for j in range(H):
-                ar[j] = two / (one + exp32(min(max(-two * (ar[j] + rr[j]), -lim), lim))) - one
+                ar[j] = tanh32(ar[j] + rr[j])
 
     @njit(**opts)
     def gru_fwd32(a, r, prev_h, hn, h):
-        # gru_fwd in float32 with exp32: sigmoid(z) = 1 / (1 + e^-z), tanh(z) =
-        # 2 / (1 + e^-2z) - 1, exponents clamped to [-80, 80] as in lstm_fwd32
+        # gru_fwd in float32, on sigmoid32 and tanh32
         n, G = a.shape
         H = G // 3
-        dt = a.dtype.type
-        one, two, lim = dt(1.0), dt(2.0), dt(80.0)
         for row in range(n):
             ar, rr = a[row], r[row]
             ar_, az, an = ar[:H], ar[H : 2 * H], ar[2 * H :]
             rr_, rz, rn = rr[:H], rr[H : 2 * H], rr[2 * H :]
             hnr, hr, phr = hn[row], h[row], prev_h[row]
             for j in range(H):
-                rg = one / (one + exp32(min(max(-(ar_[j] + rr_[j]), -lim), lim)))
-                z = one / (one + exp32(min(max(-(az[j] + rz[j]), -lim), lim)))
+                rg = sigmoid32(ar_[j] + rr_[j])
+                z = sigmoid32(az[j] + rz[j])
                 hv = rn[j]
-                ng = two / (one + exp32(min(max(-two * (an[j] + rg * hv), -lim), lim))) - one
+                ng = tanh32(an[j] + rg * hv)
                 ar_[j] = rg
                 az[j] = z
                 an[j] = ng
@@ -286,7 +291,7 @@ def _build_cpu():
     # calls (a dispatcher or an intrinsic) with a uuid drawn anew in every process:
     # without fixed ones every process would compile the kernels that call helpers
     # again (2 s) instead of loading them (tests/test_kernels.py checks).
-    for helper in (sigm, adam_one, f32_from_bits, bits_from_f32, exp32, row_sum64):
+    for helper in (sigm, adam_one, f32_from_bits, bits_from_f32, exp32, sigmoid32, tanh32, row_sum64):
         try:
             helper._set_uuid(f"dtrain.kernels.cpu.{helper.__name__}.v1")
         except (AttributeError, AssertionError):  # another Numba: compiled per process
