@@ -236,3 +236,34 @@ def test_recurrent_backward_is_the_plain_product(dtype):
         out = np.empty((n, 64), dtype=dtype)
         assert layers.recurrent_backward(d, Wh, out, ws) is out
         np.testing.assert_allclose(out, d @ Wh.T, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,dtype", [((7,), np.float32), ((3, 1004), np.float32), ((513, 2048), np.float64),
+                                         ((0,), np.int64), ((2, 3, 5), np.int32)])
+def test_host_buffers_start_on_a_cache_line(shape, dtype):
+    from dtrain import alloc
+
+    for make in (alloc.empty, alloc.zeros):
+        out = make(shape, dtype)
+        assert out.shape == shape and out.dtype == dtype and out.flags.c_contiguous
+        assert out.size == 0 or out.ctypes.data % alloc.HOST_ALIGNMENT == 0
+    assert not alloc.zeros(shape, dtype).any()
+
+
+def test_the_step_buffers_start_on_a_cache_line():
+    # the flat parameter, gradient and Adam buffers and every workspace buffer of a step
+    from dtrain import alloc
+    from dtrain.bench.workload import synthetic_batch, vocab
+    from dtrain.kernels import for_arrays
+    from dtrain.nn.model import CaptioningModel
+    from dtrain.nn.optim import Adam
+
+    model = CaptioningModel(vocab(50), input_dim=24, wordvec_dim=12, hidden_dim=20, dtype=np.float32)
+    adam = Adam(model.num_params, kernels=for_arrays(np, np.float32))
+    features, captions = synthetic_batch(16, 9, 50, 24, np.random.default_rng(0))
+    grads = model.forward_backward(features, model.pack(captions), 16)
+    buffers = [model.param_buffer, model.grad_buffer, adam.m, adam.v, grads.embed_rows]
+    buffers += list(model.ws._buffers.values())
+    assert len(buffers) > 20
+    misaligned = [b.shape for b in buffers if b.ctypes.data % alloc.HOST_ALIGNMENT]
+    assert not misaligned

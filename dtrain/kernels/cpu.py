@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from .. import alloc
+
 _CPU = None
 
 # exp32's constants. EXP_POLY: degree-6 polynomial for e^r on [-ln2/2, ln2/2], fitted
@@ -66,6 +68,21 @@ def _build_cpu():
         def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], ir.IntType(32))
         return types.int32(types.float32), codegen
+
+    @intrinsic
+    def wide_vectors(typingctx):
+        # Marks the calling kernel "prefer-vector-width"="512". LLVM's tuning for the
+        # AVX-512 Xeons stops its vectoriser at 256 bits; the arithmetic-heavy float32
+        # kernels (exp32 per element) run 1.2x to 1.5x faster in 512-bit registers
+        # (measured on an Emerald Rapids VM: LSTM step forward at n=128 460 -> 310 us,
+        # softmax of 1580 x 1004 1.6 -> 1.3 ms), the memory-bound ones (the backward
+        # steps, Adam) as fast or slower, so only the former ask. Where the CPU has no
+        # 512-bit vectors the attribute changes nothing. llvmlite's attribute set takes
+        # no key=value attributes, hence the set.add around its check.
+        def codegen(context, builder, signature, args):
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            return context.get_dummy_value()
+        return types.none(), codegen
 
     # exp32(x) = 2^n e^r, n = rint(x log2 e), r = x - n ln 2 in two parts (n * LN2_HI is
     # exact: LN2_HI has 9 trailing zero bits, n at most 8 significant ones), e^r by
@@ -219,6 +236,7 @@ def _build_cpu():
     def lstm_fwd32(a, r, b, prev_c, c, tc, h):
         # a = x Wx (b not yet added), r = h Wh; leaves the activated i, f, o, g in a.
         # (a + b) + r is the plain path's order (x Wx + b first).
+        wide_vectors()
         n, G = a.shape
         H = G // 4
         bi, bf, bo, bg = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
@@ -245,6 +263,7 @@ def _build_cpu():
     @njit(**opts)
     def rnn_fwd32(a, r):
         # a = tanh(a + r) in place
+        wide_vectors()
         n, H = a.shape
         for row in range(n):
             ar, rr = a[row], r[row]
@@ -254,6 +273,7 @@ def _build_cpu():
     @njit(**opts)
     def gru_fwd32(a, r, prev_h, hn, h):
         # gru_fwd in float32, on sigmoid32 and tanh32
+        wide_vectors()
         n, G = a.shape
         H = G // 3
         for row in range(n):
@@ -274,6 +294,7 @@ def _build_cpu():
 
     @njit(**opts)
     def exp32_into(x, out):
+        wide_vectors()
         for k in range(x.size):
             out[k] = exp32(x[k])
 
@@ -291,7 +312,8 @@ def _build_cpu():
     # calls (a dispatcher or an intrinsic) with a uuid drawn anew in every process:
     # without fixed ones every process would compile the kernels that call helpers
     # again (2 s) instead of loading them (tests/test_kernels.py checks).
-    for helper in (sigm, adam_one, f32_from_bits, bits_from_f32, exp32, sigmoid32, tanh32, row_sum64):
+    for helper in (sigm, adam_one, f32_from_bits, bits_from_f32, wide_vectors, exp32, sigmoid32, tanh32,
+                   row_sum64):
         try:
             helper._set_uuid(f"dtrain.kernels.cpu.{helper.__name__}.v1")
         except (AttributeError, AssertionError):  # another Numba: compiled per process
@@ -309,6 +331,7 @@ def _build_cpu():
         # flipped: ordered as the floats are, -0 below +0), because LLVM vectorises an
         # integer max but not a float one; a NaN becomes the max or stays in its row,
         # either way the loss is NaN.
+        wide_vectors()
         M, V = scores.shape
         dt = scores.dtype.type
         floor = dt(-87.0)
@@ -397,6 +420,7 @@ def _build_cpu():
         # on entry and on exit; rows are summed in place (no gathered copy of dx).
         # col_sum, unless empty, gets the column sums of dx in row order (the same bits as
         # NumPy's dx.sum(axis=0)) from the same pass.
+        wide_vectors()
         M = words.size
         with_sum = col_sum.size > 0
         if with_sum:
@@ -532,7 +556,7 @@ class CpuKernels:
         receives the gradient's column sums (the gradient of ``bias``)."""
         M = scores.shape[0]
         if self._row_loss.size < M:
-            self._row_loss = np.empty(M, dtype=np.float64)
+            self._row_loss = alloc.empty(M, np.float64)
         row_loss = self._row_loss[:M]
         if self.fast32:
             if bias is None:
@@ -549,7 +573,7 @@ class CpuKernels:
 
     def _zero_bias(self, V):
         if self._zeros.size < V:
-            self._zeros = np.zeros(V, dtype=self.dtype)
+            self._zeros = alloc.zeros(V, self.dtype)
         return self._zeros[:V]
 
     def embedding_grad_sparse(self, words, dx, vocab_size, col_sum=None):
@@ -559,8 +583,8 @@ class CpuKernels:
         if self._slot.size < vocab_size:
             self._slot = np.full(vocab_size, -1, dtype=np.int64)
         if self._ids.size < M or self._rows.shape[1] != W:
-            self._ids = np.empty(max(M, 1), dtype=np.int64)
-            self._rows = np.empty((max(M, 1), W), dtype=self.dtype)
+            self._ids = alloc.empty(max(M, 1), np.int64)
+            self._rows = alloc.empty((max(M, 1), W), self.dtype)
         col_sum = self._zero_bias(0) if col_sum is None else col_sum
         count = self._embed_grad_rows(words, dx, self._slot[:vocab_size], self._ids, self._rows, col_sum)
         return self._ids[:count], self._rows[:count]

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from .. import alloc
 from ..backend import get_array_module
 
 
@@ -40,7 +41,7 @@ class Workspace:
         key = (name, dtype.str, xp.__name__)
         buf = self._buffers.get(key)
         if buf is None or buf.size < size:
-            buf = xp.empty(max(size, 1), dtype=dtype)
+            buf = alloc.empty(max(size, 1), dtype, xp)
             self._buffers[key] = buf
         out = buf[:size].reshape(shape)
         if zero:
@@ -51,7 +52,7 @@ class Workspace:
 
 def buffer(ws, name, shape, dtype, xp, zero=False):
     if ws is None:
-        return xp.zeros(shape, dtype=dtype) if zero else xp.empty(shape, dtype=dtype)
+        return alloc.zeros(shape, dtype, xp) if zero else alloc.empty(shape, dtype, xp)
     return ws.get(name, shape, dtype, xp, zero=zero)
 
 

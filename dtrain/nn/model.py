@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import alloc
 from ..backend import get_array_module, to_device
 from . import layers
 from .cells import get_cell
@@ -290,8 +291,8 @@ class CaptioningModel:
 
         self.shapes = param_shapes(self.vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type)
         self.num_params = sum(int(np.prod(s)) for s in self.shapes.values())
-        self.param_buffer = xp.zeros(self.num_params, dtype=self.dtype)
-        self.grad_buffer = xp.zeros(self.num_params, dtype=self.dtype)
+        self.param_buffer = alloc.zeros(self.num_params, self.dtype, xp)
+        self.grad_buffer = alloc.zeros(self.num_params, self.dtype, xp)
         self.params = ParamDict(flat_views(self.param_buffer, self.shapes))
         self.grads = flat_views(self.grad_buffer, self.shapes)
         # Offset where W_embed starts: everything before it is the dense part.

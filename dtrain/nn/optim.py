@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import alloc
+
 
 class Adam:
     """Adam (Kingma & Ba) with bias correction, over flat buffers.
@@ -23,8 +25,8 @@ class Adam:
                  dtype=np.float32, kernels=None):
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.xp = xp
-        self.m = xp.zeros(num_params, dtype=dtype)
-        self.v = xp.zeros(num_params, dtype=dtype)
+        self.m = alloc.zeros(num_params, dtype, xp)
+        self.v = alloc.zeros(num_params, dtype, xp)
         self.t = 0
         self.kernels = kernels
         self._scratch = None
