@@ -282,3 +282,27 @@ def test_all_finite_kernel(dtype):
     m = np.zeros((6, 5), dtype)
     m[4, 3] = np.nan
     assert not k.all_finite(m) and k.all_finite(m[:4])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("H", [37, 512])
+def test_lstm_backward_in_place_is_the_separate_kernel_bit_for_bit(dtype, H):
+    # The packed LSTM backward lets the CPU kernel write the gate gradients over the
+    # gates (d is a); the same arithmetic as writing them to a buffer of their own.
+    k = CpuKernels(dtype)
+    assert k.backward_in_place
+    rng = np.random.default_rng(H)
+    n, n_next = 29, 17
+    gates = rng.uniform(0.01, 0.99, (n, 4 * H)).astype(dtype)
+    gates[:, 3 * H :] = rng.uniform(-0.99, 0.99, (n, H))
+    prev_c, tc, dh_up = (rng.standard_normal((n, H)).astype(dtype) for _ in range(3))
+    dh_rec, dc_rec = (rng.standard_normal((n, H)).astype(dtype) for _ in range(2))
+    d = np.full((n, 4 * H), np.nan, dtype=dtype)
+    a, dh1, dc1 = gates.copy(), dh_rec.copy(), dc_rec.copy()
+    k.lstm_step_backward(d, dh_up, dh1, dc1, n_next, a, prev_c, tc)
+    assert np.array_equal(a, gates)  # the separate kernel leaves the gates alone
+    a2, dh2, dc2 = gates.copy(), dh_rec.copy(), dc_rec.copy()
+    k.lstm_step_backward(a2, dh_up, dh2, dc2, n_next, a2, prev_c, tc)
+    assert np.isfinite(d).all()
+    assert np.array_equal(a2, d) and np.array_equal(dh2, dh1) and np.array_equal(dc2, dc1)
+    assert not dh1[n_next:].any()  # rows whose caption ends here carry nothing back
