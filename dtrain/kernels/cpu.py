@@ -454,17 +454,30 @@ def _build_cpu():
             col_sum[:] = 0
         for k in range(M):
             slot[words[k]] = -2
+        # slot[w] = -3 - (w's row) until the row is first written, then the row: the first
+        # position of a word writes its row (0 + x, the bits of adding to a zeroed row),
+        # so the rows need no zeroing pass of their own
         count = 0
         for w in range(slot.size):
             if slot[w] == -2:
-                slot[w] = count
+                slot[w] = -3 - count
                 ids[count] = w
                 count += 1
-        rows[:count] = 0
+        zero = rows.dtype.type(0.0)
         for k in range(M):
-            acc, src = rows[slot[words[k]]], dx[k]
-            for j in range(acc.size):
-                acc[j] += src[j]
+            w = words[k]
+            r = slot[w]
+            src = dx[k]
+            if r <= -3:
+                r = -3 - r
+                slot[w] = r
+                acc = rows[r]
+                for j in range(acc.size):
+                    acc[j] = zero + src[j]
+            else:
+                acc = rows[r]
+                for j in range(acc.size):
+                    acc[j] += src[j]
             if with_sum:
                 for j in range(acc.size):
                     col_sum[j] += src[j]
