@@ -81,6 +81,10 @@ def test_bench_floor_and_breakdown_add_up(tmp_path, tiny_data):
     assert r["floor_ms"] > 0 and r["floor_gemms"] > 0
     assert r["timed_over_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
     assert r["step_over_floor"] > 0  # profiled step / its own replay, batch by batch
+    # floor + time outside GEMMs, over the floor: at least 1, and what the parts say
+    not_gemm = r["profiled_step_ms"] - r["breakdown_ms"]["gemm"]
+    assert r["not_gemm_over_floor"] > 1.0 and "outside GEMMs" in p.stdout
+    assert r["not_gemm_over_floor"] == pytest.approx(1 + not_gemm / r["floor_ms"], rel=0.5)
     parts = r["breakdown_ms"]
     assert set(parts) == {key for key, _ in floor.CATEGORIES}
     assert all(v >= 0 for v in parts.values())

@@ -51,6 +51,9 @@ def print_floor(r):
           f"layouts and order; median of {r['floor_repeats']} replays, {r['floor_batches']} batches) "
           f"-> the step is {r['step_over_floor']:.2f}x its GEMM floor (each profiled step against the "
           f"replay of its own GEMMs, side by side; timed median / floor: {timed:.2f}x)")
+    if r.get("not_gemm_over_floor"):
+        print(f"  floor + the step's own time outside GEMMs, over the floor: {r['not_gemm_over_floor']:.2f}x "
+              f"(the step as it would be if its GEMMs ran at their replayed speed; steadier on a shared host)")
     print(f"  where the step goes (profiled steps, {total:.1f} ms with batch assembly; medians):")
     for key, label in CATEGORIES:
         if key not in ms:
