@@ -286,9 +286,10 @@ def test_all_finite_kernel(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("H", [37, 512])
-def test_lstm_backward_in_place_is_the_separate_kernel_bit_for_bit(dtype, H):
+def test_lstm_backward_kernel_in_place_bit_for_bit(dtype, H):
     # The packed LSTM backward lets the CPU kernel write the gate gradients over the
-    # gates (d is a); the same arithmetic as writing them to a buffer of their own.
+    # gates (d is a): the same bits as the step's formulas evaluated by NumPy (same
+    # operation order, no contraction), and, into a separate d, the same again.
     k = CpuKernels(dtype)
     assert k.backward_in_place
     rng = np.random.default_rng(H)
@@ -297,12 +298,19 @@ def test_lstm_backward_in_place_is_the_separate_kernel_bit_for_bit(dtype, H):
     gates[:, 3 * H :] = rng.uniform(-0.99, 0.99, (n, H))
     prev_c, tc, dh_up = (rng.standard_normal((n, H)).astype(dtype) for _ in range(3))
     dh_rec, dc_rec = (rng.standard_normal((n, H)).astype(dtype) for _ in range(2))
-    d = np.full((n, 4 * H), np.nan, dtype=dtype)
+    one = dtype(1.0)
+    i, f, o, g = (gates[:, q * H : (q + 1) * H] for q in range(4))
+    dh_in, dc_in = dh_rec.copy(), dc_rec.copy()
+    dh_in[n_next:], dc_in[n_next:] = 0, 0  # rows whose caption ends here carry nothing back
+    dh = dh_up + dh_in
+    dc = dc_in + dh * o * (one - tc * tc)
+    want = np.concatenate([dc * g * i * (one - i), dc * prev_c * f * (one - f),
+                           dh * tc * o * (one - o), dc * i * (one - g * g)], axis=1)
+
     a, dh1, dc1 = gates.copy(), dh_rec.copy(), dc_rec.copy()
-    k.lstm_step_backward(d, dh_up, dh1, dc1, n_next, a, prev_c, tc)
-    assert np.array_equal(a, gates)  # the separate kernel leaves the gates alone
-    a2, dh2, dc2 = gates.copy(), dh_rec.copy(), dc_rec.copy()
-    k.lstm_step_backward(a2, dh_up, dh2, dc2, n_next, a2, prev_c, tc)
-    assert np.isfinite(d).all()
-    assert np.array_equal(a2, d) and np.array_equal(dh2, dh1) and np.array_equal(dc2, dc1)
-    assert not dh1[n_next:].any()  # rows whose caption ends here carry nothing back
+    k.lstm_step_backward(a, dh_up, dh1, dc1, n_next, a, prev_c, tc)
+    assert np.array_equal(a, want) and np.array_equal(dc1, dc * f)
+    assert not dh1[n_next:].any()
+    d, a2, dh2, dc2 = np.full_like(gates, np.nan), gates.copy(), dh_rec.copy(), dc_rec.copy()
+    k.lstm_step_backward(d, dh_up, dh2, dc2, n_next, a2, prev_c, tc)
+    assert np.array_equal(d, want) and np.array_equal(a2, gates) and np.array_equal(dc2, dc1)
