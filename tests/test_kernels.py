@@ -270,11 +270,14 @@ def test_float32_rnn_gru_steps_against_float64(cell):
 def test_all_finite_kernel(dtype):
     k = CpuKernels(dtype)
     big = np.finfo(dtype).max
-    for size in (1, 3, 4, 7, 1001):
+    for size in (1, 3, 7, 8, 9, 17, 1001):
         a = np.full(size, big, dtype)  # finite, however large (a sum would overflow)
         a[::2] = -big
         assert k.all_finite(a)
-        for pos in {0, size // 4, size // 2, (3 * size) // 4, size - 1}:  # each quarter and the tail
+        # each of the kernel's eight streams, the last entry of each, and the tail
+        for pos in {q * size // 8 for q in range(8)} | {(q + 1) * (size // 8) - 1 for q in range(8)} | {size - 1}:
+            if pos < 0:
+                continue
             for bad in (np.nan, np.inf, -np.inf):
                 b = a.copy()
                 b[pos] = bad
