@@ -120,23 +120,36 @@ def input_projection(x_packed, Wx, b, out):
 TRANSPOSED_BACKWARD_ROWS = 128
 
 
-def recurrent_backward(d, Wh, out, ws):
+def recurrent_scratch(ws, rows, H, dtype, xp):
+    """The scratch buffer of ``recurrent_backward`` for up to ``rows`` rows (None on a GPU).
+
+    A packed backward pass takes it once, before its time loop: every Python
+    call inside the loop runs once per time step, on caches the GEMMs have just
+    filled with other data (measured: a workspace lookup there costs 18 us).
+    """
+    if xp is not np:
+        return None
+    return buffer(ws, "recurrent_backward_T", (H * max(min(rows, TRANSPOSED_BACKWARD_ROWS), 1),), dtype, xp)
+
+
+def recurrent_backward(d, Wh, out, ws=None, scratch=None):
     """out = d @ Wh.T: a step's gradient back to the previous hidden state.
 
     On NumPy, for at most TRANSPOSED_BACKWARD_ROWS rows, this is computed as
-    (Wh @ d.T).T into a scratch buffer and copied: OpenBLAS runs that form
-    1.6x to 2.4x faster for the few rows (n <= 32) of a short caption batch's
-    step, and 1.05x to 1.4x at n = 128. Same products; at the model's sizes
-    the results were bitwise equal (H=512, n=4..512), and tests/test_layers.py
-    checks them against the plain product.
+    (Wh @ d.T).T into a scratch buffer (``scratch`` from ``recurrent_scratch``,
+    else one from ``ws``) and copied: OpenBLAS runs that form 1.6x to 2.4x
+    faster for the few rows (n <= 32) of a short caption batch's step, and
+    1.05x to 1.4x at n = 128. Same products; at the model's sizes the results
+    were bitwise equal (H=512, n=4..512), and tests/test_layers.py checks them
+    against the plain product.
     """
-    xp = get_array_module(d)
     n, H = out.shape
-    if xp is not np or n > TRANSPOSED_BACKWARD_ROWS:
-        return xp.matmul(d, Wh.T, out=out)
-    scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, xp)
+    if not isinstance(d, np.ndarray) or n > TRANSPOSED_BACKWARD_ROWS:
+        return get_array_module(d).matmul(d, Wh.T, out=out)
+    if scratch is None:
+        scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, np)
     out_T = scratch[: H * n].reshape(H, n)
-    xp.matmul(Wh, d.T, out=out_T)
+    np.matmul(Wh, d.T, out=out_T)
     out[...] = out_T.T
     return out
 

@@ -114,6 +114,7 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
     dh = L.buffer(ws, "gru_dh", (n0, H), dtype, xp)
     tmp = L.buffer(ws, "gru_tmp", (n0, H), dtype, xp)
     dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
+    scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
@@ -148,7 +149,7 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
             dh_t[:, : 2 * H] = dx_t[:, : 2 * H]
             xp.multiply(d_n, r, out=dh_t[:, 2 * H :])
             xp.multiply(d, z, out=carry[:n])
-        L.recurrent_backward(dh_t, Wh, (dh_rec if t > 0 else dh0)[:n], ws)
+        L.recurrent_backward(dh_t, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch)
         if t == 0:
             dh0[:n] += carry[:n]
     return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah, input_grad=input_grad)

@@ -113,6 +113,7 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
     dc = L.buffer(ws, "lstm_dc", (n0, H), dtype, xp)
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
     dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
+    scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
@@ -152,7 +153,7 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
             w *= i
             xp.multiply(dc_t, w, out=d_g)
             xp.multiply(dc_t, f, out=dc_rec[:n])
-        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], ws)
+        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch)
     prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp))
     return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad)
 

@@ -69,6 +69,7 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
     n0 = batch_sizes[0] if batch_sizes else 0
     dh_rec = L.buffer(ws, "rnn_dh_rec", (n0, H), dtype, xp)
     dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
+    scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
@@ -83,7 +84,7 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
             xp.multiply(h, h, out=tmp)
             xp.subtract(1.0, tmp, out=tmp)
             d *= tmp
-        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], ws)
+        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch)
     prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "rnn_prev_h", (total, H), dtype, xp))
     return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad)
 
