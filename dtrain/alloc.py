@@ -3,7 +3,7 @@
 NumPy's large allocations start 16 or 48 bytes past a 64-byte line, so every row a
 fused kernel streams straddles one more line than it needs: the LSTM backward
 step at n=128 ran 1.3x slower from such buffers (Emerald Rapids VM, float32),
-and a whole training step about 1.5% slower. On a GPU, CuPy's allocations are
+and a whole training step about 1.4% slower. On a GPU, CuPy's allocations are
 already aligned.
 """
 
