@@ -38,7 +38,7 @@ CATEGORIES = (
     ("gates", "gate kernels (fused cell step forward/backward)"),
     ("softmax", "softmax + loss (fused, in place)"),
     ("embedding", "embedding lookup and sparse gradient"),
-    ("gathers", "row gathers (features, scored rows)"),
+    ("gathers", "row gathers and scatters (features, scored rows)"),
     ("reduce", "gradient reduce (one rank: W_embed row scatter)"),
     ("finite", "finite checks of loss and gradients"),
     ("adam", "Adam (fused, flat buffers)"),
@@ -130,10 +130,14 @@ class StepProfiler:
             prof.time_steps += len(packed.batch_sizes)
 
         w_embed = model.params["W_embed"]
+        rows_of = lambda a: "embedding" if a[0] is w_embed else "gathers"  # noqa: E731
         p.set(np, "matmul", self._timed("gemm", np.matmul, record_gemm))
-        p.set(np, "take", self._timed(lambda a: "embedding" if a[0] is w_embed else "gathers", np.take))
+        p.set(np, "take", self._timed(rows_of, np.take))
         kern = model.kernels
         if kern is not None:
+            for name in ("gather_rows", "scatter_rows"):
+                if hasattr(kern, name):
+                    p.set(kern, name, self._timed(rows_of, getattr(kern, name)))
             for name in model.cell.kernels:
                 if hasattr(kern, name):
                     p.set(kern, name, self._timed("gates", getattr(kern, name)))

@@ -15,13 +15,21 @@ import numpy as np
 
 
 def set_num_threads(n):
-    """Threads of the CPU kernels (kept equal to the BLAS threads of the rank)."""
+    """Threads of the CPU kernels (kept equal to the BLAS threads of the rank). With more
+    than one, OpenBLAS runs its jobs on the kernels' threads: one pool (``pool.py``)."""
     try:
         import numba
 
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
     except Exception:
-        pass
+        return
+    from . import pool
+
+    try:
+        pool.install(int(n))
+    except Exception as exc:  # a threading layer that will not start, an unreadable BLAS
+        pool.uninstall()
+        pool.note(f"OpenBLAS's own threads (the shared pool failed: {exc})")
 
 
 def for_arrays(xp, dtype):

@@ -19,13 +19,21 @@ one pass; in float64 (the exactness checks) the kernels call libm.
 
 from __future__ import annotations
 
+import ctypes
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
 from .. import alloc
+from . import openblas, pool
 
 _CPU = None
+_SPLIT = None
+_TRANSPOSE = None  # ({dtype: omatcopy's address}, its Numba caller); ({}, None) without OpenBLAS
+# A kernel call splits across the shared pool's threads when its largest operand has at
+# least this many elements (below it, starting the threads costs more than it saves).
+SPLIT_MIN_ELEMENTS = 16384
 
 # exp32's constants. EXP_POLY: degree-6 polynomial for e^r on [-ln2/2, ln2/2], fitted
 # by least squares at 4,000 Chebyshev points in float64 and rounded to float32
@@ -418,49 +426,57 @@ def _build_cpu():
                 cr[j] = dh * z[j]
 
     @njit(**opts)
-    def embed_grad_rows(words, dx, slot, ids, rows, col_sum):
-        # the row-sparse embedding gradient: ids = the distinct words, ascending; rows[i] =
-        # the sum of dx over the positions of ids[i], in position order. slot (V,) is -1
-        # on entry and on exit; rows are summed in place (no gathered copy of dx).
-        # col_sum, unless empty, gets the column sums of dx in row order (the same bits as
-        # NumPy's dx.sum(axis=0)) from the same pass.
-        wide_vectors()
+    def embed_slots(words, slot, ids, row_of):
+        # The row-sparse embedding gradient, part one: ids = the distinct words, ascending;
+        # row_of[k] = the row of position k's word, as -1 - row at the word's first
+        # position (which writes its row: 0 + x, the bits of adding to a zeroed row, so the
+        # rows need no zeroing pass of their own). slot (V,) is -1 on entry and on exit.
         M = words.size
-        with_sum = col_sum.size > 0
-        if with_sum:
-            col_sum[:] = 0
         for k in range(M):
             slot[words[k]] = -2
-        # slot[w] = -3 - (w's row) until the row is first written, then the row: the first
-        # position of a word writes its row (0 + x, the bits of adding to a zeroed row),
-        # so the rows need no zeroing pass of their own
         count = 0
         for w in range(slot.size):
             if slot[w] == -2:
-                slot[w] = -3 - count
+                slot[w] = -3 - count  # the row, not yet written
                 ids[count] = w
                 count += 1
-        zero = rows.dtype.type(0.0)
         for k in range(M):
             w = words[k]
             r = slot[w]
-            src = dx[k]
             if r <= -3:
-                r = -3 - r
-                slot[w] = r
-                acc = rows[r]
-                for j in range(acc.size):
-                    acc[j] = zero + src[j]
+                slot[w] = -3 - r
+                row_of[k] = -1 - (-3 - r)
             else:
-                acc = rows[r]
-                for j in range(acc.size):
-                    acc[j] += src[j]
-            if with_sum:
-                for j in range(acc.size):
-                    col_sum[j] += src[j]
+                row_of[k] = r
         for i in range(count):
             slot[ids[i]] = -1
         return count
+
+    @njit(**opts)
+    def embed_rows(dx, row_of, rows, col_sum, lo, hi):
+        # Part two, for the columns lo..hi: rows[i] = the sum of dx over the positions of
+        # ids[i], in position order (no gathered copy of dx); col_sum, unless empty, the
+        # column sums of dx in row order (the same bits as NumPy's dx.sum(axis=0)).
+        wide_vectors()
+        zero = rows.dtype.type(0.0)
+        with_sum = col_sum.size > 0
+        if with_sum:
+            col_sum[lo:hi] = 0
+        for k in range(dx.shape[0]):
+            r = row_of[k]
+            src = dx[k, lo:hi]
+            if r < 0:
+                acc = rows[-1 - r, lo:hi]
+                for j in range(acc.size):
+                    acc[j] = zero + src[j]
+            else:
+                acc = rows[r, lo:hi]
+                for j in range(acc.size):
+                    acc[j] += src[j]
+            if with_sum:
+                cs = col_sum[lo:hi]
+                for j in range(cs.size):
+                    cs[j] += src[j]
 
     @njit(**opts)
     def count_nonfinite(bits, exponent):
@@ -505,9 +521,230 @@ def _build_cpu():
                 acc[r, j] += np.int64(np.rint(v * scale))
         return m
 
-    return (lstm_fwd, lstm_bwd_in_place, rnn_fwd, rnn_bwd, softmax_xent, adam,
-            lstm_fwd32, rnn_fwd32, gru_fwd32, softmax_xent32, gru_fwd, gru_bwd,
-            quantize_add, quantize_add_rows, embed_grad_rows, exp32_into, count_nonfinite)
+    @njit(**opts)
+    def column_sums(x, out, lo, hi):
+        # out[lo:hi] = x[:, lo:hi].sum(axis=0), rows added in order
+        out[lo:hi] = 0
+        o = out[lo:hi]
+        for row in range(x.shape[0]):
+            xr = x[row, lo:hi]
+            for j in range(o.size):
+                o[j] += xr[j]
+
+    # Row copies of the step (memory-bound; the split versions below run them on every
+    # thread of the shared pool).
+    @njit(**opts)
+    def gather_rows(src, idx, out, lo, hi):
+        # out[i] = src[idx[i]] for i in lo..hi (np.take(src, idx, axis=0, out=out)); returns
+        # how many indices were out of range (their rows are left as they were)
+        bad = 0
+        for i in range(lo, hi):
+            r = idx[i]
+            if r < 0 or r >= src.shape[0]:
+                bad += 1
+                continue
+            s, o = src[r], out[i]
+            for j in range(o.size):
+                o[j] = s[j]
+        return bad
+
+    @njit(**opts)
+    def scatter_rows(src, pos, out, lo, hi):
+        # rows lo..hi of out = 0, but out[pos[k]] = src[k] (pos ascending): out.fill(0);
+        # out[pos] = src in one pass
+        k = np.searchsorted(pos, lo)
+        zero = out.dtype.type(0.0)
+        for i in range(lo, hi):
+            o = out[i]
+            if k < pos.size and pos[k] == i:
+                s = src[k]
+                for j in range(o.size):
+                    o[j] = s[j]
+                k += 1
+            else:
+                for j in range(o.size):
+                    o[j] = zero
+
+    kernels = SimpleNamespace(
+        lstm_fwd=lstm_fwd, lstm_bwd_in_place=lstm_bwd_in_place, rnn_fwd=rnn_fwd, rnn_bwd=rnn_bwd,
+        softmax_xent=softmax_xent, adam=adam, lstm_fwd32=lstm_fwd32, rnn_fwd32=rnn_fwd32,
+        gru_fwd32=gru_fwd32, softmax_xent32=softmax_xent32, gru_fwd=gru_fwd, gru_bwd=gru_bwd,
+        quantize_add=quantize_add, quantize_add_rows=quantize_add_rows, embed_slots=embed_slots,
+        embed_rows=embed_rows, exp32_into=exp32_into, count_nonfinite=count_nonfinite,
+        column_sums=column_sums, gather_rows=gather_rows, scatter_rows=scatter_rows)
+    # the split kernels (below) call these: fixed uuids, for the reason given above
+    for name in ("lstm_fwd32", "lstm_bwd_in_place", "softmax_xent32", "embed_rows", "adam",
+                 "count_nonfinite", "column_sums", "gather_rows", "scatter_rows"):
+        try:
+            getattr(kernels, name)._set_uuid(f"dtrain.kernels.cpu.{name}.v1")
+        except (AttributeError, AssertionError):
+            pass
+    kernels.wide_vectors = wide_vectors
+    return kernels
+
+
+def _build_split(k):
+    """The kernels split across the threads of the shared pool (``pool.py``), in ``parts``.
+
+    Each part runs the serial kernel on its own rows (or columns, or elements), so
+    every element is computed by the same code in the same order as on one thread:
+    the same bits. Only built and used while OpenBLAS's jobs run on the same pool.
+    """
+    from numba import njit, prange
+
+    opts = {"cache": True, "nogil": True, "error_model": "numpy", "parallel": True}
+    wide_vectors = k.wide_vectors
+    lstm_fwd32, lstm_bwd_in_place, softmax_xent32 = k.lstm_fwd32, k.lstm_bwd_in_place, k.softmax_xent32
+    embed_rows, adam, count_nonfinite, column_sums = k.embed_rows, k.adam, k.count_nonfinite, k.column_sums
+    gather_rows, scatter_rows = k.gather_rows, k.scatter_rows
+
+    @njit(inline="always")
+    def bounds(n, parts, p, align):
+        # part p of n items, its ends on multiples of align (the last part ends at n)
+        lo = (n * p // parts) // align * align
+        hi = n if p == parts - 1 else (n * (p + 1) // parts) // align * align
+        return lo, hi
+
+    try:  # a fixed uuid (see _build_cpu)
+        bounds._set_uuid("dtrain.kernels.cpu.bounds.v1")
+    except (AttributeError, AssertionError):
+        pass
+
+    @njit(**opts)
+    def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h):
+        n = a.shape[0]
+        for p in prange(parts):
+            wide_vectors()
+            lo, hi = bounds(n, parts, p, 1)
+            lstm_fwd32(a[lo:hi], r[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi])
+
+    @njit(**opts)
+    def lstm_bwd_split(parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
+        n = a.shape[0]
+        for p in prange(parts):
+            lo, hi = bounds(n, parts, p, 1)
+            lstm_bwd_in_place(a[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
+                              min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
+
+    @njit(**opts)
+    def softmax_xent32_split(parts, scores, b, targets, inv_norm, row_loss, col_sum, no_sum):
+        M, V = scores.shape
+        for p in prange(parts):
+            wide_vectors()
+            lo, hi = bounds(M, parts, p, 1)
+            softmax_xent32(scores[lo:hi], b, targets[lo:hi], inv_norm, row_loss[lo:hi], no_sum)
+        if col_sum.size > 0:
+            for p in prange(parts):
+                lo, hi = bounds(V, parts, p, 16)
+                column_sums(scores, col_sum, lo, hi)
+
+    @njit(**opts)
+    def embed_rows_split(parts, dx, row_of, rows, col_sum):
+        W = dx.shape[1]
+        for p in prange(parts):
+            wide_vectors()
+            lo, hi = bounds(W, parts, p, 16)
+            embed_rows(dx, row_of, rows, col_sum, lo, hi)
+
+    @njit(**opts)
+    def adam_split(parts, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
+        n = p.size
+        for q in prange(parts):
+            lo, hi = bounds(n, parts, q, 16)
+            adam(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], lr, b1, b2, eps, bias1, bias2)
+
+    @njit(**opts)
+    def count_nonfinite_split(parts, bits, exponent):
+        n = bits.size
+        count = 0
+        for q in prange(parts):
+            lo, hi = bounds(n, parts, q, 16)
+            count += count_nonfinite(bits[lo:hi], exponent)
+        return count
+
+    @njit(**opts)
+    def gather_rows_split(parts, src, idx, out):
+        bad = 0
+        for p in prange(parts):
+            lo, hi = bounds(out.shape[0], parts, p, 1)
+            bad += gather_rows(src, idx, out, lo, hi)
+        return bad
+
+    @njit(**opts)
+    def scatter_rows_split(parts, src, pos, out):
+        for p in prange(parts):
+            lo, hi = bounds(out.shape[0], parts, p, 1)
+            scatter_rows(src, pos, out, lo, hi)
+
+    return SimpleNamespace(lstm_fwd32=lstm_fwd32_split, lstm_bwd_in_place=lstm_bwd_split,
+                           softmax_xent32=softmax_xent32_split, embed_rows=embed_rows_split,
+                           adam=adam_split, count_nonfinite=count_nonfinite_split,
+                           gather_rows=gather_rows_split, scatter_rows=scatter_rows_split)
+
+
+def _build_transpose():
+    """(omatcopy's address per dtype, a Numba caller): OpenBLAS's out-of-place transpose,
+    called through its address from compiled code (cached like the kernels; a ctypes call
+    costs more than the copy at the recurrent backward's sizes). One thread: split across
+    the pool it was no faster (512 x n float32, n = 4..128). None without OpenBLAS."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    try:
+        library = openblas.loaded()[0]
+    except Exception:  # another BLAS, no threadpoolctl
+        return None
+    addresses = {}
+    for dtype, name in ((np.float32, "cblas_somatcopy"), (np.float64, "cblas_domatcopy")):
+        fn = library.symbol(name)
+        if fn is not None:
+            addresses[np.dtype(dtype)] = ctypes.cast(fn, ctypes.c_void_p).value
+    ilp64 = library.blasint is ctypes.c_int64
+
+    @intrinsic
+    def call_omatcopy(typingctx, fn, rows, cols, alpha, a, lda, b, ldb):
+        # fn(CblasRowMajor, CblasTrans, rows, cols, alpha, a, lda, b, ldb); integers as
+        # this library's BLAS integers, pointers given as integers
+        def codegen(context, builder, signature, args):
+            i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+            blasint = ir.IntType(64 if ilp64 else 32)
+            real = context.get_value_type(signature.args[3])
+            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, blasint, blasint, real, i8p, blasint, i8p, blasint])
+            target = builder.inttoptr(args[0], fnty.as_pointer())
+            n = (lambda v: v) if ilp64 else (lambda v: builder.trunc(v, blasint))
+            builder.call(target, [ir.Constant(i32, openblas.CBLAS_ROW_MAJOR), ir.Constant(i32, openblas.CBLAS_TRANS),
+                                  n(args[1]), n(args[2]), args[3], builder.inttoptr(args[4], i8p), n(args[5]),
+                                  builder.inttoptr(args[6], i8p), n(args[7])])
+            return context.get_dummy_value()
+        return types.void(types.intp, types.intp, types.intp, alpha, types.intp, types.intp, types.intp,
+                          types.intp), codegen
+
+    try:  # a fixed uuid per integer width (see _build_cpu)
+        call_omatcopy._set_uuid(f"dtrain.kernels.cpu.call_omatcopy.{'ilp64' if ilp64 else 'lp64'}.v1")
+    except (AttributeError, AssertionError):
+        pass
+
+    @njit(cache=True, nogil=True)
+    def omatcopy(fn, src, out):
+        # out = src.T; alpha = 1 copies each element as it is (NaNs and signed zeros too)
+        rows, cols = src.shape
+        one = src.dtype.type(1.0)
+        call_omatcopy(fn, np.intp(rows), np.intp(cols), one, np.intp(src.ctypes.data), np.intp(cols),
+                      np.intp(out.ctypes.data), np.intp(rows))
+
+    return addresses, omatcopy
+
+
+def _split(elements):
+    """(the split kernels, parts) when a call of this size runs on the shared pool, else (None, 1)."""
+    global _SPLIT
+    parts = pool.threads()
+    if parts <= 1 or elements < SPLIT_MIN_ELEMENTS:
+        return None, 1
+    if _SPLIT is None:
+        _SPLIT = _build_split(_CPU)
+    return _SPLIT, parts
 
 
 class CpuKernels:
@@ -521,12 +758,18 @@ class CpuKernels:
         global _CPU
         if _CPU is None:
             _CPU = _build_cpu()
+        k = _CPU
         (self._lstm_fwd, self._lstm_bwd_in_place, self._rnn_fwd, self._rnn_bwd,
          self._softmax_xent, self._adam, self._lstm_fwd32, self._rnn_fwd32, self._gru_fwd32,
-         self._softmax_xent32,
-         self._gru_fwd, self._gru_bwd,
-         self._quantize_add, self._quantize_add_rows, self._embed_grad_rows, self._exp32_into,
-         self._count_nonfinite) = _CPU
+         self._softmax_xent32, self._gru_fwd, self._gru_bwd, self._quantize_add,
+         self._quantize_add_rows, self._embed_slots, self._embed_rows, self._exp32_into,
+         self._count_nonfinite) = (
+            k.lstm_fwd, k.lstm_bwd_in_place, k.rnn_fwd, k.rnn_bwd, k.softmax_xent, k.adam,
+            k.lstm_fwd32, k.rnn_fwd32, k.gru_fwd32, k.softmax_xent32, k.gru_fwd, k.gru_bwd,
+            k.quantize_add, k.quantize_add_rows, k.embed_slots, k.embed_rows, k.exp32_into,
+            k.count_nonfinite)
+        self._gather_rows, self._scatter_rows = k.gather_rows, k.scatter_rows
+        self._row_of = np.empty(0, dtype=np.int64)
         self.dtype = np.dtype(dtype)
         self._row_loss = np.empty(0, dtype=np.float64)
         self._zeros = np.empty(0, dtype=self.dtype)
@@ -542,6 +785,10 @@ class CpuKernels:
         """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added)."""
         n = a.shape[0]
         if self.fast32:
+            split, parts = _split(a.size)
+            if split is not None:
+                split.lstm_fwd32(parts, a, r, bias, prev_c[:n], c, tc, h)
+                return
             self._lstm_fwd32(a, r, bias, prev_c[:n], c, tc, h)
         else:
             a += bias
@@ -558,7 +805,11 @@ class CpuKernels:
         the gate gradients replace the gates); otherwise ``a`` is copied there first."""
         if d is not a:
             np.copyto(d, a)
-        self._lstm_bwd_in_place(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
+        split, parts = _split(d.size)
+        if split is not None:
+            split.lstm_bwd_in_place(parts, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
+        else:
+            self._lstm_bwd_in_place(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
 
     def rnn_step_forward(self, a, r):
         if self.fast32:
@@ -587,7 +838,12 @@ class CpuKernels:
             if bias is None:
                 bias = self._zero_bias(scores.shape[1])
             col_sum = self._zero_bias(0) if bias_grad is None else bias_grad
-            self._softmax_xent32(scores, bias, targets, 1.0 / normalizer, row_loss, col_sum)
+            split, parts = _split(scores.size)
+            if split is not None:
+                split.softmax_xent32(parts, scores, bias, targets, 1.0 / normalizer, row_loss, col_sum,
+                                     self._zero_bias(0))
+            else:
+                self._softmax_xent32(scores, bias, targets, 1.0 / normalizer, row_loss, col_sum)
         else:
             if bias is not None:
                 scores += bias
@@ -610,20 +866,73 @@ class CpuKernels:
         if self._ids.size < M or self._rows.shape[1] != W:
             self._ids = alloc.empty(max(M, 1), np.int64)
             self._rows = alloc.empty((max(M, 1), W), self.dtype)
+        if self._row_of.size < M:
+            self._row_of = alloc.empty(M, np.int64)
         col_sum = self._zero_bias(0) if col_sum is None else col_sum
-        count = self._embed_grad_rows(words, dx, self._slot[:vocab_size], self._ids, self._rows, col_sum)
+        row_of = self._row_of[:M]
+        count = self._embed_slots(words, self._slot[:vocab_size], self._ids, row_of)
+        split, parts = _split(dx.size)
+        if split is not None:
+            split.embed_rows(parts, dx, row_of, self._rows, col_sum)
+        else:
+            self._embed_rows(dx, row_of, self._rows, col_sum, 0, W)
         return self._ids[:count], self._rows[:count]
 
     def all_finite(self, a):
         """True when no entry of the contiguous float array ``a`` is inf or nan."""
         if a.dtype == np.float32:
-            return self._count_nonfinite(a.reshape(-1).view(np.int32), np.int32(0x7F800000)) == 0
-        if a.dtype == np.float64:
-            return self._count_nonfinite(a.reshape(-1).view(np.int64), np.int64(0x7FF0000000000000)) == 0
-        return bool(np.isfinite(a).all())
+            bits, exponent = a.reshape(-1).view(np.int32), np.int32(0x7F800000)
+        elif a.dtype == np.float64:
+            bits, exponent = a.reshape(-1).view(np.int64), np.int64(0x7FF0000000000000)
+        else:
+            return bool(np.isfinite(a).all())
+        split, parts = _split(bits.size)
+        if split is not None:
+            return split.count_nonfinite(parts, bits, exponent) == 0
+        return self._count_nonfinite(bits, exponent) == 0
+
+    def gather_rows(self, src, idx, out):
+        """out[i] = src[idx[i]]: ``np.take(src, idx, axis=0, out=out)`` (2-D, C-contiguous)."""
+        split, parts = _split(out.size)
+        if split is not None:
+            bad = split.gather_rows(parts, src, idx, out)
+        else:
+            bad = self._gather_rows(src, idx, out, 0, out.shape[0])
+        if bad:
+            wrong = idx[(idx < 0) | (idx >= src.shape[0])]
+            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size {src.shape[0]}")
+        return out
+
+    def scatter_rows(self, src, pos, out):
+        """``out.fill(0); out[pos] = src`` in one pass (``pos`` ascending, distinct)."""
+        split, parts = _split(out.size)
+        if split is not None:
+            split.scatter_rows(parts, src, pos, out)
+        else:
+            self._scatter_rows(src, pos, out, 0, out.shape[0])
+        return out
+
+    def copy_transposed(self, src, out):
+        """``out[...] = src.T`` (2-D, C-contiguous): OpenBLAS's omatcopy where it is found
+        (512 x 128 float32: 19 us against NumPy's 92; 64 columns: 9 against 44)."""
+        global _TRANSPOSE
+        if _TRANSPOSE is None:
+            _TRANSPOSE = _build_transpose() or ({}, None)
+        addresses, omatcopy = _TRANSPOSE
+        address = addresses.get(src.dtype)
+        if address is None or out.dtype != src.dtype or out.shape != src.shape[::-1] \
+                or not (src.flags.c_contiguous and out.flags.c_contiguous):
+            out[...] = src.T
+        else:
+            omatcopy(address, src, out)
+        return out
 
     def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
-        self._adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2)
+        split, parts = _split(p.size)
+        if split is not None:
+            split.adam(parts, p, g, m, v, lr, b1, b2, eps, bias1, bias2)
+        else:
+            self._adam(p, g, m, v, lr, b1, b2, eps, bias1, bias2)
 
     def quantize_add(self, acc, g, scale):
         """acc (int64) += rint(g * scale); returns max |g| (float)."""

@@ -132,7 +132,7 @@ def recurrent_scratch(ws, rows, H, dtype, xp):
     return buffer(ws, "recurrent_backward_T", (H * max(min(rows, TRANSPOSED_BACKWARD_ROWS), 1),), dtype, xp)
 
 
-def recurrent_backward(d, Wh, out, ws=None, scratch=None):
+def recurrent_backward(d, Wh, out, ws=None, scratch=None, kernels=None):
     """out = d @ Wh.T: a step's gradient back to the previous hidden state.
 
     On NumPy, for at most TRANSPOSED_BACKWARD_ROWS rows, this is computed as
@@ -141,7 +141,8 @@ def recurrent_backward(d, Wh, out, ws=None, scratch=None):
     faster for the few rows (n <= 32) of a short caption batch's step, and
     1.05x to 1.4x at n = 128. Same products; at the model's sizes the results
     were bitwise equal (H=512, n=4..512), and tests/test_layers.py checks them
-    against the plain product.
+    against the plain product. ``kernels`` that offer ``copy_transposed`` do the
+    copy.
     """
     n, H = out.shape
     if not isinstance(d, np.ndarray) or n > TRANSPOSED_BACKWARD_ROWS:
@@ -150,6 +151,9 @@ def recurrent_backward(d, Wh, out, ws=None, scratch=None):
         scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, np)
     out_T = scratch[: H * n].reshape(H, n)
     np.matmul(Wh, d.T, out=out_T)
+    copy_transposed = getattr(kernels, "copy_transposed", None)
+    if copy_transposed is not None:  # blocked, and on every thread of the shared pool
+        return copy_transposed(out_T, out)
     out[...] = out_T.T
     return out
 

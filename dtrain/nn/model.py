@@ -188,6 +188,25 @@ def fixed_batch(captions, null_idx, dtype=np.float32):
                       seg_start=seg_start, ids=ids, num_ids=int(S), num_tokens=int(mask.sum()))
 
 
+def take_rows(src, idx, out, kernels=None):
+    """out[i] = src[idx[i]] (``take`` along axis 0), by ``kernels`` where they offer it
+    (one pass on every thread of the CPU's shared pool)."""
+    gather = getattr(kernels, "gather_rows", None)
+    if gather is not None:
+        return gather(src, idx, out)
+    return get_array_module(src).take(src, idx, axis=0, out=out)
+
+
+def scatter_rows(src, pos, out, kernels=None):
+    """out = 0 but out[pos] = src (``pos`` ascending), in one pass where ``kernels`` offer it."""
+    scatter = getattr(kernels, "scatter_rows", None)
+    if scatter is not None:
+        return scatter(src, pos, out)
+    out.fill(0)
+    out[pos] = src
+    return out
+
+
 def _masked_softmax_xp(scores, targets, weights, normalizer, row_loss):
     """Plain xp reference of the masked softmax kernel (in place in ``scores``)."""
     xp = get_array_module(scores)
@@ -392,7 +411,7 @@ class CaptioningModel:
         h0 += p["b_proj"]
 
         x = ws.get("embed", (total, self.wordvec_dim), dtype, xp)
-        xp.take(p["W_embed"], words, axis=0, out=x)
+        take_rows(p["W_embed"], words, x, self.kernels)
         hidden, cache = cell.packed_forward(x, h0, p["Wx"], p["Wh"], p["b"], packed.batch_sizes, ws,
                                             self.kernels)
 
@@ -402,7 +421,7 @@ class CaptioningModel:
         else:
             score_pos = to_device(packed.score_pos, xp)
             scored = ws.get("scored", (len(packed.score_pos), self.hidden_dim), dtype, xp)
-            xp.take(hidden, score_pos, axis=0, out=scored)
+            take_rows(hidden, score_pos, scored, self.kernels)
         scores = ws.get("scores", (scored.shape[0], self.vocab_size), dtype, xp)
         xp.matmul(scored, p["W_vocab"], out=scores)
         if self.kernels is not None:  # adds b_vocab in its first pass, sums its gradient in its last
@@ -423,8 +442,8 @@ class CaptioningModel:
         if packed.score_pos is None:
             dhidden = dscored
         else:
-            dhidden = ws.get("dhidden", (total, self.hidden_dim), dtype, xp, zero=True)
-            dhidden[score_pos] = dscored
+            dhidden = ws.get("dhidden", (total, self.hidden_dim), dtype, xp)
+            scatter_rows(dscored, score_pos, dhidden, self.kernels)
 
         # W_embed's gradient: the rows of dx = da_x Wx^T summed per word. Summing da_x per word
         # first gives the same sums with one GEMM row per distinct word instead of one per

@@ -149,7 +149,7 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
             dh_t[:, : 2 * H] = dx_t[:, : 2 * H]
             xp.multiply(d_n, r, out=dh_t[:, 2 * H :])
             xp.multiply(d, z, out=carry[:n])
-        L.recurrent_backward(dh_t, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch)
+        L.recurrent_backward(dh_t, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
         if t == 0:
             dh0[:n] += carry[:n]
     return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah, input_grad=input_grad)

@@ -1,0 +1,78 @@
+"""The OpenBLAS libraries loaded in this process, for what NumPy does not call itself.
+
+NumPy's wheels ship OpenBLAS with prefixed, suffixed symbol names
+(``scipy_cblas_somatcopy64_``); other builds use the plain names. ``Library``
+finds an entry point under any of them. Used for the threads callback
+(``pool.py``) and the out-of-place transpose (``somatcopy``), which runs
+3 to 4 times faster than NumPy's transposing copy at the recurrent backward's
+sizes (512 x 128 float32: 26 us against 91 us, the same bits).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+
+CBLAS_ROW_MAJOR, CBLAS_TRANS = 101, 112
+
+
+class Library:
+    """One OpenBLAS shared library and the naming of its symbols."""
+
+    def __init__(self, path: str, version: str | None = None):
+        self.path, self.version = path, version
+        self.lib = ctypes.CDLL(path)
+        config = self.symbol("openblas_get_config")
+        if config is not None:
+            config.restype = ctypes.c_char_p
+            self.config = (config() or b"").decode(errors="replace")
+        else:
+            self.config = ""
+        # BLAS integers: 64 bits in the ILP64 builds NumPy ships
+        self.blasint = ctypes.c_int64 if "USE64BITINT" in self.config else ctypes.c_int32
+
+    def symbol(self, name: str):
+        """The entry point ``name`` (e.g. "cblas_somatcopy") under this build's naming, or None."""
+        for candidate in (f"scipy_{name}64_", f"scipy_{name}", f"{name}64_", f"{name}_64", name):
+            fn = getattr(self.lib, candidate, None)
+            if fn is not None:
+                return fn
+        return None
+
+
+def loaded() -> list[Library]:
+    """Every OpenBLAS loaded in this process (NumPy's first), via threadpoolctl."""
+    from threadpoolctl import threadpool_info
+
+    infos = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    infos.sort(key=lambda i: not os.path.realpath(i["filepath"]).startswith(numpy_dir))
+    return [Library(i["filepath"], i.get("version")) for i in infos]
+
+
+class Transposer:
+    """``out[...] = src.T`` for 2-D C-contiguous float32/float64 arrays, by OpenBLAS's omatcopy."""
+
+    def __init__(self, library: Library):
+        self._fns = {}
+        for dtype, name, real in ((np.float32, "cblas_somatcopy", ctypes.c_float),
+                                  (np.float64, "cblas_domatcopy", ctypes.c_double)):
+            fn = library.symbol(name)
+            if fn is not None:
+                i = library.blasint
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, i, i, real, ctypes.c_void_p, i, ctypes.c_void_p, i]
+                fn.restype = None
+                self._fns[np.dtype(dtype)] = fn
+
+    def __call__(self, src, out):
+        fn = self._fns.get(src.dtype)
+        rows, cols = src.shape
+        if (fn is None or out.dtype != src.dtype or out.shape != (cols, rows)
+                or not (src.flags.c_contiguous and out.flags.c_contiguous)):
+            out[...] = src.T
+            return out
+        # alpha = 1: each element copied as it is (x * 1 is x, NaNs and signed zeros included)
+        fn(CBLAS_ROW_MAJOR, CBLAS_TRANS, rows, cols, 1.0, src.ctypes.data, cols, out.ctypes.data, rows)
+        return out

@@ -1,0 +1,258 @@
+"""The shared pool (OpenBLAS's jobs on Numba's threads) and the kernels split across it.
+
+Splitting and pooling are only worth having if they give the bits the serial kernels
+and OpenBLAS's own threads give: every test here compares numbers exactly.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from dtrain.kernels import cpu  # noqa: E402
+from dtrain.kernels.cpu import CpuKernels  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _split():
+    CpuKernels(np.float32)
+    return cpu._build_split(cpu._CPU)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("n_next", [0, 5, 13, 17])
+def test_split_lstm_steps_bitwise(parts, n_next):
+    rng = np.random.default_rng(parts * 100 + n_next)
+    s = _split()
+    k = cpu._CPU
+    n, H = 17, 40
+    a0 = rng.standard_normal((n, 4 * H)).astype(np.float32)
+    r = rng.standard_normal((n, 4 * H)).astype(np.float32)
+    b = rng.standard_normal(4 * H).astype(np.float32)
+    prev_c = rng.standard_normal((n, H)).astype(np.float32)
+    outs = []
+    for fwd in (lambda *x: k.lstm_fwd32(*x), lambda *x: s.lstm_fwd32(parts, *x)):
+        a, c, tc, h = a0.copy(), *(np.empty((n, H), np.float32) for _ in range(3))
+        fwd(a, r, b, prev_c, c, tc, h)
+        outs.append((a, c, tc, h))
+    for x, y in zip(*outs):
+        assert np.array_equal(x, y)
+    a, _, tc, _ = outs[0]
+    dh_up = rng.standard_normal((n, H)).astype(np.float32)
+    dh_rec0 = rng.standard_normal((n + 3, H)).astype(np.float32)
+    dc_rec0 = rng.standard_normal((n + 3, H)).astype(np.float32)
+    back = []
+    for bwd in (lambda *x: k.lstm_bwd_in_place(*x), lambda *x: s.lstm_bwd_in_place(parts, *x)):
+        d, dh_rec, dc_rec = a.copy(), dh_rec0.copy(), dc_rec0.copy()
+        bwd(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
+        back.append((d, dh_rec, dc_rec))
+    for x, y in zip(*back):
+        assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_split_softmax_embedding_adam_finite_bitwise(parts):
+    rng = np.random.default_rng(parts)
+    s = _split()
+    k = cpu._CPU
+    M, V = 53, 71
+    scores0 = (3 * rng.standard_normal((M, V))).astype(np.float32)
+    b = rng.standard_normal(V).astype(np.float32)
+    targets = rng.integers(0, V, M)
+    results = []
+    for sm in (lambda *x: k.softmax_xent32(*x), lambda *x: s.softmax_xent32(parts, *x, np.zeros(0, np.float32))):
+        scores, row_loss, col_sum = scores0.copy(), np.empty(M), np.full(V, 7, np.float32)
+        sm(scores, b, targets, 1 / 9, row_loss, col_sum)
+        results.append((scores, row_loss, col_sum))
+    for x, y in zip(*results):
+        assert np.array_equal(x, y)
+
+    words = rng.integers(0, 30, 90).astype(np.int32)
+    dx = rng.standard_normal((90, 70)).astype(np.float32)
+    slot, ids, row_of = np.full(30, -1, np.int64), np.empty(90, np.int64), np.empty(90, np.int64)
+    count = k.embed_slots(words, slot, ids, row_of)
+    assert np.array_equal(ids[:count], np.unique(words)) and np.all(slot == -1)
+    rows_a, rows_b = np.full((90, 70), np.nan, np.float32), np.full((90, 70), np.nan, np.float32)
+    cs_a, cs_b = np.empty(70, np.float32), np.empty(70, np.float32)
+    k.embed_rows(dx, row_of, rows_a, cs_a, 0, 70)
+    s.embed_rows(parts, dx, row_of, rows_b, cs_b)
+    assert np.array_equal(rows_a[:count], rows_b[:count]) and np.array_equal(cs_a, cs_b)
+    expect = np.zeros((count, 70), np.float32)
+    np.add.at(expect, np.searchsorted(ids[:count], words), dx)
+    np.testing.assert_allclose(rows_a[:count], expect, rtol=1e-5, atol=1e-5)
+
+    n = 1001
+    state = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    state[3] = np.abs(state[3])
+    a, bb = [x.copy() for x in state], [x.copy() for x in state]
+    k.adam(*a, 1e-3, 0.9, 0.999, 1e-8, 0.3, 0.01)
+    s.adam(parts, *bb, 1e-3, 0.9, 0.999, 1e-8, 0.3, 0.01)
+    for x, y in zip(a, bb):
+        assert np.array_equal(x, y)
+
+    g = rng.standard_normal(n).astype(np.float32)
+    bits = g.view(np.int32)
+    assert s.count_nonfinite(parts, bits, np.int32(0x7F800000)) == 0
+    for pos in (0, n // 3, n // 2, n - 1):  # one in every part
+        g[pos] = np.inf if pos % 2 else np.nan
+    assert s.count_nonfinite(parts, bits, np.int32(0x7F800000)) == 4
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_split_row_gather_and_scatter(parts):
+    rng = np.random.default_rng(5)
+    s = _split()
+    src = rng.standard_normal((40, 24)).astype(np.float32)
+    idx = rng.integers(0, 40, 61)
+    out = np.empty((61, 24), np.float32)
+    assert s.gather_rows(parts, src, idx, out) == 0
+    assert np.array_equal(out, src[idx])
+    pos = np.sort(rng.choice(61, 25, replace=False))
+    rows = rng.standard_normal((25, 24)).astype(np.float32)
+    dense = np.full((61, 24), np.nan, np.float32)
+    s.scatter_rows(parts, rows, pos, dense)
+    expect = np.zeros((61, 24), np.float32)
+    expect[pos] = rows
+    assert np.array_equal(dense, expect)
+
+
+def test_gather_rows_out_of_range_is_an_index_error():
+    k = CpuKernels(np.float32)
+    src = np.ones((5, 3), np.float32)
+    with pytest.raises(IndexError, match="index 7 is out of bounds for axis 0 with size 5"):
+        k.gather_rows(src, np.array([1, 7, 2]), np.empty((3, 3), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 4, 37, 128])
+def test_copy_transposed_bitwise(dtype, n):
+    k = CpuKernels(dtype)
+    src = np.random.default_rng(n).standard_normal((512, n)).astype(dtype)
+    src[0, 0], src[-1, -1] = -0.0, np.nan
+    out = np.empty((n, 512), dtype)
+    k.copy_transposed(src, out)
+    assert np.array_equal(out.view(np.uint8), np.ascontiguousarray(src.T).view(np.uint8))
+    strided = np.empty((n, 1024), dtype)[:, ::2]  # not contiguous: NumPy's copy
+    k.copy_transposed(src, strided)
+    assert np.array_equal(strided, src.T, equal_nan=True)
+
+
+_STEP_SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys
+    import numpy as np
+    from dtrain import backend
+    from dtrain.kernels import cpu, pool
+    from dtrain.nn.model import CaptioningModel
+    from dtrain.nn.optim import Adam
+    from dtrain.kernels import for_arrays
+    sys.path.insert(0, "tests")
+    from helpers import random_captions, small_vocab
+
+    backend.set_threads(2)
+    cpu.SPLIT_MIN_ELEMENTS = 0  # every kernel call splits, however small
+    rng = np.random.default_rng(0)
+    model = CaptioningModel(small_vocab(60), 48, 24, 64, "lstm", dtype=np.float32, seed=3)
+    adam = Adam(model.num_params, dtype=np.float32, kernels=for_arrays(np, np.float32))
+    digest = hashlib.sha256()
+    for _ in range(3):
+        caps = random_captions(rng, 96, 12, 60)
+        feats = rng.standard_normal((96, 48)).astype(np.float32)
+        grads = model.forward_backward(feats, model.pack(caps), 96)
+        digest.update(np.float64(grads.loss).tobytes())
+        digest.update(model.grad_buffer.tobytes())
+        digest.update(grads.embed_rows.tobytes())
+        digest.update(np.asarray(grads.embed_ids).tobytes())
+        adam.step(model.param_buffer, model.grad_buffer)
+        digest.update(model.param_buffer.tobytes())
+    a = rng.standard_normal((300, 200)).astype(np.float32)
+    digest.update((a @ a.T).tobytes())
+    print(json.dumps({"shared": pool.shared(), "status": pool.status(), "digest": digest.hexdigest()}))
+""")
+
+
+def _run_step_script(env_extra):
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.run([sys.executable, "-c", _STEP_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_shared_pool_gives_the_bits_of_openblas_threads():
+    """Two real processes, 2 threads each: OpenBLAS's own threads and serial kernels, then one
+    pool with every kernel split; three training steps (forward, backward, Adam) and a GEMM."""
+    own = _run_step_script({"DTRAIN_BLAS_POOL": "openblas"})
+    shared = _run_step_script({"DTRAIN_BLAS_POOL": ""})
+    assert not own["shared"] and "DTRAIN_BLAS_POOL=openblas" in own["status"]
+    assert shared["shared"], shared["status"]
+    assert "one pool" in shared["status"]
+    assert shared["digest"] == own["digest"]
+
+
+def test_more_blas_jobs_than_pool_threads_run_on_python_threads():
+    """OpenBLAS told to use more threads than Numba has (threadpoolctl behind dtrain's back):
+    the callback hands the jobs to Python threads instead of running two on one thread,
+    which would never finish (the jobs of one GEMM wait for each other)."""
+    script = textwrap.dedent("""
+        import numpy as np, numba
+        from threadpoolctl import threadpool_limits
+        from dtrain.kernels import pool, set_num_threads
+        set_num_threads(2)
+        assert pool.shared(), pool.status()
+        rng = np.random.default_rng(1)
+        a = rng.standard_normal((400, 300)).astype(np.float32)
+        expect = a @ a.T
+        numba.set_num_threads(1)
+        with threadpool_limits(2):
+            got = a @ a.T
+        assert np.array_equal(got, expect)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, DTRAIN_BLAS_POOL=""))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_one_thread_or_opt_out_keeps_openblas_threads():
+    script = textwrap.dedent("""
+        from dtrain.kernels import pool, set_num_threads
+        set_num_threads(1)
+        print(pool.shared(), pool.status())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, DTRAIN_BLAS_POOL=""))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("False one thread")
+
+
+def test_split_kernels_load_from_the_cache():
+    """A second process loads the split kernels and the pool's job runner from Numba's cache
+    (fixed uuids for what they call) instead of compiling them again."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from dtrain.kernels import cpu, pool, set_num_threads
+        set_num_threads(2)
+        cpu.CpuKernels(np.float32)
+        split = cpu._build_split(cpu._CPU)
+        a = np.ones((8, 16), np.float32)
+        split.lstm_fwd32(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)))
+        runner = pool._state["callback"] is not None
+        print(split.lstm_fwd32.stats.cache_hits.most_common(1)[0][1] if split.lstm_fwd32.stats.cache_hits else 0,
+              runner)
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, DTRAIN_BLAS_POOL="")) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    hits, runner = runs[1].stdout.split()
+    assert int(hits) >= 1 and runner == "True"
+    digest = hashlib.sha256(runs[1].stdout.encode()).hexdigest()
+    assert digest  # the second run printed
