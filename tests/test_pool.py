@@ -256,3 +256,34 @@ def test_split_kernels_load_from_the_cache():
     assert int(hits) >= 1 and runner == "True"
     digest = hashlib.sha256(runs[1].stdout.encode()).hexdigest()
     assert digest  # the second run printed
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_prev_h_rows_match_layers(parts):
+    from dtrain.nn import layers
+
+    rng = np.random.default_rng(parts)
+    batch_sizes = [9, 9, 7, 4, 4, 1]
+    offsets = layers.packed_offsets(batch_sizes)
+    Hp = rng.standard_normal((offsets[-1], 11)).astype(np.float32)
+    h0 = rng.standard_normal((12, 11)).astype(np.float32)
+    expect = layers.prev_h_packed(Hp, h0, batch_sizes, offsets, np.empty_like(Hp))
+    got = np.full_like(Hp, np.nan)
+    _split().prev_h_rows(parts, Hp, h0, np.array(offsets), got)
+    assert np.array_equal(got, expect)
+    got2 = CpuKernels(np.float32).prev_h_rows(Hp, h0, offsets, np.full_like(Hp, np.nan))
+    assert np.array_equal(got2, expect)
+
+
+def test_workspace_views_are_reused_and_follow_a_grown_buffer():
+    from dtrain.nn.layers import Workspace
+
+    ws = Workspace()
+    a = ws.get("x", (3, 4), np.float32)
+    assert ws.get("x", (3, 4), np.float32) is a
+    a[...] = 1
+    assert ws.get("x", (3, 4), np.float32, zero=True).sum() == 0
+    big = ws.get("x", (10, 10), np.float32)  # grows: the old views must not be handed out again
+    small = ws.get("x", (3, 4), np.float32)
+    assert small is not a and np.shares_memory(small, big)
+    assert ws.get("x", [3, 4], np.float32).shape == (3, 4)  # a list shape still works

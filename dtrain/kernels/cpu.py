@@ -565,16 +565,31 @@ def _build_cpu():
                 for j in range(o.size):
                     o[j] = zero
 
+    @njit(**opts)
+    def prev_h_rows(Hp, h0, offsets, out, lo, hi):
+        # rows lo..hi of [h0[:n_0]; h_0[:n_1]; h_1[:n_2]; ...] (layers.prev_h_packed): row i
+        # of step t's block is row i of step t-1's block of Hp (of h0 for t = 0)
+        t = np.searchsorted(offsets, lo, side="right") - 1
+        for i in range(lo, hi):
+            while i >= offsets[t + 1]:
+                t += 1
+            r = i - offsets[t]
+            src = h0[r] if t == 0 else Hp[offsets[t - 1] + r]
+            o = out[i]
+            for j in range(o.size):
+                o[j] = src[j]
+
     kernels = SimpleNamespace(
         lstm_fwd=lstm_fwd, lstm_bwd_in_place=lstm_bwd_in_place, rnn_fwd=rnn_fwd, rnn_bwd=rnn_bwd,
         softmax_xent=softmax_xent, adam=adam, lstm_fwd32=lstm_fwd32, rnn_fwd32=rnn_fwd32,
         gru_fwd32=gru_fwd32, softmax_xent32=softmax_xent32, gru_fwd=gru_fwd, gru_bwd=gru_bwd,
         quantize_add=quantize_add, quantize_add_rows=quantize_add_rows, embed_slots=embed_slots,
         embed_rows=embed_rows, exp32_into=exp32_into, count_nonfinite=count_nonfinite,
-        column_sums=column_sums, gather_rows=gather_rows, scatter_rows=scatter_rows)
+        column_sums=column_sums, gather_rows=gather_rows, scatter_rows=scatter_rows,
+        prev_h_rows=prev_h_rows)
     # the split kernels (below) call these: fixed uuids, for the reason given above
     for name in ("lstm_fwd32", "lstm_bwd_in_place", "softmax_xent32", "embed_rows", "adam",
-                 "count_nonfinite", "column_sums", "gather_rows", "scatter_rows"):
+                 "count_nonfinite", "column_sums", "gather_rows", "scatter_rows", "prev_h_rows"):
         try:
             getattr(kernels, name)._set_uuid(f"dtrain.kernels.cpu.{name}.v1")
         except (AttributeError, AssertionError):
@@ -596,7 +611,7 @@ def _build_split(k):
     wide_vectors = k.wide_vectors
     lstm_fwd32, lstm_bwd_in_place, softmax_xent32 = k.lstm_fwd32, k.lstm_bwd_in_place, k.softmax_xent32
     embed_rows, adam, count_nonfinite, column_sums = k.embed_rows, k.adam, k.count_nonfinite, k.column_sums
-    gather_rows, scatter_rows = k.gather_rows, k.scatter_rows
+    gather_rows, scatter_rows, prev_h_rows = k.gather_rows, k.scatter_rows, k.prev_h_rows
 
     @njit(inline="always")
     def bounds(n, parts, p, align):
@@ -676,10 +691,17 @@ def _build_split(k):
             lo, hi = bounds(out.shape[0], parts, p, 1)
             scatter_rows(src, pos, out, lo, hi)
 
+    @njit(**opts)
+    def prev_h_rows_split(parts, Hp, h0, offsets, out):
+        for p in prange(parts):
+            lo, hi = bounds(out.shape[0], parts, p, 1)
+            prev_h_rows(Hp, h0, offsets, out, lo, hi)
+
     return SimpleNamespace(lstm_fwd32=lstm_fwd32_split, lstm_bwd_in_place=lstm_bwd_split,
                            softmax_xent32=softmax_xent32_split, embed_rows=embed_rows_split,
                            adam=adam_split, count_nonfinite=count_nonfinite_split,
-                           gather_rows=gather_rows_split, scatter_rows=scatter_rows_split)
+                           gather_rows=gather_rows_split, scatter_rows=scatter_rows_split,
+                           prev_h_rows=prev_h_rows_split)
 
 
 def _build_transpose():
@@ -768,7 +790,7 @@ class CpuKernels:
             k.lstm_fwd32, k.rnn_fwd32, k.gru_fwd32, k.softmax_xent32, k.gru_fwd, k.gru_bwd,
             k.quantize_add, k.quantize_add_rows, k.embed_slots, k.embed_rows, k.exp32_into,
             k.count_nonfinite)
-        self._gather_rows, self._scatter_rows = k.gather_rows, k.scatter_rows
+        self._gather_rows, self._scatter_rows, self._prev_h_rows = k.gather_rows, k.scatter_rows, k.prev_h_rows
         self._row_of = np.empty(0, dtype=np.int64)
         self.dtype = np.dtype(dtype)
         self._row_loss = np.empty(0, dtype=np.float64)
@@ -910,6 +932,16 @@ class CpuKernels:
             split.scatter_rows(parts, src, pos, out)
         else:
             self._scatter_rows(src, pos, out, 0, out.shape[0])
+        return out
+
+    def prev_h_rows(self, Hp, h0, offsets, out):
+        """``layers.prev_h_packed`` in one pass: ``offsets`` the packed block starts (T+1)."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        split, parts = _split(out.size)
+        if split is not None:
+            split.prev_h_rows(parts, Hp, h0, offsets, out)
+        else:
+            self._prev_h_rows(Hp, h0, offsets, out, 0, out.shape[0])
         return out
 
     def copy_transposed(self, src, out):

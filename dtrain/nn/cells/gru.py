@@ -108,7 +108,8 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
     n0 = batch_sizes[0] if batch_sizes else 0
     dax = L.buffer(ws, "gru_dax", (total, 3 * H), dtype, xp)
     dah = L.buffer(ws, "gru_dah", (total, 3 * H), dtype, xp)
-    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "gru_prev_h", (total, H), dtype, xp))
+    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "gru_prev_h", (total, H), dtype, xp),
+                             kernels)
     dh_rec = L.buffer(ws, "gru_dh_rec", (n0, H), dtype, xp)  # (da_h Wh^T) of step t+1
     carry = L.buffer(ws, "gru_carry", (n0, H), dtype, xp)  # dh * z of step t+1 (the direct path)
     dh = L.buffer(ws, "gru_dh", (n0, H), dtype, xp)
