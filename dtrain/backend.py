@@ -106,8 +106,9 @@ def node_threads(local_size: int, requested=None) -> int:
     return max(1, total // max(1, local_size))
 
 
-def set_threads(n: int) -> None:
-    """BLAS threads (threadpoolctl) and fused-kernel threads of this process."""
+def set_threads(n: int, ranks_on_node: int = 1) -> None:
+    """BLAS threads (threadpoolctl) and fused-kernel threads of this process (one of
+    ``ranks_on_node`` ranks on this machine)."""
     try:
         from threadpoolctl import threadpool_limits
 
@@ -116,7 +117,7 @@ def set_threads(n: int) -> None:
         pass
     from . import kernels
 
-    kernels.set_num_threads(n)
+    kernels.set_num_threads(n, ranks_on_node)
 
 
 def blas_info() -> dict:

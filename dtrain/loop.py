@@ -74,7 +74,7 @@ class Trainer:
         # number of ranks (cores / ranks): one thread per rank unless given
         requested = cfg.threads_per_rank or (1 if cfg.deterministic else None)
         self.threads = backend.node_threads(comm.local_size, requested)
-        backend.set_threads(self.threads)
+        backend.set_threads(self.threads, comm.local_size)
         self.device = backend.resolve_device(cfg.device)
         self.xp = backend.select(self.device, comm.local_rank)
         self.ckpt_dir = Path(cfg.checkpoint_dir)

@@ -287,3 +287,21 @@ def test_workspace_views_are_reused_and_follow_a_grown_buffer():
     small = ws.get("x", (3, 4), np.float32)
     assert small is not a and np.shares_memory(small, big)
     assert ws.get("x", [3, 4], np.float32).shape == (3, 4)  # a list shape still works
+
+
+def test_oversubscribed_ranks_keep_openblas_threads(monkeypatch):
+    """Numba's OpenMP threads spin without yielding: with more threads than cores the pool is
+    refused (an unbound rank counts its neighbours; a rank bound to its own cores does not)."""
+    from dtrain.kernels import pool
+
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert pool._oversubscribed(2, 2) is None
+    assert pool._oversubscribed(2, 3) == 4
+    assert pool._oversubscribed(5, 1) == 4
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {2, 3})  # bound by the launcher
+    assert pool._oversubscribed(2, 8) is None
+    assert pool._oversubscribed(3, 1) == 2
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert not pool.install(2, 3)
+    assert "oversubscribed" in pool.status() and not pool.shared()

@@ -93,7 +93,7 @@ def _run_dtrain(args, comm):
         return _error(f"--batch-size {args.batch_size} is not divisible by {comm.size} ranks")
     xp = backend.select(device, comm.local_rank)
     threads = backend.node_threads(comm.local_size, args.threads)
-    backend.set_threads(threads)
+    backend.set_threads(threads, comm.local_size)
     shard = args.batch_size // comm.size
     dtype = np.dtype(args.dtype)
     micro = args.micro_batch or (math.gcd(args.batch_size, 8) if args.deterministic else None)

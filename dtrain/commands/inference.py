@@ -71,7 +71,7 @@ def load_for_inference(args, comm):
     cfg.device = args.device
     cfg.max_length = args.max_length
     cfg.quiet = True
-    backend.set_threads(backend.node_threads(comm.local_size, args.threads_per_rank))
+    backend.set_threads(backend.node_threads(comm.local_size, args.threads_per_rank), comm.local_size)
     xp = backend.select(backend.resolve_device(cfg.device), comm.local_rank)
     data = open_data(cfg, comm)
     model = build_model(cfg, data, xp)

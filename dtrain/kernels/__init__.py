@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 
-def set_num_threads(n):
+def set_num_threads(n, ranks_on_node=1):
     """Threads of the CPU kernels (kept equal to the BLAS threads of the rank). With more
     than one, OpenBLAS runs its jobs on the kernels' threads: one pool (``pool.py``)."""
     try:
@@ -26,7 +26,7 @@ def set_num_threads(n):
     from . import pool
 
     try:
-        pool.install(int(n))
+        pool.install(int(n), ranks_on_node)
     except Exception as exc:  # a threading layer that will not start, an unreadable BLAS
         pool.uninstall()
         pool.note(f"OpenBLAS's own threads (the shared pool failed: {exc})")

@@ -125,8 +125,11 @@ class TrainStep:
     def describe(self) -> str:
         micro = f", micro-batch {self.micro_batch}" if self.micro_batch else ""
         if self.gpu is None:
+            from ..kernels import pool
+
             kern = self.model.kernels.name if self.model.kernels is not None else "plain xp"
-            return f"packed CPU step ({kern} kernels), {self.reducer.mode} gradient reduce{micro}"
+            return (f"packed CPU step ({kern} kernels; threads: {pool.status()}), {self.reducer.mode} "
+                    f"gradient reduce{micro}")
         from .gpu_graph import reduce_path
 
         return (f"{self.gpu.describe()}; Adam {'in the graph' if self.fused_adam else 'after the reduce'}"
