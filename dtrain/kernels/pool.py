@@ -38,8 +38,8 @@ _DOJOB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 # void callback(int sync, dojob, int numjobs, size_t jobdata_elsize, void *jobdata, int dojob_data)
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t,
                              ctypes.c_void_p, ctypes.c_int)
-_LAYERS = ("omp", "workqueue")
-_FALLBACK_SYMBOL = "dtrain_blas_jobs_on_python_threads"  # each chunk of a prange on a thread of its own
+_LAYERS = ("omp", "workqueue")  # each chunk of a prange on a thread of its own
+_FALLBACK_SYMBOL = "dtrain_blas_jobs_on_python_threads"
 
 _state = {"shared": False, "threads": 1, "setters": [], "callback": None, "fallback": None,
           "why": "OpenBLAS's own threads"}
@@ -61,18 +61,19 @@ def status() -> str:
 
 
 def note(why: str) -> None:
+    """Set the line ``status()`` gives (why the pool is not in use)."""
     _state["why"] = why
 
 
 def _run_on_python_threads(sync, dojob, numjobs, elsize, jobdata, data):
     # More jobs than Numba threads: a thread each (ctypes releases the GIL in dojob).
     job = _DOJOB(dojob)
-    threads = [threading.Thread(target=job, args=(i, jobdata + i * elsize, data)) for i in range(1, numjobs)]
-    for t in threads:
-        t.start()
+    workers = [threading.Thread(target=job, args=(i, jobdata + i * elsize, data)) for i in range(1, numjobs)]
+    for worker in workers:
+        worker.start()
     job(0, jobdata, data)
-    for t in threads:
-        t.join()
+    for worker in workers:
+        worker.join()
 
 
 def _build_callback():
