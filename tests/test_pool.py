@@ -305,3 +305,37 @@ def test_oversubscribed_ranks_keep_openblas_threads(monkeypatch):
     monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert not pool.install(2, 3)
     assert "oversubscribed" in pool.status() and not pool.shared()
+
+
+def test_forked_child_goes_back_to_openblas_threads():
+    """multiprocessing's fork: Numba terminates a forked child that starts its GNU OpenMP threads,
+    so the child of a process with the pool must run its GEMMs on OpenBLAS's own threads (and
+    refuse the pool if asked again)."""
+    script = textwrap.dedent("""
+        import multiprocessing as mp
+        import numpy as np
+        from dtrain.kernels import pool, set_num_threads
+        from dtrain.kernels.cpu import CpuKernels
+        set_num_threads(2)
+        assert pool.shared(), pool.status()
+        a = np.random.default_rng(0).standard_normal((500, 400)).astype(np.float32)
+        expect = a @ a.T
+        g = np.ones(70000, np.float32)
+        def child(q):
+            set_num_threads(2)
+            ok = bool(((a @ a.T) == expect).all()) and CpuKernels(np.float32).all_finite(g)
+            q.put((ok, pool.shared(), pool.status()))
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0, p.exitcode
+        ok, shared, status = q.get(timeout=10)
+        assert ok and not shared and "forked child" in status, (ok, shared, status)
+        assert pool.shared() and ((a @ a.T) == expect).all()  # the parent keeps its pool
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, DTRAIN_BLAS_POOL=""))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]

@@ -19,8 +19,10 @@ of them (each thread one job: the OpenMP and workqueue layers guarantee it, TBB
 does not, so ``install`` refuses TBB), and otherwise on Python threads
 (slower, never stuck).
 
-Set ``DTRAIN_BLAS_POOL=openblas`` to keep OpenBLAS's own threads (and serial
-kernels).
+A child forked from a process with the pool (``multiprocessing``'s default on
+Linux) goes back to OpenBLAS's own threads and serial kernels: Numba's GNU
+OpenMP runtime is not fork-safe. Set ``DTRAIN_BLAS_POOL=openblas`` to keep
+OpenBLAS's own threads (and serial kernels) everywhere.
 """
 
 from __future__ import annotations
@@ -178,6 +180,14 @@ def uninstall() -> None:
     _state.update(shared=False, setters=[], why="OpenBLAS's own threads")
 
 
+def _forget_in_child() -> None:
+    # A forked child must not start Numba's GNU OpenMP threads (Numba terminates it: the
+    # runtime is not fork-safe); OpenBLAS re-creates its own threads after a fork.
+    uninstall()
+    _state["forked"] = True
+    _state["why"] = "OpenBLAS's own threads (a forked child of a process with the pool)"
+
+
 def _oversubscribed(threads: int, ranks_on_node: int) -> int | None:
     """The cores available when this rank's threads (and its neighbours') would exceed them."""
     total = os.cpu_count() or 1
@@ -216,6 +226,10 @@ def install(threads: int, ranks_on_node: int = 1) -> bool:
         uninstall()
         _state["why"] = f"OpenBLAS's own threads ({threads} threads > Numba's {numba.config.NUMBA_NUM_THREADS})"
         return False
+    if _state.get("forked"):
+        uninstall()
+        _state["why"] = "OpenBLAS's own threads (a forked child of a process with the pool)"
+        return False
     cores = _oversubscribed(threads, ranks_on_node)
     if cores is not None:
         uninstall()
@@ -238,6 +252,7 @@ def install(threads: int, ranks_on_node: int = 1) -> bool:
         return False
     if _state["callback"] is None:
         _state["callback"], _state["fallback"] = _build_callback()
+        os.register_at_fork(after_in_child=_forget_in_child)
     expected = _gemm_bits()
     for setter in setters:
         setter(_state["callback"].address)
