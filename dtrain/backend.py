@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from .cores import usable_cores
+
 
 class DeviceError(RuntimeError):
     """A requested device cannot be used (one-line message for the CLI)."""
@@ -96,14 +98,10 @@ def node_threads(local_size: int, requested=None) -> int:
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
     if slurm and slurm.isdigit() and int(slurm) > 0:
         return int(slurm)
-    total = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = total
-    if usable < total:  # the launcher already bound this rank to its own cores
+    usable, bound = usable_cores()
+    if bound:  # the launcher already bound this rank to its own cores
         return max(1, usable)
-    return max(1, total // max(1, local_size))
+    return max(1, usable // max(1, local_size))
 
 
 def set_threads(n: int, ranks_on_node: int = 1) -> None:

@@ -292,17 +292,18 @@ def test_workspace_views_are_reused_and_follow_a_grown_buffer():
 def test_oversubscribed_ranks_keep_openblas_threads(monkeypatch):
     """Numba's OpenMP threads spin without yielding: with more threads than cores the pool is
     refused (an unbound rank counts its neighbours; a rank bound to its own cores does not)."""
+    from dtrain import cores
     from dtrain.kernels import pool
 
-    monkeypatch.setattr(pool.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cores.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert pool._oversubscribed(2, 2) is None
     assert pool._oversubscribed(2, 3) == 4
     assert pool._oversubscribed(5, 1) == 4
-    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {2, 3})  # bound by the launcher
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {2, 3})  # bound by the launcher
     assert pool._oversubscribed(2, 8) is None
     assert pool._oversubscribed(3, 1) == 2
-    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert not pool.install(2, 3)
     assert "oversubscribed" in pool.status() and not pool.shared()
 

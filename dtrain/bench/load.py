@@ -15,6 +15,8 @@ import os
 import resource
 import time
 
+from ..cores import usable_cores
+
 NOISY_SHARE = 0.05  # above this, a result is flagged as measured on a busy machine
 
 
@@ -34,10 +36,7 @@ def _own_seconds(who):
 
 
 def cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return usable_cores()[0]
 
 
 class ForeignLoad:

@@ -33,6 +33,7 @@ import threading
 
 import numpy as np
 
+from .. import cores
 from . import openblas
 
 # void (*dojob)(int thread_num, void *jobdata, int dojob_data)
@@ -43,8 +44,10 @@ _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, 
 _LAYERS = ("omp", "workqueue")  # each chunk of a prange on a thread of its own
 _FALLBACK_SYMBOL = "dtrain_blas_jobs_on_python_threads"
 
+_FORKED = "OpenBLAS's own threads (a forked child of a process with the pool)"
+
 _state = {"shared": False, "threads": 1, "setters": [], "callback": None, "fallback": None,
-          "why": "OpenBLAS's own threads"}
+          "forked": False, "why": "OpenBLAS's own threads"}
 
 
 def shared() -> bool:
@@ -184,19 +187,14 @@ def _forget_in_child() -> None:
     # A forked child must not start Numba's GNU OpenMP threads (Numba terminates it: the
     # runtime is not fork-safe); OpenBLAS re-creates its own threads after a fork.
     uninstall()
-    _state["forked"] = True
-    _state["why"] = "OpenBLAS's own threads (a forked child of a process with the pool)"
+    _state.update(forked=True, why=_FORKED)
 
 
 def _oversubscribed(threads: int, ranks_on_node: int) -> int | None:
     """The cores available when this rank's threads (and its neighbours') would exceed them."""
-    total = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = total
+    usable, bound = cores.usable_cores()
     # a rank bound to its own cores by the launcher has only itself to fit there
-    wanted = threads if usable < total else threads * max(1, ranks_on_node)
+    wanted = threads if bound else threads * max(1, ranks_on_node)
     return usable if wanted > usable else None
 
 
@@ -226,15 +224,15 @@ def install(threads: int, ranks_on_node: int = 1) -> bool:
         uninstall()
         _state["why"] = f"OpenBLAS's own threads ({threads} threads > Numba's {numba.config.NUMBA_NUM_THREADS})"
         return False
-    if _state.get("forked"):
+    if _state["forked"]:
         uninstall()
-        _state["why"] = "OpenBLAS's own threads (a forked child of a process with the pool)"
+        _state["why"] = _FORKED
         return False
-    cores = _oversubscribed(threads, ranks_on_node)
-    if cores is not None:
+    available = _oversubscribed(threads, ranks_on_node)
+    if available is not None:
         uninstall()
         _state["why"] = (f"OpenBLAS's own threads ({threads} threads x {ranks_on_node} rank(s) on "
-                         f"{cores} cores: oversubscribed)")
+                         f"{available} cores: oversubscribed)")
         return False
     if _state["shared"]:
         _state["threads"] = threads
