@@ -41,7 +41,9 @@ def test_split_lstm_steps_bitwise(parts, n_next):
     outs = []
     for fwd in (lambda *x: k.lstm_fwd32(*x), lambda *x: s.lstm_fwd32(parts, *x)):
         a, c, tc, h = a0.copy(), *(np.empty((n, H), np.float32) for _ in range(3))
-        fwd(a, r, b, prev_c, c, tc, h)
+        h_next = np.full((n_next, H), np.nan, np.float32)  # the next step's prev_h rows
+        fwd(a, r, b, prev_c, c, tc, h, h_next, n_next)
+        assert np.array_equal(h_next, h[:n_next])
         outs.append((a, c, tc, h))
     for x, y in zip(*outs):
         assert np.array_equal(x, y)
@@ -50,12 +52,23 @@ def test_split_lstm_steps_bitwise(parts, n_next):
     dh_rec0 = rng.standard_normal((n + 3, H)).astype(np.float32)
     dc_rec0 = rng.standard_normal((n + 3, H)).astype(np.float32)
     back = []
-    for bwd in (lambda *x: k.lstm_bwd_in_place(*x), lambda *x: s.lstm_bwd_in_place(parts, *x)):
+    bwds = [lambda *x: k.lstm_bwd_in_place(*x), lambda *x: s.lstm_bwd_in_place(parts, *x)]
+    t = cpu._transpose()
+    address = t.addresses.get(np.dtype(np.float32))
+    if address is not None:  # dh_rec's first n_next rows given transposed, copied by the kernel
+        dh_rec_T = np.ascontiguousarray(dh_rec0[:n_next].T)
+        bwds.append(lambda d, dh_up, dh_rec, *x: (dh_rec[:n_next].fill(np.nan),
+                                                  t.lstm_bwd_T(address, dh_rec_T, d, dh_up, dh_rec, *x)))
+        bwds.append(lambda d, dh_up, dh_rec, *x: (dh_rec[:n_next].fill(np.nan),
+                                                  t.lstm_bwd_T_split(parts, address, dh_rec_T, d, dh_up, dh_rec, *x)))
+    for bwd in bwds:
         d, dh_rec, dc_rec = a.copy(), dh_rec0.copy(), dc_rec0.copy()
         bwd(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
         back.append((d, dh_rec, dc_rec))
-    for x, y in zip(*back):
-        assert np.array_equal(x, y)
+    assert len(back) == 4 or cpu._transpose().addresses == {}
+    for other in back[1:]:
+        for x, y in zip(back[0], other):
+            assert np.array_equal(x, y, equal_nan=True)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -122,6 +135,76 @@ def test_split_row_gather_and_scatter(parts):
     expect = np.zeros((61, 24), np.float32)
     expect[pos] = rows
     assert np.array_equal(dense, expect)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_scatter_ids_fills_the_dense_embedding_gradient(parts):
+    rng = np.random.default_rng(parts)
+    ids = rng.choice(50, 19, replace=False)  # distinct, in no order
+    rows = rng.standard_normal((19, 12)).astype(np.float32)
+    rows[0, 0] = -0.0
+    expect = np.zeros((50, 12), np.float32)
+    expect[ids] = rows
+    dense = np.full((50, 12), np.nan, np.float32)
+    _split().scatter_ids(parts, rows, ids, dense)
+    assert np.array_equal(dense.view(np.uint32), expect.view(np.uint32))
+    k = CpuKernels(np.float32)
+    dense2 = np.full((50, 12), np.nan, np.float32)
+    assert k.scatter_ids(rows, ids, dense2) is dense2 and np.array_equal(dense2, expect)
+    with pytest.raises(IndexError, match="index 50 is out of bounds for axis 0 with size 50"):
+        k.scatter_ids(rows[:2], np.array([3, 50]), dense2)
+
+
+def test_compiled_packing_matches_numpy():
+    from dtrain.nn.model import pack_captions
+
+    k = CpuKernels(np.float32)
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        N, T1 = int(rng.integers(0, 20)), int(rng.integers(2, 9))
+        caps = rng.integers(0, 4, size=(N, T1)).astype([np.int64, np.int32, np.uint16][trial % 3])
+        if trial % 7 == 0:
+            caps[:] = 0  # no real token anywhere
+        a, b = pack_captions(caps, 0), pack_captions(caps, 0, k)
+        assert a.batch_sizes == b.batch_sizes and a.num_tokens == b.num_tokens
+        for name in ("order", "words_in", "targets", "score_pos"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.dtype == y.dtype and np.array_equal(x, y), (trial, name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lstm_prev_h_written_forward_and_dh_rec_read_transposed_keep_the_bits(dtype, monkeypatch):
+    # the forward steps writing prev_h and the backward steps copying their dh_rec rows from
+    # the recurrent GEMM's transposed result against a copy pass for each (steps above and
+    # below TRANSPOSED_BACKWARD_ROWS)
+    from dtrain.nn import layers
+    from dtrain.nn.cells import lstm
+
+    rng = np.random.default_rng(1)
+    batch_sizes, W, H = [150, 140, 128, 100, 37, 3, 1], 10, 16
+    total = sum(batch_sizes)
+    x = rng.standard_normal((total, W)).astype(dtype)
+    h0 = rng.standard_normal((150, H)).astype(dtype)
+    Wx = (0.3 * rng.standard_normal((W, 4 * H))).astype(dtype)
+    Wh = (0.3 * rng.standard_normal((H, 4 * H))).astype(dtype)
+    b = rng.standard_normal(4 * H).astype(dtype)
+    dH = rng.standard_normal((total, H)).astype(dtype)
+    k = CpuKernels(dtype)
+    results = []
+    for on in (True, False):
+        if not on:
+            monkeypatch.setattr(CpuKernels, "forward_copies_prev_h", False)
+            monkeypatch.setattr(CpuKernels, "backward_reads_transposed", False)
+        ws = layers.Workspace()
+        Hp, cache = lstm.lstm_packed_forward(x, h0, Wx, Wh, b, batch_sizes, ws, k)
+        assert (cache[-1] is not None) == on
+        out = (np.empty((W, 4 * H), dtype), np.empty((H, 4 * H), dtype), np.empty(4 * H, dtype))
+        grads = lstm.lstm_packed_backward(dH, cache, ws, k, out=out)
+        results.append([Hp.copy()] + [np.array(g, copy=True) for g in grads])
+    for x_on, x_off in zip(*results):
+        assert np.array_equal(x_on, x_off)
 
 
 def test_gather_rows_out_of_range_is_an_index_error():
@@ -243,10 +326,15 @@ def test_split_kernels_load_from_the_cache():
         cpu.CpuKernels(np.float32)
         split = cpu._build_split(cpu._CPU)
         a = np.ones((8, 16), np.float32)
-        split.lstm_fwd32(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)))
+        split.lstm_fwd32(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)),
+                         np.ones((3, 4), np.float32), 3)
+        t = cpu._transpose()
+        t.lstm_bwd_T_split(2, t.addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32), a,
+                           *(np.ones((8, 4), np.float32) for _ in range(3)), 3, *(np.ones((8, 4), np.float32) for _ in range(2)))
         runner = pool._state["callback"] is not None
-        print(split.lstm_fwd32.stats.cache_hits.most_common(1)[0][1] if split.lstm_fwd32.stats.cache_hits else 0,
-              runner)
+        hits = [f.stats.cache_hits.most_common(1)[0][1] if f.stats.cache_hits else 0
+                for f in (split.lstm_fwd32, t.lstm_bwd_T_split)]
+        print(min(hits), runner)
     """)
     runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                            timeout=300, env=dict(os.environ, DTRAIN_BLAS_POOL="")) for _ in range(2)]

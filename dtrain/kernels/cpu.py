@@ -30,7 +30,7 @@ from . import openblas, pool
 
 _CPU = None
 _SPLIT = None
-_TRANSPOSE = None  # ({dtype: omatcopy's address}, its Numba caller); ({}, None) without OpenBLAS
+_TRANSPOSE = None  # _build_transpose's namespace (addresses empty without OpenBLAS)
 # A kernel call splits across the shared pool's threads when its largest operand has at
 # least this many elements (below it, starting the threads costs more than it saves).
 SPLIT_MIN_ELEMENTS = 16384
@@ -245,9 +245,11 @@ def _build_cpu():
     # float32: one pass per LSTM step and per softmax row, with exp32 (below) in place of
     # the libm calls, which do not vectorise.
     @njit(**opts)
-    def lstm_fwd32(a, r, b, prev_c, c, tc, h):
+    def lstm_fwd32(a, r, b, prev_c, c, tc, h, h_next, n_next):
         # a = x Wx (b not yet added), r = h Wh; leaves the activated i, f, o, g in a.
-        # (a + b) + r is the plain path's order (x Wx + b first).
+        # (a + b) + r is the plain path's order (x Wx + b first). Rows below n_next are
+        # also written to h_next (the next step's block of prev_h, for dWh's GEMM) while
+        # they are in L1: no pass of their own over H_packed.
         wide_vectors()
         n, G = a.shape
         H = G // 4
@@ -271,6 +273,10 @@ def _build_cpu():
                 t = tanh32(cc)
                 tcr[j] = t
                 hr[j] = o * t
+            if row < n_next:
+                hn = h_next[row]
+                for j in range(H):
+                    hn[j] = hr[j]
 
     @njit(**opts)
     def rnn_fwd32(a, r):
@@ -566,6 +572,61 @@ def _build_cpu():
                     o[j] = zero
 
     @njit(**opts)
+    def pack_captions(captions, null):
+        # model.pack_captions's arrays in one pass per output: rows sorted by caption length
+        # (the last real target), longest first, ties in row order (a stable counting
+        # sort); words_in, targets and is_real in the packed time-major order
+        N, T = captions.shape[0], captions.shape[1] - 1
+        lengths = np.zeros(N, np.int64)
+        count = np.zeros(T + 1, np.int64)
+        num_tokens = 0
+        for n in range(N):
+            for t in range(T):
+                if captions[n, t + 1] != null:
+                    lengths[n] = t + 1
+                    num_tokens += 1
+            count[lengths[n]] += 1
+        start = np.zeros(T + 1, np.int64)  # first sorted slot of each length, longest first
+        for length in range(T - 1, -1, -1):
+            start[length] = start[length + 1] + count[length + 1]
+        order = np.empty(N, np.int64)
+        for n in range(N):
+            order[start[lengths[n]]] = n
+            start[lengths[n]] += 1
+        t_max = lengths[order[0]] if N else 0
+        batch_sizes = np.zeros(t_max, np.int64)
+        active = N - count[0]
+        total = 0
+        for t in range(t_max):
+            batch_sizes[t] = active
+            total += active
+            active -= count[t + 1]
+        words_in = np.empty(total, captions.dtype)
+        targets = np.empty(total, captions.dtype)
+        is_real = np.empty(total, np.bool_)
+        p = 0
+        for t in range(t_max):
+            for j in range(batch_sizes[t]):
+                row = order[j]
+                words_in[p] = captions[row, t]
+                targets[p] = captions[row, t + 1]
+                is_real[p] = captions[row, t + 1] != null
+                p += 1
+        return order, batch_sizes, words_in, targets, is_real, num_tokens
+
+    @njit(**opts)
+    def scatter_ids(rows, ids, out, lo, hi):
+        # rows lo..hi of out = 0, then out[ids[k]] = rows[k] where ids[k] is among them
+        # (ids distinct: out.fill(0); out[ids] = rows); the caller checks the ids' range
+        out[lo:hi] = 0
+        for k in range(ids.size):
+            r = ids[k]
+            if r >= lo and r < hi:
+                o, s = out[r], rows[k]
+                for j in range(o.size):
+                    o[j] = s[j]
+
+    @njit(**opts)
     def prev_h_rows(Hp, h0, offsets, out, lo, hi):
         # rows lo..hi of [h0[:n_0]; h_0[:n_1]; h_1[:n_2]; ...] (layers.prev_h_packed): row i
         # of step t's block is row i of step t-1's block of Hp (of h0 for t = 0)
@@ -586,12 +647,13 @@ def _build_cpu():
         quantize_add=quantize_add, quantize_add_rows=quantize_add_rows, embed_slots=embed_slots,
         embed_rows=embed_rows, exp32_into=exp32_into, count_nonfinite=count_nonfinite,
         column_sums=column_sums, gather_rows=gather_rows, scatter_rows=scatter_rows,
-        prev_h_rows=prev_h_rows)
+        scatter_ids=scatter_ids, prev_h_rows=prev_h_rows, pack_captions=pack_captions)
     # the split kernels (below) call these: fixed uuids, for the reason given above
     for name in ("lstm_fwd32", "lstm_bwd_in_place", "softmax_xent32", "embed_rows", "adam",
-                 "count_nonfinite", "column_sums", "gather_rows", "scatter_rows", "prev_h_rows"):
+                 "count_nonfinite", "column_sums", "gather_rows", "scatter_rows", "scatter_ids",
+                 "prev_h_rows"):
         try:
-            getattr(kernels, name)._set_uuid(f"dtrain.kernels.cpu.{name}.v1")
+            getattr(kernels, name)._set_uuid(f"dtrain.kernels.cpu.{name}.v2")
         except (AttributeError, AssertionError):
             pass
     kernels.wide_vectors = wide_vectors
@@ -612,6 +674,7 @@ def _build_split(k):
     lstm_fwd32, lstm_bwd_in_place, softmax_xent32 = k.lstm_fwd32, k.lstm_bwd_in_place, k.softmax_xent32
     embed_rows, adam, count_nonfinite, column_sums = k.embed_rows, k.adam, k.count_nonfinite, k.column_sums
     gather_rows, scatter_rows, prev_h_rows = k.gather_rows, k.scatter_rows, k.prev_h_rows
+    scatter_ids = k.scatter_ids
 
     @njit(inline="always")
     def bounds(n, parts, p, align):
@@ -626,12 +689,14 @@ def _build_split(k):
         pass
 
     @njit(**opts)
-    def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h):
+    def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h, h_next, n_next):
         n = a.shape[0]
         for p in prange(parts):
             wide_vectors()
             lo, hi = bounds(n, parts, p, 1)
-            lstm_fwd32(a[lo:hi], r[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi])
+            k = min(max(n_next - lo, 0), hi - lo)
+            lstm_fwd32(a[lo:hi], r[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi],
+                       h_next[lo : lo + k], k)
 
     @njit(**opts)
     def lstm_bwd_split(parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
@@ -692,6 +757,12 @@ def _build_split(k):
             scatter_rows(src, pos, out, lo, hi)
 
     @njit(**opts)
+    def scatter_ids_split(parts, rows, ids, out):
+        for p in prange(parts):
+            lo, hi = bounds(out.shape[0], parts, p, 1)
+            scatter_ids(rows, ids, out, lo, hi)
+
+    @njit(**opts)
     def prev_h_rows_split(parts, Hp, h0, offsets, out):
         for p in prange(parts):
             lo, hi = bounds(out.shape[0], parts, p, 1)
@@ -701,16 +772,20 @@ def _build_split(k):
                            softmax_xent32=softmax_xent32_split, embed_rows=embed_rows_split,
                            adam=adam_split, count_nonfinite=count_nonfinite_split,
                            gather_rows=gather_rows_split, scatter_rows=scatter_rows_split,
-                           prev_h_rows=prev_h_rows_split)
+                           scatter_ids=scatter_ids_split, prev_h_rows=prev_h_rows_split)
 
 
-def _build_transpose():
-    """(omatcopy's address per dtype, a Numba caller): OpenBLAS's out-of-place transpose,
-    called through its address from compiled code (cached like the kernels; a ctypes call
-    costs more than the copy at the recurrent backward's sizes). One thread: split across
-    the pool it was no faster (512 x n float32, n = 4..128). None without OpenBLAS."""
+def _build_transpose(k):
+    """OpenBLAS's out-of-place transpose (omatcopy), called through its address from
+    compiled code (cached like the kernels; a ctypes call costs more than the copy at
+    the recurrent backward's sizes): its address per dtype, ``omatcopy`` (a whole
+    matrix, one thread: split across the pool it was no faster, 512 x n float32,
+    n = 4..128) and the LSTM backward step that first copies its dh_rec rows from the
+    recurrent GEMM's transposed result (``lstm_bwd_T``, and ``lstm_bwd_T_split`` on the
+    pool: each thread its own rows, which it then reads from its cache). None without
+    OpenBLAS."""
     from llvmlite import ir
-    from numba import njit, types
+    from numba import njit, prange, types
     from numba.extending import intrinsic
 
     try:
@@ -755,7 +830,49 @@ def _build_transpose():
         call_omatcopy(fn, np.intp(rows), np.intp(cols), one, np.intp(src.ctypes.data), np.intp(cols),
                       np.intp(out.ctypes.data), np.intp(rows))
 
-    return addresses, omatcopy
+    @njit(nogil=True)
+    def rows_from_T(fn, src_T, out, lo, hi):
+        # out[lo:hi] = src_T[:, lo:hi].T; src_T (H, m) and out (rows, H) C-contiguous
+        if hi > lo:
+            H, m = src_T.shape
+            item = src_T.itemsize
+            call_omatcopy(fn, np.intp(H), np.intp(hi - lo), src_T.dtype.type(1.0),
+                          np.intp(src_T.ctypes.data + lo * item), np.intp(m),
+                          np.intp(out.ctypes.data + lo * out.shape[1] * item), np.intp(out.shape[1]))
+
+    try:
+        rows_from_T._set_uuid(f"dtrain.kernels.cpu.rows_from_T.{'ilp64' if ilp64 else 'lp64'}.v1")
+    except (AttributeError, AssertionError):
+        pass
+    lstm_bwd_in_place = k.lstm_bwd_in_place
+
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def lstm_bwd_T(fn, src_T, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
+        rows_from_T(fn, src_T, dh_rec, 0, n_next)
+        lstm_bwd_in_place(a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
+
+    @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+    def lstm_bwd_T_split(parts, fn, src_T, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
+        n = a.shape[0]
+        for p in prange(parts):
+            lo = n * p // parts
+            hi = n * (p + 1) // parts
+            rows_from_T(fn, src_T, dh_rec, lo, min(hi, n_next))
+            lstm_bwd_in_place(a[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
+                              min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
+
+    return SimpleNamespace(addresses=addresses, omatcopy=omatcopy, lstm_bwd_T=lstm_bwd_T,
+                           lstm_bwd_T_split=lstm_bwd_T_split)
+
+
+def _transpose():
+    """``_build_transpose``'s namespace, built once (addresses empty without OpenBLAS)."""
+    global _TRANSPOSE
+    if _TRANSPOSE is None:
+        if _CPU is None:
+            raise RuntimeError("the CPU kernels are built first (CpuKernels())")
+        _TRANSPOSE = _build_transpose(_CPU) or SimpleNamespace(addresses={})
+    return _TRANSPOSE
 
 
 def _split(elements):
@@ -773,8 +890,10 @@ class CpuKernels:
     """Numba kernels with the call signatures the cells, the model and Adam use."""
 
     name = "numba"
-    # The cells may let a backward step write its gate gradients over the gates.
+    # The cells may let a backward step write its gate gradients over the gates, and an
+    # LSTM forward step write the next step's prev_h rows (h_next).
     backward_in_place = True
+    forward_copies_prev_h = True
 
     def __init__(self, dtype):
         global _CPU
@@ -791,7 +910,9 @@ class CpuKernels:
             k.quantize_add, k.quantize_add_rows, k.embed_slots, k.embed_rows, k.exp32_into,
             k.count_nonfinite)
         self._gather_rows, self._scatter_rows, self._prev_h_rows = k.gather_rows, k.scatter_rows, k.prev_h_rows
+        self._scatter_ids, self._pack_captions = k.scatter_ids, k.pack_captions
         self._row_of = np.empty(0, dtype=np.int64)
+        self._empty_rows = {}
         self.dtype = np.dtype(dtype)
         self._row_loss = np.empty(0, dtype=np.float64)
         self._zeros = np.empty(0, dtype=self.dtype)
@@ -803,18 +924,32 @@ class CpuKernels:
         # one-pass kernels built on libm's tanh and exp.
         self.fast32 = self.dtype == np.float32
 
-    def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias):
-        """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added)."""
+    def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias, h_next=None):
+        """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added).
+        ``h_next``, when given (k <= n rows), also receives h's first k rows: the next
+        step's block of prev_h (``forward_copies_prev_h``)."""
         n = a.shape[0]
         if self.fast32:
+            if h_next is None:
+                h_next = self._no_rows(h)
             split, parts = _split(a.size)
             if split is not None:
-                split.lstm_fwd32(parts, a, r, bias, prev_c[:n], c, tc, h)
+                split.lstm_fwd32(parts, a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
                 return
-            self._lstm_fwd32(a, r, bias, prev_c[:n], c, tc, h)
+            self._lstm_fwd32(a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
         else:
             a += bias
             self._lstm_fwd(a, r, prev_c[:n], c, tc, h)
+            if h_next is not None:
+                h_next[...] = h[: h_next.shape[0]]
+
+    def _no_rows(self, like):
+        """An empty (0, H) array of ``like``'s dtype (kept: the hot path allocates nothing)."""
+        key = (like.shape[1], like.dtype)
+        empty = self._empty_rows.get(key)
+        if empty is None:
+            empty = self._empty_rows[key] = np.empty((0, like.shape[1]), like.dtype)
+        return empty
 
     def exp32(self, x, out=None):
         """The float32 kernels' exp of a 1-D float32 array, x in [-87, 88]."""
@@ -822,12 +957,26 @@ class CpuKernels:
         self._exp32_into(x, out)
         return out
 
-    def lstm_step_backward(self, d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc):
+    def lstm_step_backward(self, d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc, dh_rec_T=None):
         """One LSTM step back into ``d``, which may be ``a`` itself (the training step's case:
-        the gate gradients replace the gates); otherwise ``a`` is copied there first."""
+        the gate gradients replace the gates); otherwise ``a`` is copied there first.
+        ``dh_rec_T`` (H, n_next), when given, is the transpose of the dh_rec rows the step
+        reads: each thread copies its own rows first (``backward_reads_transposed``)."""
         if d is not a:
             np.copyto(d, a)
         split, parts = _split(d.size)
+        if dh_rec_T is not None:
+            address = _transpose().addresses.get(d.dtype)
+            if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
+                    or not (dh_rec_T.flags.c_contiguous and dh_rec.flags.c_contiguous):
+                dh_rec[:n_next] = dh_rec_T.T
+            else:
+                t = _TRANSPOSE
+                if split is not None:
+                    t.lstm_bwd_T_split(parts, address, dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
+                else:
+                    t.lstm_bwd_T(address, dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
+                return
         if split is not None:
             split.lstm_bwd_in_place(parts, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
         else:
@@ -934,6 +1083,25 @@ class CpuKernels:
             self._scatter_rows(src, pos, out, 0, out.shape[0])
         return out
 
+    def pack_captions(self, captions, null_idx):
+        """``model.pack_captions``'s (order, batch_sizes, words_in, targets, is_real, num_tokens)
+        for (N, T+1) integer captions (host NumPy), compiled: 0.1 ms less per step."""
+        captions = np.ascontiguousarray(captions)
+        return self._pack_captions(captions, captions.dtype.type(null_idx))
+
+    def scatter_ids(self, rows, ids, out):
+        """``out.fill(0); out[ids] = rows`` in one call (``ids`` distinct; 2-D, C-contiguous):
+        the dense W_embed gradient from its sparse rows."""
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= out.shape[0]):
+            wrong = ids[(ids < 0) | (ids >= out.shape[0])]
+            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size {out.shape[0]}")
+        split, parts = _split(out.size)
+        if split is not None:
+            split.scatter_ids(parts, rows, ids, out)
+        else:
+            self._scatter_ids(rows, ids, out, 0, out.shape[0])
+        return out
+
     def prev_h_rows(self, Hp, h0, offsets, out):
         """``layers.prev_h_packed`` in one pass: ``offsets`` the packed block starts (T+1)."""
         offsets = np.asarray(offsets, dtype=np.int64)
@@ -947,17 +1115,20 @@ class CpuKernels:
     def copy_transposed(self, src, out):
         """``out[...] = src.T`` (2-D, C-contiguous): OpenBLAS's omatcopy where it is found
         (512 x 128 float32: 19 us against NumPy's 92; 64 columns: 9 against 44)."""
-        global _TRANSPOSE
-        if _TRANSPOSE is None:
-            _TRANSPOSE = _build_transpose() or ({}, None)
-        addresses, omatcopy = _TRANSPOSE
-        address = addresses.get(src.dtype)
+        transpose = _transpose()
+        address = transpose.addresses.get(src.dtype)
         if address is None or out.dtype != src.dtype or out.shape != src.shape[::-1] \
                 or not (src.flags.c_contiguous and out.flags.c_contiguous):
             out[...] = src.T
         else:
-            omatcopy(address, src, out)
+            transpose.omatcopy(address, src, out)
         return out
+
+    @property
+    def backward_reads_transposed(self):
+        """True when ``lstm_step_backward`` copies its dh_rec rows itself from ``dh_rec_T``
+        (omatcopy found): the cells then leave the recurrent GEMM's result transposed."""
+        return self.dtype in _transpose().addresses
 
     def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         split, parts = _split(p.size)

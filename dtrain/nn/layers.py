@@ -173,13 +173,21 @@ def recurrent_backward(d, Wh, out, ws=None, scratch=None, kernels=None):
         return get_array_module(d).matmul(d, Wh.T, out=out)
     if scratch is None:
         scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, np)
-    out_T = scratch[: H * n].reshape(H, n)
-    np.matmul(Wh, d.T, out=out_T)
+    out_T = recurrent_backward_T(d, Wh, scratch)
     copy_transposed = getattr(kernels, "copy_transposed", None)
     if copy_transposed is not None:  # OpenBLAS's omatcopy: 3-5x NumPy's transposing copy
         return copy_transposed(out_T, out)
     out[...] = out_T.T
     return out
+
+
+def recurrent_backward_T(d, Wh, scratch):
+    """(d @ Wh.T).T = Wh @ d.T, (H, n), in ``scratch`` (NumPy): ``recurrent_backward``'s
+    GEMM, for kernels that read the result transposed (``backward_reads_transposed``)."""
+    n, H = d.shape[0], Wh.shape[0]
+    out_T = scratch[: H * n].reshape(H, n)
+    np.matmul(Wh, d.T, out=out_T)
+    return out_T
 
 
 def prev_h_packed(H_packed, h0, batch_sizes, offsets, out, kernels=None):

@@ -99,9 +99,20 @@ class PackedBatch:
     num_tokens: int
 
 
-def pack_captions(captions, null_idx):
-    """Pack (N, T+1) caption ids (host NumPy) for the packed recurrence."""
+def pack_captions(captions, null_idx, kernels=None):
+    """Pack (N, T+1) caption ids (host NumPy) for the packed recurrence (by ``kernels``'
+    compiled ``pack_captions`` where they offer one, with the same result)."""
     captions = np.asarray(captions)
+    pack = getattr(kernels, "pack_captions", None)
+    if pack is not None and captions.ndim == 2 and captions.dtype.kind in "iu" and captions.shape[1] >= 1:
+        order, batch_sizes, words_in, targets, real, num_tokens = pack(captions, null_idx)
+        score_pos = None
+        if not real.all():
+            score_pos = np.flatnonzero(real)
+            targets = targets[score_pos]
+        n0 = int(batch_sizes[0]) if batch_sizes.size else 0
+        return PackedBatch(order=order[:n0], batch_sizes=batch_sizes.tolist(), words_in=words_in,
+                           targets=targets, score_pos=score_pos, num_tokens=int(num_tokens))
     cin, cout = captions[:, :-1], captions[:, 1:]
     mask = cout != null_idx
     T = cin.shape[1]
@@ -256,6 +267,7 @@ class StepGrads:
     embed_rows: object
     embed_dense: bool
     forward_end: float = 0.0  # time.perf_counter() when the forward pass ended (for traces)
+    kernels: object = None  # the model's kernels (their scatter_ids fills W_embed's block)
 
     @property
     def embed_grad(self):
@@ -266,8 +278,12 @@ class StepGrads:
         """Fill W_embed's dense block from the sparse rows (once)."""
         if not self.embed_dense:
             g = self.embed_grad
-            g.fill(0)
-            g[self.embed_ids] = self.embed_rows
+            scatter = getattr(self.kernels, "scatter_ids", None)
+            if scatter is not None and isinstance(g, np.ndarray):
+                scatter(self.embed_rows, self.embed_ids, g)
+            else:
+                g.fill(0)
+                g[self.embed_ids] = self.embed_rows
             self.embed_dense = True
         return self
 
@@ -366,7 +382,7 @@ class CaptioningModel:
 
     def pack(self, captions):
         host = captions if isinstance(captions, np.ndarray) else captions.get()
-        return pack_captions(host, self._null)
+        return pack_captions(host, self._null, self.kernels)
 
     @staticmethod
     def _normalizer(captions, normalizer):
@@ -386,7 +402,7 @@ class CaptioningModel:
     def step_grads(self, loss, tokens, ids, rows, dense):
         return StepGrads(loss=loss, tokens=int(tokens), grad_buffer=self.grad_buffer,
                          embed_offset=self.embed_offset, embed_shape=self.shapes["W_embed"],
-                         embed_ids=ids, embed_rows=rows, embed_dense=dense)
+                         embed_ids=ids, embed_rows=rows, embed_dense=dense, kernels=self.kernels)
 
     def _packed_pass(self, features, packed, normalizer, forward_only):
         xp, ws, dtype, cell = self.xp, self.ws, self.dtype, self.cell

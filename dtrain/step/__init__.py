@@ -145,7 +145,7 @@ class TrainStep:
         model = self.model
         if self.gpu is not None:  # batch in through pinned memory, one graph replay
             return self.gpu.forward_backward(features, captions, normalizer, lr, fuse_adam=self.fused_adam)
-        packed = pack_captions(captions, model.null_idx)
+        packed = pack_captions(captions, model.null_idx, model.kernels)
         return model.forward_backward(to_device(features, model.xp), packed, normalizer)
 
     def _check_finite(self, reduced, local_ok):

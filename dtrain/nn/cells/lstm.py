@@ -71,14 +71,23 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
     # the fused step adds b in its own pass over the step's rows (one pass fewer)
     L.input_projection(x_packed, Wx, None if fused is not None else b, gates)
+    # Kernels that offer it also write each step's h rows that the next step continues
+    # into prev_h (dWh's GEMM operand), while they are in cache: no pass over H_packed.
+    PH = None
+    if fused is not None and getattr(kernels, "forward_copies_prev_h", False):
+        PH = L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp)
+        PH[:n0] = h0[:n0]
     prev_h, prev_c = h0, zero_c
+    T = len(batch_sizes)
     for t, n in enumerate(batch_sizes):
         s = offsets[t]
         a = gates[s : s + n]
         r = rec[:n]
         xp.matmul(prev_h[:n], Wh, out=r)
         c, tc, h = C[s : s + n], TC[s : s + n], Hp[s : s + n]
-        if fused is not None:
+        if PH is not None:
+            fused(a, r, prev_c, c, tc, h, b, h_next=PH[s + n : s + n + batch_sizes[t + 1]] if t + 1 < T else None)
+        elif fused is not None:
             fused(a, r, prev_c, c, tc, h, b)
         else:
             a += r
@@ -91,13 +100,13 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
             xp.tanh(c, out=tc)
             xp.multiply(o, tc, out=h)
         prev_h, prev_c = h, c
-    cache = (x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets)
+    cache = (x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets, PH)
     return Hp, cache
 
 
 def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input_grad=True):
     xp = get_array_module(dH_packed)
-    x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets = cache
+    x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets, prev_h = cache
     total, H = Hp.shape
     dtype = Hp.dtype
     n0 = batch_sizes[0] if batch_sizes else 0
@@ -114,6 +123,10 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
     dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
     scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
+    # Kernels that read dh_rec transposed take the recurrent GEMM's (H, n) result as it is
+    # (each thread copies its own rows, then uses them from its cache): no copy pass.
+    reads_T = in_place and scratch is not None and getattr(kernels, "backward_reads_transposed", False)
+    pending_T = None  # step t+1's dh_rec, transposed
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
@@ -121,7 +134,9 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
         a = gates[s : s + n]
         d = a if in_place else da[s : s + n]
         tc = TC[s : s + n]
-        if fused is not None:
+        if reads_T:
+            fused(d, dH_packed[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, tc, dh_rec_T=pending_T)
+        elif fused is not None:
             fused(d, dH_packed[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, tc)
         else:
             i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
@@ -153,9 +168,14 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
             w *= i
             xp.multiply(dc_t, w, out=d_g)
             xp.multiply(dc_t, f, out=dc_rec[:n])
-        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
-    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp),
-                             kernels)
+        if reads_T and t > 0 and n <= L.TRANSPOSED_BACKWARD_ROWS:
+            pending_T = L.recurrent_backward_T(d, Wh, scratch)
+        else:
+            pending_T = None
+            L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
+    if prev_h is None:  # not written by the forward steps
+        prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets,
+                                 L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp), kernels)
     return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad)
 
 
