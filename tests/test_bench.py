@@ -153,17 +153,27 @@ def test_profiler_records_every_gemm_and_restores_what_it_wrapped():
         calls.append((a.shape, b.shape))
         return original[0](a, b, out=out, **kw)
 
+    accumulate = model.kernels.gemm_accumulate
+
+    def counting_accumulate(a, b, out):
+        calls.append((a.shape, b.shape))
+        return accumulate(a, b, out)
+
     prof = floor.StepProfiler()
     np.matmul = counting  # the profiler wraps whatever np.matmul is
+    model.kernels.gemm_accumulate = counting_accumulate  # and whatever the kernels' GEMM is
     try:
         with prof.active(model, adam, reducer):
             step(feats, caps, 6, 1e-3)
     finally:
         np.matmul = original[0]
+        del model.kernels.gemm_accumulate
     assert len(prof.gemms) == len(calls) > 0
-    assert [(a[1], b[1]) for a, b, _ in prof.gemms] == calls
+    assert [(a[1], b[1]) for a, b, *_ in prof.gemms] == calls
+    # the LSTM's recurrent GEMMs add to the gate rows (float32 with OpenBLAS); the others write
+    assert {acc for *_, acc in prof.gemms} == {True, False}
     # transposed operands (x.T @ da, da @ W.T) keep their layout: some strides are Fortran-order
-    assert any(a[2][0] < a[2][1] for a, _, _ in prof.gemms if len(a[1]) == 2)
+    assert any(a[2][0] < a[2][1] for a, *_ in prof.gemms if len(a[1]) == 2)
     from dtrain.nn.model import pack_captions
 
     assert prof.time_steps == len(pack_captions(caps, 0).batch_sizes)
@@ -203,7 +213,9 @@ def test_gemm_replay_uses_the_recorded_layouts():
     ptrs = [spec[1][0] for spec in prof.gemms]
     shared = {p for p in ptrs if ptrs.count(p) > 1}
     assert shared
-    assert floor.replay_gemms(prof.gemms, repeats=2) > 0
+    assert floor.replay_gemms(prof.gemms, repeats=2, accumulate=prof.accumulate) > 0
+    with pytest.raises(ValueError, match="add to their output"):
+        floor.replay_gemms(prof.gemms, repeats=2)
 
 
 def test_tiny_captions_keep_the_packing():

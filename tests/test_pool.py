@@ -53,7 +53,7 @@ def test_split_lstm_steps_bitwise(parts, n_next):
     dc_rec0 = rng.standard_normal((n + 3, H)).astype(np.float32)
     back = []
     bwds = [lambda *x: k.lstm_bwd_in_place(*x), lambda *x: s.lstm_bwd_in_place(parts, *x)]
-    t = cpu._transpose()
+    t = cpu._blas()
     address = t.addresses.get(np.dtype(np.float32))
     if address is not None:  # dh_rec's first n_next rows given transposed, copied by the kernel
         dh_rec_T = np.ascontiguousarray(dh_rec0[:n_next].T)
@@ -65,7 +65,7 @@ def test_split_lstm_steps_bitwise(parts, n_next):
         d, dh_rec, dc_rec = a.copy(), dh_rec0.copy(), dc_rec0.copy()
         bwd(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
         back.append((d, dh_rec, dc_rec))
-    assert len(back) == 4 or cpu._transpose().addresses == {}
+    assert len(back) == 4 or cpu._blas().addresses == {}
     for other in back[1:]:
         for x, y in zip(back[0], other):
             assert np.array_equal(x, y, equal_nan=True)
@@ -76,17 +76,29 @@ def test_split_softmax_embedding_adam_finite_bitwise(parts):
     rng = np.random.default_rng(parts)
     s = _split()
     k = cpu._CPU
-    M, V = 53, 71
+    M, V = 203, 71  # rows in 4 blocks of partial column sums, the last one short
     scores0 = (3 * rng.standard_normal((M, V))).astype(np.float32)
     b = rng.standard_normal(V).astype(np.float32)
     targets = rng.integers(0, V, M)
     results = []
-    for sm in (lambda *x: k.softmax_xent32(*x), lambda *x: s.softmax_xent32(parts, *x, np.zeros(0, np.float32))):
-        scores, row_loss, col_sum = scores0.copy(), np.empty(M), np.full(V, 7, np.float32)
-        sm(scores, b, targets, 1 / 9, row_loss, col_sum)
+    blocks = -(-M // cpu.PARTIAL_ROWS)
+    for sm in (lambda *x: k.softmax_xent32(*x), lambda *x: s.softmax_xent32(parts, *x)):
+        scores, row_loss = scores0.copy(), np.empty(M)
+        partials, col_sum = np.full((blocks, V), np.nan, np.float32), np.full(V, 7, np.float32)
+        sm(scores, b, targets, 1 / 9, row_loss, partials)
+        k.sum_partials(partials, col_sum)
         results.append((scores, row_loss, col_sum))
     for x, y in zip(*results):
         assert np.array_equal(x, y)
+    scores, _, col_sum = results[0]
+    np.testing.assert_allclose(col_sum, scores.astype(np.float64).sum(axis=0), rtol=0, atol=1e-6)
+    kern = CpuKernels(np.float32)  # the method: the same sums, and none asked for
+    scores, bias_grad = scores0.copy(), np.full(V, np.nan, np.float32)
+    loss = kern.softmax_cross_entropy(scores, targets, 9, bias=b, bias_grad=bias_grad)
+    assert np.array_equal(scores, results[0][0]) and np.array_equal(bias_grad, col_sum)
+    assert loss == pytest.approx(results[0][1].sum() / 9, rel=1e-12)
+    scores = scores0.copy()
+    assert kern.softmax_cross_entropy(scores, targets, 9, bias=b) == loss
 
     words = rng.integers(0, 30, 90).astype(np.int32)
     dx = rng.standard_normal((90, 70)).astype(np.float32)
@@ -193,6 +205,7 @@ def test_lstm_prev_h_written_forward_and_dh_rec_read_transposed_keep_the_bits(dt
     dH = rng.standard_normal((total, H)).astype(dtype)
     k = CpuKernels(dtype)
     results = []
+    monkeypatch.setattr(CpuKernels, "forward_accumulates", False)  # (changes the bits: below)
     for on in (True, False):
         if not on:
             monkeypatch.setattr(CpuKernels, "forward_copies_prev_h", False)
@@ -205,6 +218,68 @@ def test_lstm_prev_h_written_forward_and_dh_rec_read_transposed_keep_the_bits(dt
         results.append([Hp.copy()] + [np.array(g, copy=True) for g in grads])
     for x_on, x_off in zip(*results):
         assert np.array_equal(x_on, x_off)
+
+
+def test_recurrent_gemm_adding_to_the_gates_matches_the_separate_product(monkeypatch):
+    # float32: h Wh added to the gate rows by the GEMM (beta = 1), then (a + b): another
+    # rounding order than (x Wx + b) + h Wh, the same numbers to float32 precision
+    from dtrain.nn import layers
+    from dtrain.nn.cells import lstm
+
+    k = CpuKernels(np.float32)
+    assert k.forward_accumulates == (np.dtype(np.float32) in cpu._blas().gemm_addresses)
+    if not k.forward_accumulates:
+        pytest.skip("no OpenBLAS sgemm found: the accumulating path is not offered")
+    rng = np.random.default_rng(2)
+    batch_sizes, W, H = [40, 40, 33, 20, 1], 12, 24
+    total = sum(batch_sizes)
+    x = rng.standard_normal((total, W)).astype(np.float32)
+    h0 = rng.standard_normal((40, H)).astype(np.float32)
+    Wx = (0.3 * rng.standard_normal((W, 4 * H))).astype(np.float32)
+    Wh = (0.3 * rng.standard_normal((H, 4 * H))).astype(np.float32)
+    b = rng.standard_normal(4 * H).astype(np.float32)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(CpuKernels, "forward_accumulates", on)
+        Hp, cache = lstm.lstm_packed_forward(x, h0, Wx, Wh, b, batch_sizes, layers.Workspace(), k)
+        outs.append((Hp.copy(), cache[4].copy(), cache[5].copy()))  # h, activated gates, c
+    for acc, sep in zip(*outs):
+        np.testing.assert_allclose(acc, sep, rtol=1e-5, atol=1e-6)
+    # against float64 (the plain layers)
+    Hp64, _ = lstm.lstm_packed_forward(*(v.astype(np.float64) for v in (x, h0, Wx, Wh, b)), batch_sizes)
+    np.testing.assert_allclose(outs[0][0], Hp64, rtol=1e-4, atol=1e-5)
+    # the GEMM itself: out += a @ b, and the NumPy fallback for what it does not take
+    a, bm = x[:7], Wx
+    out = rng.standard_normal((7, 4 * H)).astype(np.float32)
+    expect = out.astype(np.float64) + a.astype(np.float64) @ bm.astype(np.float64)
+    got = k.gemm_accumulate(a, bm, out.copy())
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    strided = np.asfortranarray(out)
+    assert k.gemm_accumulate(a, bm, strided) is strided
+    np.testing.assert_allclose(strided, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_split_lstm_forward_accumulated_bitwise(parts):
+    rng = np.random.default_rng(parts)
+    s, k = _split(), cpu._CPU
+    n, H, n_next = 17, 40, 9
+    a0 = rng.standard_normal((n, 4 * H)).astype(np.float32)
+    b = rng.standard_normal(4 * H).astype(np.float32)
+    prev_c = rng.standard_normal((n, H)).astype(np.float32)
+    outs = []
+    for fwd in (lambda *x: k.lstm_fwd32_acc(*x), lambda *x: s.lstm_fwd32_acc(parts, *x)):
+        a, c, tc, h = a0.copy(), *(np.empty((n, H), np.float32) for _ in range(3))
+        h_next = np.empty((n_next, H), np.float32)
+        fwd(a, b, prev_c, c, tc, h, h_next, n_next)
+        outs.append((a, c, tc, h, h_next))
+    for x, y in zip(*outs):
+        assert np.array_equal(x, y)
+    # the same gates as lstm_fwd32 with the recurrent part in r = 0
+    a, c, tc, h = a0.copy(), *(np.empty((n, H), np.float32) for _ in range(3))
+    k.lstm_fwd32(a, np.zeros_like(a0), b, prev_c, c, tc, h, np.empty((0, H), np.float32), 0)
+    for x, y in zip((a, c, tc, h), outs[0]):
+        assert np.array_equal(x, y)
 
 
 def test_gather_rows_out_of_range_is_an_index_error():
@@ -328,7 +403,7 @@ def test_split_kernels_load_from_the_cache():
         a = np.ones((8, 16), np.float32)
         split.lstm_fwd32(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)),
                          np.ones((3, 4), np.float32), 3)
-        t = cpu._transpose()
+        t = cpu._blas()
         t.lstm_bwd_T_split(2, t.addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32), a,
                            *(np.ones((8, 4), np.float32) for _ in range(3)), 3, *(np.ones((8, 4), np.float32) for _ in range(2)))
         runner = pool._state["callback"] is not None
@@ -375,6 +450,13 @@ def test_workspace_views_are_reused_and_follow_a_grown_buffer():
     small = ws.get("x", (3, 4), np.float32)
     assert small is not a and np.shares_memory(small, big)
     assert ws.get("x", [3, 4], np.float32).shape == (3, 4)  # a list shape still works
+    # zeros(): filled when its buffer is new, then handed out as it is (its users only read it)
+    z = ws.zeros("z", (4, 5), np.float32)
+    assert z.sum() == 0 and z.shape == (4, 5)
+    z[...] = 7  # behind its back: not filled again while the buffer is the same
+    assert ws.zeros("z", (2, 5), np.float32).sum() == 70
+    grown = ws.zeros("z", (9, 9), np.float32)  # a new buffer: filled
+    assert grown.sum() == 0 and ws.zeros("z", (4, 5), np.float32).sum() == 0
 
 
 def test_oversubscribed_ranks_keep_openblas_threads(monkeypatch):

@@ -1,7 +1,8 @@
 """The GEMM floor of a training step, and where the rest of the step goes (CPU, one rank).
 
 **GEMM floor.** During a profiled step every ``numpy.matmul`` call (the step's
-code calls ``xp.matmul(a, b, out=...)``; nothing else does GEMMs) is recorded:
+code calls ``xp.matmul(a, b, out=...)``, or the kernels' ``gemm_accumulate(a, b, out)``
+for a GEMM that adds its product to ``out``; nothing else does GEMMs) is recorded:
 shapes, dtype, strides (so transposed views stay transposed) and which
 buffer each operand lives in. The recorded GEMMs are then replayed alone, in
 the same order, on preallocated arrays of the same layouts (operands that
@@ -85,14 +86,16 @@ class StepProfiler:
 
     def __init__(self):
         self.times = defaultdict(float)
-        self.gemms = []  # (a, b, out) layouts of every GEMM, in call order
+        self.gemms = []  # (a, b, out, accumulates) of every GEMM (operand layouts), in call order
         self.time_steps = 0  # recurrent time steps (packed batch_sizes) of the steps profiled
+        self.accumulate = None  # the kernels' gemm_accumulate, if the step called it
         self._depth = 0
 
     def reset(self):
         self.times = defaultdict(float)
         self.gemms = []
         self.time_steps = 0
+        self.accumulate = None  # the kernels' gemm_accumulate, if the step called it
 
     def _timed(self, category, fn, record=None):
         prof = self
@@ -124,7 +127,10 @@ class StepProfiler:
 
         def record_gemm(args, kwargs, result):
             out = kwargs.get("out", result)
-            prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(out)))
+            prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(out), False))
+
+        def record_accumulate(args, kwargs, result):
+            prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(args[2]), True))
 
         def record_packing(args, kwargs, packed):
             prof.time_steps += len(packed.batch_sizes)
@@ -135,6 +141,9 @@ class StepProfiler:
         p.set(np, "take", self._timed(rows_of, np.take))
         kern = model.kernels
         if kern is not None:
+            if hasattr(kern, "gemm_accumulate"):
+                self.accumulate = kern.gemm_accumulate
+                p.set(kern, "gemm_accumulate", self._timed("gemm", kern.gemm_accumulate, record_accumulate))
             for name in ("gather_rows", "scatter_rows"):
                 if hasattr(kern, name):
                     p.set(kern, name, self._timed(rows_of, getattr(kern, name)))
@@ -159,6 +168,7 @@ def replay_ops(gemms, seed=0):
     one buffer in the step (the same data pointer) are views of one buffer here too."""
     rng = np.random.default_rng(seed)
     extent = {}
+    gemms = [call[:3] for call in gemms]
     for call in gemms:
         for ptr, shape, strides, dt in call:
             if any(s < 0 for s in strides):
@@ -175,19 +185,27 @@ def replay_ops(gemms, seed=0):
                   for ptr, shape, strides, dt in call) for call in gemms]
 
 
-def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0):
-    """Median seconds of the recorded GEMMs run alone, in order, on arrays of the same layouts."""
+def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0, accumulate=None):
+    """Median seconds of the recorded GEMMs run alone, in order, on arrays of the same layouts
+    (``accumulate(a, b, out)``: the call that replays the GEMMs recorded as adding to ``out``)."""
     if not gemms:
         return 0.0
-    ops = replay_ops(gemms, seed)
-    matmul = np.matmul
-    for a, b, out in ops:  # one warm pass: pages touched, BLAS threads awake
-        matmul(a, b, out=out)
+    if accumulate is None and any(call[3] for call in gemms):
+        raise ValueError("GEMMs that add to their output were recorded: replay them with their call")
+
+    def matmul(a, b, out):
+        np.matmul(a, b, out=out)
+
+    calls = [(accumulate if call[3] else matmul, *ops) for call, ops in zip(gemms, replay_ops(gemms, seed))]
+    # one warm pass: pages touched, BLAS threads awake (an accumulating GEMM adds to the gate
+    # rows the input projection wrote just before it, as in the step: nothing grows)
+    for fn, a, b, out in calls:
+        fn(a, b, out)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for a, b, out in ops:
-            matmul(a, b, out=out)
+        for fn, a, b, out in calls:
+            fn(a, b, out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -217,7 +235,7 @@ def profile_steps(build, model, adam, reducer, step, batches, normalizer, batch_
             parts[key].append(prof.times.get(key, 0.0))
         steps_t.append(prof.time_steps)
         counts.append(len(prof.gemms))
-        floors.append(replay_gemms(prof.gemms))
+        floors.append(replay_gemms(prof.gemms, accumulate=prof.accumulate))
 
     t_model, t_adam, t_reducer, t_step = build(8, TINY_WIDTH, TINY_WIDTH)
     tiny = [(tiny_captions(c, model.null_idx), np.zeros((c.shape[0], TINY_WIDTH), np.float32))

@@ -30,10 +30,13 @@ from . import openblas, pool
 
 _CPU = None
 _SPLIT = None
-_TRANSPOSE = None  # _build_transpose's namespace (addresses empty without OpenBLAS)
+_BLAS = None  # _build_blas's namespace (addresses empty without OpenBLAS)
 # A kernel call splits across the shared pool's threads when its largest operand has at
 # least this many elements (below it, starting the threads costs more than it saves).
 SPLIT_MIN_ELEMENTS = 16384
+# The float32 softmax sums its gradient's columns (the vocabulary bias gradient) per block
+# of this many rows, then the blocks in order: the same bits however its rows are split.
+PARTIAL_ROWS = 64
 
 # exp32's constants. EXP_POLY: degree-6 polynomial for e^r on [-ln2/2, ln2/2], fitted
 # by least squares at 4,000 Chebyshev points in float64 and rounded to float32
@@ -279,6 +282,37 @@ def _build_cpu():
                     hn[j] = hr[j]
 
     @njit(**opts)
+    def lstm_fwd32_acc(a, b, prev_c, c, tc, h, h_next, n_next):
+        # lstm_fwd32 where a already holds x Wx + h Wh (the recurrent GEMM added its
+        # product to it): the gates of (a + b), one 4H-wide operand fewer to stream
+        wide_vectors()
+        n, G = a.shape
+        H = G // 4
+        bi, bf, bo, bg = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
+        for row in range(n):
+            ar = a[row]
+            ai, af, ao, ag = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
+            pcr, cr, tcr, hr = prev_c[row], c[row], tc[row], h[row]
+            for j in range(H):
+                i = sigmoid32(ai[j] + bi[j])
+                f = sigmoid32(af[j] + bf[j])
+                o = sigmoid32(ao[j] + bo[j])
+                g = tanh32(ag[j] + bg[j])
+                ai[j] = i
+                af[j] = f
+                ao[j] = o
+                ag[j] = g
+                cc = f * pcr[j] + i * g
+                cr[j] = cc
+                t = tanh32(cc)
+                tcr[j] = t
+                hr[j] = o * t
+            if row < n_next:
+                hn = h_next[row]
+                for j in range(H):
+                    hn[j] = hr[j]
+
+    @njit(**opts)
     def rnn_fwd32(a, r):
         # a = tanh(a + r) in place
         wide_vectors()
@@ -338,13 +372,15 @@ def _build_cpu():
             pass
 
     @njit(**opts)
-    def softmax_xent32(scores, b, targets, inv_norm, row_loss, col_sum):
+    def softmax_xent32(scores, b, targets, inv_norm, row_loss, partials):
         # Per row, while it sits in L1: the max of scores + b (b the vocabulary bias, added
         # here rather than in a pass of its own), exp of the shifted scores, their
-        # float64 sum, then the gradient in place. col_sum (V,), unless empty, gets the
-        # gradient's column sums (the vocabulary bias gradient), rows added in order as
-        # NumPy's sum(axis=0) does. exp(x) of x < -87 would be subnormal: 0 instead (it
-        # cannot move a float64 sum that holds a 1).
+        # float64 sum, then the gradient in place. partials (rows / PARTIAL_ROWS, V), unless
+        # empty, gets the gradient's column sums of each block of PARTIAL_ROWS rows (rows
+        # added in order); sum_partials adds the blocks in order: the vocabulary bias
+        # gradient without a pass of its own over the scores, in an order that does not
+        # depend on how the rows are split across threads. exp(x) of x < -87 would be
+        # subnormal: 0 instead (it cannot move a float64 sum that holds a 1).
         # The max runs on integer keys (the float's bits, negatives' magnitude bits
         # flipped: ordered as the floats are, -0 below +0), because LLVM vectorises an
         # integer max but not a float one; a NaN becomes the max or stays in its row,
@@ -355,9 +391,7 @@ def _build_cpu():
         floor = dt(-87.0)
         zero = dt(0.0)
         low31, sign = np.int32(0x7FFFFFFF), np.int32(31)
-        with_sum = col_sum.size > 0
-        if with_sum:
-            col_sum[:] = 0
+        with_sum = partials.shape[0] > 0
         for row in range(M):
             s = scores[row]
             key_max = np.int32(-0x80000000)
@@ -377,8 +411,20 @@ def _build_cpu():
                 s[j] *= scale
             s[y] -= dt(inv_norm)
             if with_sum:
+                part = partials[row // PARTIAL_ROWS]
+                if row % PARTIAL_ROWS == 0:
+                    part[:] = 0
                 for j in range(V):
-                    col_sum[j] += s[j]
+                    part[j] += s[j]
+
+    @njit(**opts)
+    def sum_partials(partials, col_sum):
+        # col_sum = the blocks' column sums added in block order
+        col_sum[:] = 0
+        for blk in range(partials.shape[0]):
+            p = partials[blk]
+            for j in range(col_sum.size):
+                col_sum[j] += p[j]
 
     @njit(**opts)
     def gru_fwd(a, r, prev_h, hn, h):
@@ -527,16 +573,6 @@ def _build_cpu():
                 acc[r, j] += np.int64(np.rint(v * scale))
         return m
 
-    @njit(**opts)
-    def column_sums(x, out, lo, hi):
-        # out[lo:hi] = x[:, lo:hi].sum(axis=0), rows added in order
-        out[lo:hi] = 0
-        o = out[lo:hi]
-        for row in range(x.shape[0]):
-            xr = x[row, lo:hi]
-            for j in range(o.size):
-                o[j] += xr[j]
-
     # Row copies of the step (memory-bound; the split versions below run them on every
     # thread of the shared pool).
     @njit(**opts)
@@ -642,15 +678,17 @@ def _build_cpu():
 
     kernels = SimpleNamespace(
         lstm_fwd=lstm_fwd, lstm_bwd_in_place=lstm_bwd_in_place, rnn_fwd=rnn_fwd, rnn_bwd=rnn_bwd,
-        softmax_xent=softmax_xent, adam=adam, lstm_fwd32=lstm_fwd32, rnn_fwd32=rnn_fwd32,
+        softmax_xent=softmax_xent, adam=adam, lstm_fwd32=lstm_fwd32, lstm_fwd32_acc=lstm_fwd32_acc,
+        rnn_fwd32=rnn_fwd32,
         gru_fwd32=gru_fwd32, softmax_xent32=softmax_xent32, gru_fwd=gru_fwd, gru_bwd=gru_bwd,
         quantize_add=quantize_add, quantize_add_rows=quantize_add_rows, embed_slots=embed_slots,
         embed_rows=embed_rows, exp32_into=exp32_into, count_nonfinite=count_nonfinite,
-        column_sums=column_sums, gather_rows=gather_rows, scatter_rows=scatter_rows,
-        scatter_ids=scatter_ids, prev_h_rows=prev_h_rows, pack_captions=pack_captions)
+        gather_rows=gather_rows, scatter_rows=scatter_rows,
+        scatter_ids=scatter_ids, prev_h_rows=prev_h_rows, pack_captions=pack_captions,
+        sum_partials=sum_partials)
     # the split kernels (below) call these: fixed uuids, for the reason given above
-    for name in ("lstm_fwd32", "lstm_bwd_in_place", "softmax_xent32", "embed_rows", "adam",
-                 "count_nonfinite", "column_sums", "gather_rows", "scatter_rows", "scatter_ids",
+    for name in ("lstm_fwd32", "lstm_fwd32_acc", "lstm_bwd_in_place", "softmax_xent32", "embed_rows", "adam",
+                 "count_nonfinite", "sum_partials", "gather_rows", "scatter_rows", "scatter_ids",
                  "prev_h_rows"):
         try:
             getattr(kernels, name)._set_uuid(f"dtrain.kernels.cpu.{name}.v2")
@@ -672,7 +710,8 @@ def _build_split(k):
     opts = {"cache": True, "nogil": True, "error_model": "numpy", "parallel": True}
     wide_vectors = k.wide_vectors
     lstm_fwd32, lstm_bwd_in_place, softmax_xent32 = k.lstm_fwd32, k.lstm_bwd_in_place, k.softmax_xent32
-    embed_rows, adam, count_nonfinite, column_sums = k.embed_rows, k.adam, k.count_nonfinite, k.column_sums
+    lstm_fwd32_acc = k.lstm_fwd32_acc
+    embed_rows, adam, count_nonfinite = k.embed_rows, k.adam, k.count_nonfinite
     gather_rows, scatter_rows, prev_h_rows = k.gather_rows, k.scatter_rows, k.prev_h_rows
     scatter_ids = k.scatter_ids
 
@@ -699,6 +738,15 @@ def _build_split(k):
                        h_next[lo : lo + k], k)
 
     @njit(**opts)
+    def lstm_fwd32_acc_split(parts, a, b, prev_c, c, tc, h, h_next, n_next):
+        n = a.shape[0]
+        for p in prange(parts):
+            wide_vectors()
+            lo, hi = bounds(n, parts, p, 1)
+            k = min(max(n_next - lo, 0), hi - lo)
+            lstm_fwd32_acc(a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], h_next[lo : lo + k], k)
+
+    @njit(**opts)
     def lstm_bwd_split(parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
         n = a.shape[0]
         for p in prange(parts):
@@ -707,16 +755,15 @@ def _build_split(k):
                               min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
 
     @njit(**opts)
-    def softmax_xent32_split(parts, scores, b, targets, inv_norm, row_loss, col_sum, no_sum):
-        M, V = scores.shape
+    def softmax_xent32_split(parts, scores, b, targets, inv_norm, row_loss, partials):
+        # each part's rows start a block of partial sums (the blocks are the serial kernel's)
+        M = scores.shape[0]
+        B = PARTIAL_ROWS
         for p in prange(parts):
             wide_vectors()
-            lo, hi = bounds(M, parts, p, 1)
-            softmax_xent32(scores[lo:hi], b, targets[lo:hi], inv_norm, row_loss[lo:hi], no_sum)
-        if col_sum.size > 0:
-            for p in prange(parts):
-                lo, hi = bounds(V, parts, p, 16)
-                column_sums(scores, col_sum, lo, hi)
+            lo, hi = bounds(M, parts, p, B)
+            softmax_xent32(scores[lo:hi], b, targets[lo:hi], inv_norm, row_loss[lo:hi],
+                           partials[lo // B : (hi + B - 1) // B])
 
     @njit(**opts)
     def embed_rows_split(parts, dx, row_of, rows, col_sum):
@@ -768,22 +815,23 @@ def _build_split(k):
             lo, hi = bounds(out.shape[0], parts, p, 1)
             prev_h_rows(Hp, h0, offsets, out, lo, hi)
 
-    return SimpleNamespace(lstm_fwd32=lstm_fwd32_split, lstm_bwd_in_place=lstm_bwd_split,
+    return SimpleNamespace(lstm_fwd32=lstm_fwd32_split, lstm_fwd32_acc=lstm_fwd32_acc_split, lstm_bwd_in_place=lstm_bwd_split,
                            softmax_xent32=softmax_xent32_split, embed_rows=embed_rows_split,
                            adam=adam_split, count_nonfinite=count_nonfinite_split,
                            gather_rows=gather_rows_split, scatter_rows=scatter_rows_split,
                            scatter_ids=scatter_ids_split, prev_h_rows=prev_h_rows_split)
 
 
-def _build_transpose(k):
-    """OpenBLAS's out-of-place transpose (omatcopy), called through its address from
-    compiled code (cached like the kernels; a ctypes call costs more than the copy at
-    the recurrent backward's sizes): its address per dtype, ``omatcopy`` (a whole
-    matrix, one thread: split across the pool it was no faster, 512 x n float32,
-    n = 4..128) and the LSTM backward step that first copies its dh_rec rows from the
-    recurrent GEMM's transposed result (``lstm_bwd_T``, and ``lstm_bwd_T_split`` on the
-    pool: each thread its own rows, which it then reads from its cache). None without
-    OpenBLAS."""
+def _build_blas(k):
+    """OpenBLAS entry points NumPy does not offer, called through their addresses from
+    compiled code (cached like the kernels; a ctypes call costs more than the work at
+    the recurrent steps' sizes). The out-of-place transpose (omatcopy): its address
+    per dtype, ``omatcopy`` (a whole matrix, one thread: split across the pool it was
+    no faster, 512 x n float32, n = 4..128) and the LSTM backward step that first
+    copies its dh_rec rows from the recurrent GEMM's transposed result (``lstm_bwd_T``,
+    and ``lstm_bwd_T_split`` on the pool: each thread its own rows, which it then reads
+    from its cache). The float32 GEMM that adds its product to its output
+    (``gemm_acc``, sgemm with beta = 1; ``gemm_addresses``). None without OpenBLAS."""
     from llvmlite import ir
     from numba import njit, prange, types
     from numba.extending import intrinsic
@@ -792,11 +840,14 @@ def _build_transpose(k):
         library = openblas.loaded()[0]
     except Exception:  # another BLAS, no threadpoolctl
         return None
-    addresses = {}
+    addresses, gemm_addresses = {}, {}
     for dtype, name in ((np.float32, "cblas_somatcopy"), (np.float64, "cblas_domatcopy")):
         fn = library.symbol(name)
         if fn is not None:
             addresses[np.dtype(dtype)] = ctypes.cast(fn, ctypes.c_void_p).value
+    fn = library.symbol("cblas_sgemm")
+    if fn is not None:
+        gemm_addresses[np.dtype(np.float32)] = ctypes.cast(fn, ctypes.c_void_p).value
     ilp64 = library.blasint is ctypes.c_int64
 
     @intrinsic
@@ -821,6 +872,40 @@ def _build_transpose(k):
         call_omatcopy._set_uuid(f"dtrain.kernels.cpu.call_omatcopy.{'ilp64' if ilp64 else 'lp64'}.v1")
     except (AttributeError, AssertionError):
         pass
+
+    @intrinsic
+    def call_gemm(typingctx, fn, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        # fn(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta,
+        # c, ldc): c = alpha a b + beta c
+        def codegen(context, builder, signature, args):
+            i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+            blasint = ir.IntType(64 if ilp64 else 32)
+            real = context.get_value_type(signature.args[4])
+            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, blasint, blasint, blasint, real, i8p, blasint,
+                                                   i8p, blasint, real, i8p, blasint])
+            target = builder.inttoptr(args[0], fnty.as_pointer())
+            n_ = (lambda v: v) if ilp64 else (lambda v: builder.trunc(v, blasint))
+            no = ir.Constant(i32, openblas.CBLAS_NO_TRANS)
+            builder.call(target, [ir.Constant(i32, openblas.CBLAS_ROW_MAJOR), no, no, n_(args[1]), n_(args[2]),
+                                  n_(args[3]), args[4], builder.inttoptr(args[5], i8p), n_(args[6]),
+                                  builder.inttoptr(args[7], i8p), n_(args[8]), args[9],
+                                  builder.inttoptr(args[10], i8p), n_(args[11])])
+            return context.get_dummy_value()
+        return types.void(types.intp, types.intp, types.intp, types.intp, alpha, types.intp, types.intp,
+                          types.intp, types.intp, alpha, types.intp, types.intp), codegen
+
+    try:
+        call_gemm._set_uuid(f"dtrain.kernels.cpu.call_gemm.{'ilp64' if ilp64 else 'lp64'}.v1")
+    except (AttributeError, AssertionError):
+        pass
+
+    @njit(cache=True, nogil=True)
+    def gemm_acc(fn, a, b, c):
+        # c += a @ b (beta = 1), every operand C-contiguous
+        m, k = a.shape
+        one = a.dtype.type(1.0)
+        call_gemm(fn, np.intp(m), np.intp(b.shape[1]), np.intp(k), one, np.intp(a.ctypes.data), np.intp(k),
+                  np.intp(b.ctypes.data), np.intp(b.shape[1]), one, np.intp(c.ctypes.data), np.intp(c.shape[1]))
 
     @njit(cache=True, nogil=True)
     def omatcopy(fn, src, out):
@@ -862,17 +947,17 @@ def _build_transpose(k):
                               min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
 
     return SimpleNamespace(addresses=addresses, omatcopy=omatcopy, lstm_bwd_T=lstm_bwd_T,
-                           lstm_bwd_T_split=lstm_bwd_T_split)
+                           lstm_bwd_T_split=lstm_bwd_T_split, gemm_addresses=gemm_addresses, gemm_acc=gemm_acc)
 
 
-def _transpose():
-    """``_build_transpose``'s namespace, built once (addresses empty without OpenBLAS)."""
-    global _TRANSPOSE
-    if _TRANSPOSE is None:
+def _blas():
+    """``_build_blas``'s namespace, built once (addresses empty without OpenBLAS)."""
+    global _BLAS
+    if _BLAS is None:
         if _CPU is None:
             raise RuntimeError("the CPU kernels are built first (CpuKernels())")
-        _TRANSPOSE = _build_transpose(_CPU) or SimpleNamespace(addresses={})
-    return _TRANSPOSE
+        _BLAS = _build_blas(_CPU) or SimpleNamespace(addresses={}, gemm_addresses={})
+    return _BLAS
 
 
 def _split(elements):
@@ -911,6 +996,8 @@ class CpuKernels:
             k.count_nonfinite)
         self._gather_rows, self._scatter_rows, self._prev_h_rows = k.gather_rows, k.scatter_rows, k.prev_h_rows
         self._scatter_ids, self._pack_captions = k.scatter_ids, k.pack_captions
+        self._sum_partials, self._lstm_fwd32_acc = k.sum_partials, k.lstm_fwd32_acc
+        self._partials = np.empty(0, dtype=dtype)  # the softmax's per-block column sums
         self._row_of = np.empty(0, dtype=np.int64)
         self._empty_rows = {}
         self.dtype = np.dtype(dtype)
@@ -925,19 +1012,29 @@ class CpuKernels:
         self.fast32 = self.dtype == np.float32
 
     def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias, h_next=None):
-        """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added).
-        ``h_next``, when given (k <= n rows), also receives h's first k rows: the next
-        step's block of prev_h (``forward_copies_prev_h``)."""
+        """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added) and
+        ``r`` h Wh, or ``r`` is None and ``a`` holds both (``gemm_accumulate`` added the
+        recurrent product to it: ``forward_accumulates``). ``h_next``, when given (k <= n
+        rows), also receives h's first k rows: the next step's block of prev_h
+        (``forward_copies_prev_h``)."""
         n = a.shape[0]
         if self.fast32:
             if h_next is None:
                 h_next = self._no_rows(h)
             split, parts = _split(a.size)
+            if r is None:
+                if split is not None:
+                    split.lstm_fwd32_acc(parts, a, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
+                else:
+                    self._lstm_fwd32_acc(a, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
+                return
             if split is not None:
                 split.lstm_fwd32(parts, a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
                 return
             self._lstm_fwd32(a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
         else:
+            if r is None:
+                raise ValueError("lstm_step_forward: r=None (a accumulated) is for float32 only")
             a += bias
             self._lstm_fwd(a, r, prev_c[:n], c, tc, h)
             if h_next is not None:
@@ -966,12 +1063,12 @@ class CpuKernels:
             np.copyto(d, a)
         split, parts = _split(d.size)
         if dh_rec_T is not None:
-            address = _transpose().addresses.get(d.dtype)
+            address = _blas().addresses.get(d.dtype)
             if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
                     or not (dh_rec_T.flags.c_contiguous and dh_rec.flags.c_contiguous):
                 dh_rec[:n_next] = dh_rec_T.T
             else:
-                t = _TRANSPOSE
+                t = _BLAS
                 if split is not None:
                     t.lstm_bwd_T_split(parts, address, dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
                 else:
@@ -1006,15 +1103,20 @@ class CpuKernels:
             self._row_loss = alloc.empty(M, np.float64)
         row_loss = self._row_loss[:M]
         if self.fast32:
+            V = scores.shape[1]
             if bias is None:
-                bias = self._zero_bias(scores.shape[1])
-            col_sum = self._zero_bias(0) if bias_grad is None else bias_grad
+                bias = self._zero_bias(V)
+            blocks = 0 if bias_grad is None else -(-M // PARTIAL_ROWS)
+            if self._partials.size < blocks * V:
+                self._partials = alloc.empty(blocks * V, self.dtype)
+            partials = self._partials[: blocks * V].reshape(blocks, V)
             split, parts = _split(scores.size)
             if split is not None:
-                split.softmax_xent32(parts, scores, bias, targets, 1.0 / normalizer, row_loss, col_sum,
-                                     self._zero_bias(0))
+                split.softmax_xent32(parts, scores, bias, targets, 1.0 / normalizer, row_loss, partials)
             else:
-                self._softmax_xent32(scores, bias, targets, 1.0 / normalizer, row_loss, col_sum)
+                self._softmax_xent32(scores, bias, targets, 1.0 / normalizer, row_loss, partials)
+            if bias_grad is not None:
+                self._sum_partials(partials, bias_grad)
         else:
             if bias is not None:
                 scores += bias
@@ -1115,7 +1217,7 @@ class CpuKernels:
     def copy_transposed(self, src, out):
         """``out[...] = src.T`` (2-D, C-contiguous): OpenBLAS's omatcopy where it is found
         (512 x 128 float32: 19 us against NumPy's 92; 64 columns: 9 against 44)."""
-        transpose = _transpose()
+        transpose = _blas()
         address = transpose.addresses.get(src.dtype)
         if address is None or out.dtype != src.dtype or out.shape != src.shape[::-1] \
                 or not (src.flags.c_contiguous and out.flags.c_contiguous):
@@ -1125,10 +1227,29 @@ class CpuKernels:
         return out
 
     @property
+    def forward_accumulates(self):
+        """True when ``gemm_accumulate`` runs OpenBLAS's sgemm with beta = 1 (float32): the
+        LSTM's recurrent GEMM then adds h Wh to the step's gate rows, and the forward step
+        reads one operand instead of two."""
+        return self.fast32 and self.dtype in _blas().gemm_addresses
+
+    def gemm_accumulate(self, a, b, out):
+        """``out += a @ b`` by one GEMM (beta = 1) where ``forward_accumulates``; 2-D, C-contiguous."""
+        blas = _blas()
+        address = blas.gemm_addresses.get(out.dtype)
+        if address is None or not (a.dtype == b.dtype == out.dtype) or a.shape[1] != b.shape[0] \
+                or out.shape != (a.shape[0], b.shape[1]) \
+                or not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
+            out += a @ b
+        elif out.size:
+            blas.gemm_acc(address, a, b, out)
+        return out
+
+    @property
     def backward_reads_transposed(self):
         """True when ``lstm_step_backward`` copies its dh_rec rows itself from ``dh_rec_T``
         (omatcopy found): the cells then leave the recurrent GEMM's result transposed."""
-        return self.dtype in _transpose().addresses
+        return self.dtype in _blas().addresses
 
     def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
         split, parts = _split(p.size)

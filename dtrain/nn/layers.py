@@ -42,6 +42,17 @@ class Workspace:
     def __init__(self):
         self._buffers = {}
         self._views = {}
+        self._zeroed = {}  # buffer key -> the buffer zeros() filled (a grown one is new)
+
+    def zeros(self, name, shape, dtype, xp=np):
+        """A buffer of zeros that its users only read: zeroed when (re)allocated, not on every
+        call (a step's zero state, e.g. the LSTM's c0). Its name must not serve anything else."""
+        out = self.get(name, shape, dtype, xp)
+        key = (name, np.dtype(dtype).str, xp.__name__)
+        if self._zeroed.get(key) is not self._buffers[key]:
+            self._buffers[key].fill(0)
+            self._zeroed[key] = self._buffers[key]
+        return out
 
     def get(self, name, shape, dtype, xp=np, zero=False):
         try:
@@ -78,6 +89,14 @@ def buffer(ws, name, shape, dtype, xp, zero=False):
     if ws is None:
         return alloc.zeros(shape, dtype, xp) if zero else alloc.empty(shape, dtype, xp)
     return ws.get(name, shape, dtype, xp, zero=zero)
+
+
+def zeros_buffer(ws, name, shape, dtype, xp):
+    """Zeros that the caller only reads: on the host, from ``ws.zeros`` (filled once); on a
+    GPU filled on every call (a captured CUDA graph replays the fill)."""
+    if ws is None or xp is not np:
+        return buffer(ws, name, shape, dtype, xp, zero=True)
+    return ws.zeros(name, shape, dtype, xp)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ fused kernels ``lstm_step_forward``/``lstm_step_backward`` when offered) and
 
 from __future__ import annotations
 
+import numpy as np
+
 from ...backend import get_array_module
 from .. import layers as L
 from ..layers import sigmoid
@@ -67,7 +69,7 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
     Hp = L.buffer(ws, "lstm_h", (total, H), dtype, xp)
     n0 = batch_sizes[0] if batch_sizes else 0
     rec = L.buffer(ws, "lstm_rec", (n0, 4 * H), dtype, xp)
-    zero_c = L.buffer(ws, "lstm_c0", (n0, H), dtype, xp, zero=True)
+    zero_c = L.zeros_buffer(ws, "lstm_c0", (n0, H), dtype, xp)
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
     # the fused step adds b in its own pass over the step's rows (one pass fewer)
     L.input_projection(x_packed, Wx, None if fused is not None else b, gates)
@@ -77,14 +79,22 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
     if fused is not None and getattr(kernels, "forward_copies_prev_h", False):
         PH = L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp)
         PH[:n0] = h0[:n0]
+    # Kernels that offer it add h Wh to the step's gate rows in the GEMM itself (beta = 1):
+    # the step then streams one 4H-wide operand instead of two.
+    accumulate = PH is not None and getattr(kernels, "forward_accumulates", False) \
+        and h0.flags.c_contiguous and Wh.flags.c_contiguous
     prev_h, prev_c = h0, zero_c
     T = len(batch_sizes)
     for t, n in enumerate(batch_sizes):
         s = offsets[t]
         a = gates[s : s + n]
-        r = rec[:n]
-        xp.matmul(prev_h[:n], Wh, out=r)
         c, tc, h = C[s : s + n], TC[s : s + n], Hp[s : s + n]
+        if accumulate:
+            kernels.gemm_accumulate(prev_h[:n], Wh, a)
+            r = None
+        else:
+            r = rec[:n]
+            xp.matmul(prev_h[:n], Wh, out=r)
         if PH is not None:
             fused(a, r, prev_c, c, tc, h, b, h_next=PH[s + n : s + n + batch_sizes[t + 1]] if t + 1 < T else None)
         elif fused is not None:
@@ -116,12 +126,18 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
     in_place = fused is not None and getattr(kernels, "backward_in_place", False)
     da = gates if in_place else L.buffer(ws, "lstm_da", (total, 4 * H), dtype, xp)
     dh_rec = L.buffer(ws, "lstm_dh_rec", (n0, H), dtype, xp)
-    dc_rec = L.buffer(ws, "lstm_dc_rec", (n0, H), dtype, xp, zero=True)
-    zero_c = L.buffer(ws, "lstm_c0", (n0, H), dtype, xp, zero=True)
+    # On the host, no zeroing pass over the carried gradients: a step reads dh_rec and dc_rec
+    # only in the rows the step after it wrote (the fused kernel zeroes the others itself),
+    # and dh0's first n0 rows are written by step 0.
+    host = xp is np
+    dc_rec = L.buffer(ws, "lstm_dc_rec", (n0, H), dtype, xp, zero=not host)
+    zero_c = L.zeros_buffer(ws, "lstm_c0", (n0, H), dtype, xp)
     dh = L.buffer(ws, "lstm_dh", (n0, H), dtype, xp)
     dc = L.buffer(ws, "lstm_dc", (n0, H), dtype, xp)
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
-    dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
+    dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=not host)
+    if host:
+        dh0[n0:] = 0
     scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
     # Kernels that read dh_rec transposed take the recurrent GEMM's (H, n) result as it is
     # (each thread copies its own rows, then uses them from its cache): no copy pass.
