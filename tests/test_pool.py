@@ -205,7 +205,7 @@ def test_lstm_prev_h_written_forward_and_dh_rec_read_transposed_keep_the_bits(dt
     dH = rng.standard_normal((total, H)).astype(dtype)
     k = CpuKernels(dtype)
     results = []
-    monkeypatch.setattr(CpuKernels, "forward_accumulates", False)  # (changes the bits: below)
+    monkeypatch.setattr(CpuKernels, "forward_accumulates", False)  # (another sum order: below)
     for on in (True, False):
         if not on:
             monkeypatch.setattr(CpuKernels, "forward_copies_prev_h", False)

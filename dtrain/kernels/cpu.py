@@ -247,70 +247,61 @@ def _build_cpu():
 
     # float32: one pass per LSTM step and per softmax row, with exp32 (below) in place of
     # the libm calls, which do not vectorise.
-    @njit(**opts)
-    def lstm_fwd32(a, r, b, prev_c, c, tc, h, h_next, n_next):
-        # a = x Wx (b not yet added), r = h Wh; leaves the activated i, f, o, g in a.
-        # (a + b) + r is the plain path's order (x Wx + b first). Rows below n_next are
-        # also written to h_next (the next step's block of prev_h, for dWh's GEMM) while
-        # they are in L1: no pass of their own over H_packed.
-        wide_vectors()
-        n, G = a.shape
-        H = G // 4
+    @njit(inline="always")
+    def lstm_gate_row32(ar, b, pcr, cr, tcr, hr, H):
+        # one row of the step from its pre-activations ar (+ b): the activated i, f, o, g
+        # back into ar, and c, tanh(c) and h
+        ai, af, ao, ag = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
         bi, bf, bo, bg = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
-        for row in range(n):
-            ar, rr = a[row], r[row]
-            ai, af, ao, ag = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
-            ri, rf, ro, rg = rr[:H], rr[H : 2 * H], rr[2 * H : 3 * H], rr[3 * H :]
-            pcr, cr, tcr, hr = prev_c[row], c[row], tc[row], h[row]
-            for j in range(H):
-                i = sigmoid32((ai[j] + bi[j]) + ri[j])
-                f = sigmoid32((af[j] + bf[j]) + rf[j])
-                o = sigmoid32((ao[j] + bo[j]) + ro[j])
-                g = tanh32((ag[j] + bg[j]) + rg[j])
-                ai[j] = i
-                af[j] = f
-                ao[j] = o
-                ag[j] = g
-                cc = f * pcr[j] + i * g
-                cr[j] = cc
-                t = tanh32(cc)
-                tcr[j] = t
-                hr[j] = o * t
+        for j in range(H):
+            i = sigmoid32(ai[j] + bi[j])
+            f = sigmoid32(af[j] + bf[j])
+            o = sigmoid32(ao[j] + bo[j])
+            g = tanh32(ag[j] + bg[j])
+            ai[j] = i
+            af[j] = f
+            ao[j] = o
+            ag[j] = g
+            cc = f * pcr[j] + i * g
+            cr[j] = cc
+            t = tanh32(cc)
+            tcr[j] = t
+            hr[j] = o * t
+
+    try:  # a fixed uuid (see "Numba keys a cached kernel" below)
+        lstm_gate_row32._set_uuid("dtrain.kernels.cpu.lstm_gate_row32.v1")
+    except (AttributeError, AssertionError):
+        pass
+
+    @njit(**opts)
+    def lstm_fwd32_acc(a, b, prev_c, c, tc, h, h_next, n_next):
+        # The float32 LSTM step where a holds x Wx + h Wh (the recurrent GEMM added its
+        # product to it: gemm_accumulate): the gates of (a + b); leaves the activated i, f,
+        # o, g in a. Rows below n_next are also written to h_next (the next step's block of
+        # prev_h, for dWh's GEMM) while they are in L1: no pass of their own over H_packed.
+        wide_vectors()
+        H = a.shape[1] // 4
+        for row in range(a.shape[0]):
+            hr = h[row]
+            lstm_gate_row32(a[row], b, prev_c[row], c[row], tc[row], hr, H)
             if row < n_next:
                 hn = h_next[row]
                 for j in range(H):
                     hn[j] = hr[j]
 
     @njit(**opts)
-    def lstm_fwd32_acc(a, b, prev_c, c, tc, h, h_next, n_next):
-        # lstm_fwd32 where a already holds x Wx + h Wh (the recurrent GEMM added its
-        # product to it): the gates of (a + b), one 4H-wide operand fewer to stream
+    def lstm_fwd32(a, r, b, prev_c, c, tc, h, h_next, n_next):
+        # lstm_fwd32_acc with the recurrent product in r (no accumulating GEMM): each row
+        # first becomes (x Wx + b) + h Wh, the plain path's order, in L1; then the gates
+        # of it (+ 0, which changes no bit that matters: the gates of -0 and +0 agree)
         wide_vectors()
         n, G = a.shape
-        H = G // 4
-        bi, bf, bo, bg = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
+        zero = np.zeros(G, a.dtype)
         for row in range(n):
-            ar = a[row]
-            ai, af, ao, ag = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
-            pcr, cr, tcr, hr = prev_c[row], c[row], tc[row], h[row]
-            for j in range(H):
-                i = sigmoid32(ai[j] + bi[j])
-                f = sigmoid32(af[j] + bf[j])
-                o = sigmoid32(ao[j] + bo[j])
-                g = tanh32(ag[j] + bg[j])
-                ai[j] = i
-                af[j] = f
-                ao[j] = o
-                ag[j] = g
-                cc = f * pcr[j] + i * g
-                cr[j] = cc
-                t = tanh32(cc)
-                tcr[j] = t
-                hr[j] = o * t
-            if row < n_next:
-                hn = h_next[row]
-                for j in range(H):
-                    hn[j] = hr[j]
+            ar, rr = a[row], r[row]
+            for j in range(G):
+                ar[j] = (ar[j] + b[j]) + rr[j]
+        lstm_fwd32_acc(a, zero, prev_c, c, tc, h, h_next, n_next)
 
     @njit(**opts)
     def rnn_fwd32(a, r):
