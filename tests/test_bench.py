@@ -153,21 +153,22 @@ def test_profiler_records_every_gemm_and_restores_what_it_wrapped():
         calls.append((a.shape, b.shape))
         return original[0](a, b, out=out, **kw)
 
-    accumulate = model.kernels.gemm_accumulate
+    loop = model.kernels.lstm_forward_loop
 
-    def counting_accumulate(a, b, out):
-        calls.append((a.shape, b.shape))
-        return accumulate(a, b, out)
+    def counting_loop(gates, C, TC, Hp, PH, h0, c0, Wh, *rest):
+        batch_sizes = rest[-2]
+        calls.extend(((n, h0.shape[1]), Wh.shape) for n in batch_sizes)  # one GEMM per time step
+        return loop(gates, C, TC, Hp, PH, h0, c0, Wh, *rest)
 
     prof = floor.StepProfiler()
     np.matmul = counting  # the profiler wraps whatever np.matmul is
-    model.kernels.gemm_accumulate = counting_accumulate  # and whatever the kernels' GEMM is
+    model.kernels.lstm_forward_loop = counting_loop  # and whatever the kernels' loop is
     try:
         with prof.active(model, adam, reducer):
             step(feats, caps, 6, 1e-3)
     finally:
         np.matmul = original[0]
-        del model.kernels.gemm_accumulate
+        del model.kernels.lstm_forward_loop
     assert len(prof.gemms) == len(calls) > 0
     assert [(a[1], b[1]) for a, b, *_ in prof.gemms] == calls
     # the LSTM's recurrent GEMMs add to the gate rows (float32 with OpenBLAS); the others write

@@ -259,6 +259,36 @@ def test_recurrent_gemm_adding_to_the_gates_matches_the_separate_product(monkeyp
     np.testing.assert_allclose(strided, expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_compiled_forward_loop_gives_the_python_loops_bits(parts, monkeypatch):
+    # the LSTM's forward time loop in one compiled call (serial, and split across 2 and 3
+    # parts with every step split) against the cell's Python loop over the same kernels
+    from dtrain.nn import layers
+    from dtrain.nn.cells import lstm
+
+    k = CpuKernels(np.float32)
+    if not k.forward_accumulates:
+        pytest.skip("no OpenBLAS sgemm found: the accumulating path is not offered")
+    rng = np.random.default_rng(parts)
+    batch_sizes, W, H = [30, 30, 27, 11, 1], 12, 16
+    total = sum(batch_sizes)
+    args = [rng.standard_normal((total, W)), rng.standard_normal((30, H)), 0.3 * rng.standard_normal((W, 4 * H)),
+            0.3 * rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H)]
+    args = [a.astype(np.float32) for a in args]
+    if parts > 1:
+        monkeypatch.setattr(cpu.pool, "threads", lambda: parts)
+        monkeypatch.setattr(cpu, "SPLIT_MIN_ELEMENTS", 0)
+    outs = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(CpuKernels, "lstm_forward_loop", None)
+        Hp, cache = lstm.lstm_packed_forward(*args, batch_sizes, layers.Workspace(), k)
+        outs.append([Hp.copy()] + [np.array(x, copy=True) for x in (cache[4], cache[5], cache[6], cache[-1])])
+    for x, y in zip(*outs):
+        assert np.array_equal(x, y)
+    assert CpuKernels.ticks_to_seconds(0) == 0 and CpuKernels.ticks_to_seconds(10**9) > 0
+
+
 @pytest.mark.parametrize("parts", [2, 3])
 def test_split_lstm_forward_accumulated_bitwise(parts):
     rng = np.random.default_rng(parts)

@@ -2,7 +2,9 @@
 
 **GEMM floor.** During a profiled step every ``numpy.matmul`` call (the step's
 code calls ``xp.matmul(a, b, out=...)``, or the kernels' ``gemm_accumulate(a, b, out)``
-for a GEMM that adds its product to ``out``; nothing else does GEMMs) is recorded:
+for a GEMM that adds its product to ``out``, or their compiled LSTM forward loop, which
+makes those calls itself and times them with the time-stamp counter; nothing else does
+GEMMs) is recorded:
 shapes, dtype, strides (so transposed views stay transposed) and which
 buffer each operand lives in. The recorded GEMMs are then replayed alone, in
 the same order, on preallocated arrays of the same layouts (operands that
@@ -117,6 +119,33 @@ class StepProfiler:
 
         return wrapper
 
+    def _timed_loop(self, kern, fn):
+        """The kernels' compiled LSTM forward loop: its GEMMs (timed inside it by the
+        time-stamp counter) go to "gemm" and are recorded as the Python loop would have
+        issued them, the rest of it to "gates"."""
+        prof = self
+
+        def wrapper(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets):
+            if prof._depth:
+                return fn(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets)
+            prof._depth += 1
+            t0 = time.perf_counter()
+            try:
+                result = fn(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets)
+            finally:
+                elapsed = time.perf_counter() - t0
+                prof._depth -= 1
+            gemm = kern.ticks_to_seconds(kern.last_gemm_ticks)
+            prof.times["gemm"] += gemm
+            prof.times["gates"] += max(0.0, elapsed - gemm)
+            for t, n in enumerate(batch_sizes):
+                s = offsets[t]
+                prev_h = h0[:n] if t == 0 else PH[s : s + n]
+                prof.gemms.append((_layout(prev_h), _layout(Wh), _layout(gates[s : s + n]), True))
+            return result
+
+        return wrapper
+
     def active(self, model, adam, reducer):
         """A context in which the step's parts are wrapped (numpy, the model's kernels, Adam, ...)."""
         from .. import step as step_module
@@ -144,6 +173,9 @@ class StepProfiler:
             if hasattr(kern, "gemm_accumulate"):
                 self.accumulate = kern.gemm_accumulate
                 p.set(kern, "gemm_accumulate", self._timed("gemm", kern.gemm_accumulate, record_accumulate))
+            if hasattr(kern, "lstm_forward_loop"):
+                kern.ticks_to_seconds(0)  # the counter's rate, measured now rather than inside a step
+                p.set(kern, "lstm_forward_loop", self._timed_loop(kern, kern.lstm_forward_loop))
             for name in ("gather_rows", "scatter_rows"):
                 if hasattr(kern, name):
                     p.set(kern, name, self._timed(rows_of, getattr(kern, name)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,6 +32,7 @@ from . import openblas, pool
 _CPU = None
 _SPLIT = None
 _BLAS = None  # _build_blas's namespace (addresses empty without OpenBLAS)
+_TICK_HZ = None  # the time-stamp counter's rate (CpuKernels.ticks_to_seconds)
 # A kernel call splits across the shared pool's threads when its largest operand has at
 # least this many elements (below it, starting the threads costs more than it saves).
 SPLIT_MIN_ELEMENTS = 16384
@@ -825,6 +827,7 @@ def _build_blas(k):
     (``gemm_acc``, sgemm with beta = 1; ``gemm_addresses``). None without OpenBLAS."""
     from llvmlite import ir
     from numba import njit, prange, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 
     try:
@@ -937,8 +940,78 @@ def _build_blas(k):
             lstm_bwd_in_place(a[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
                               min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
 
+    @intrinsic
+    def read_ticks(typingctx):
+        # the CPU's time-stamp counter (llvm.readcyclecounter): how long the GEMMs inside a
+        # compiled time loop took, for the floor profiler (a few cycles to read)
+        def codegen(context, builder, signature, args):
+            fnty = ir.FunctionType(ir.IntType(64), [])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
+            return builder.call(fn, [])
+        return types.int64(), codegen
+
+    try:
+        read_ticks._set_uuid("dtrain.kernels.cpu.read_ticks.v1")
+        gemm_acc._set_uuid(f"dtrain.kernels.cpu.gemm_acc.{'ilp64' if ilp64 else 'lp64'}.v1")
+    except (AttributeError, AssertionError):
+        pass
+    lstm_fwd32_acc = k.lstm_fwd32_acc
+
+    @njit(cache=True, nogil=True)
+    def ticks_now():
+        return read_ticks()
+
+    # The LSTM's forward time loop in one call (float32, the recurrent GEMM adding to the gate
+    # rows): per time step the GEMM through its address, then the gate kernel; no Python per
+    # step. The same calls in the same order as the cell's Python loop, so the same bits;
+    # gemm_ticks[0] gets the time-stamp ticks spent in the GEMMs.
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def lstm_forward_loop(fn, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, offsets, gemm_ticks):
+        T = sizes.size
+        for t in range(T):
+            n, s = sizes[t], offsets[t]
+            n_next = sizes[t + 1] if t + 1 < T else 0
+            if t == 0:
+                prev_h, prev_c = h0[:n], c0[:n]
+            else:
+                prev_h, prev_c = PH[s : s + n], C[offsets[t - 1] : offsets[t - 1] + n]
+            a = gates[s : s + n]
+            t0 = read_ticks()
+            gemm_acc(fn, prev_h, Wh, a)
+            gemm_ticks[0] += read_ticks() - t0
+            lstm_fwd32_acc(a, b, prev_c, C[s : s + n], TC[s : s + n], Hp[s : s + n],
+                           PH[s + n : s + n + n_next], n_next)
+
+    @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+    def lstm_forward_loop_split(parts, min_elements, fn, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, offsets,
+                                gemm_ticks):
+        # lstm_forward_loop with each step's gate kernel on the shared pool's threads (each
+        # its own rows) when the step has at least min_elements gate entries
+        T = sizes.size
+        for t in range(T):
+            n, s = sizes[t], offsets[t]
+            n_next = sizes[t + 1] if t + 1 < T else 0
+            if t == 0:
+                prev_h, prev_c = h0[:n], c0[:n]
+            else:
+                prev_h, prev_c = PH[s : s + n], C[offsets[t - 1] : offsets[t - 1] + n]
+            a = gates[s : s + n]
+            t0 = read_ticks()
+            gemm_acc(fn, prev_h, Wh, a)
+            gemm_ticks[0] += read_ticks() - t0
+            c, tc, h, hn = C[s : s + n], TC[s : s + n], Hp[s : s + n], PH[s + n : s + n + n_next]
+            if a.size < min_elements:
+                lstm_fwd32_acc(a, b, prev_c, c, tc, h, hn, n_next)
+            else:
+                for p in prange(parts):
+                    lo, hi = n * p // parts, n * (p + 1) // parts
+                    k = min(max(n_next - lo, 0), hi - lo)
+                    lstm_fwd32_acc(a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], hn[lo : lo + k], k)
+
     return SimpleNamespace(addresses=addresses, omatcopy=omatcopy, lstm_bwd_T=lstm_bwd_T,
-                           lstm_bwd_T_split=lstm_bwd_T_split, gemm_addresses=gemm_addresses, gemm_acc=gemm_acc)
+                           lstm_bwd_T_split=lstm_bwd_T_split, gemm_addresses=gemm_addresses, gemm_acc=gemm_acc,
+                           lstm_forward_loop=lstm_forward_loop, lstm_forward_loop_split=lstm_forward_loop_split,
+                           ticks_now=ticks_now)
 
 
 def _blas():
@@ -989,6 +1062,8 @@ class CpuKernels:
         self._scatter_ids, self._pack_captions = k.scatter_ids, k.pack_captions
         self._sum_partials, self._lstm_fwd32_acc = k.sum_partials, k.lstm_fwd32_acc
         self._partials = np.empty(0, dtype=dtype)  # the softmax's per-block column sums
+        self._gemm_ticks = np.zeros(1, dtype=np.int64)
+        self.last_gemm_ticks = 0
         self._row_of = np.empty(0, dtype=np.int64)
         self._empty_rows = {}
         self.dtype = np.dtype(dtype)
@@ -1235,6 +1310,41 @@ class CpuKernels:
         elif out.size:
             blas.gemm_acc(address, a, b, out)
         return out
+
+    def lstm_forward_loop(self, gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets):
+        """The LSTM's packed forward time loop in one compiled call (``forward_accumulates``;
+        PH[:n0] already holds h0's rows): per step ``gemm_accumulate(prev_h, Wh, gate rows)``
+        and ``lstm_step_forward(..., r=None, h_next=...)``, with no Python between them.
+        ``last_gemm_ticks``: the time-stamp ticks its GEMMs took (``ticks_to_seconds``)."""
+        blas = _blas()
+        sizes = np.asarray(batch_sizes, dtype=np.int64)
+        starts = np.asarray(offsets, dtype=np.int64)
+        self._gemm_ticks[0] = 0
+        address = blas.gemm_addresses[np.dtype(np.float32)]
+        parts = pool.threads()
+        if parts > 1:
+            global _SPLIT
+            if _SPLIT is None:
+                _SPLIT = _build_split(_CPU)
+            blas.lstm_forward_loop_split(parts, SPLIT_MIN_ELEMENTS, address, gates, C, TC, Hp, PH, h0, c0, Wh, b,
+                                         sizes, starts, self._gemm_ticks)
+        else:
+            blas.lstm_forward_loop(address, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, starts, self._gemm_ticks)
+        self.last_gemm_ticks = int(self._gemm_ticks[0])
+
+    @staticmethod
+    def ticks_to_seconds(ticks):
+        """Seconds of ``ticks`` of the time-stamp counter the compiled loops read (its rate
+        measured once per process against ``time.perf_counter``, over 20 ms)."""
+        global _TICK_HZ
+        if _TICK_HZ is None:
+            now = _blas().ticks_now
+            now()
+            t0, k0 = time.perf_counter(), now()
+            while time.perf_counter() - t0 < 0.02:
+                pass
+            _TICK_HZ = (now() - k0) / (time.perf_counter() - t0)
+        return ticks / _TICK_HZ
 
     @property
     def backward_reads_transposed(self):

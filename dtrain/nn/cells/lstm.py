@@ -85,7 +85,10 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
         and h0.flags.c_contiguous and Wh.flags.c_contiguous
     prev_h, prev_c = h0, zero_c
     T = len(batch_sizes)
-    for t, n in enumerate(batch_sizes):
+    loop = getattr(kernels, "lstm_forward_loop", None) if accumulate else None
+    if loop is not None:  # the steps below in one compiled call: no Python per time step
+        loop(gates, C, TC, Hp, PH, h0, zero_c, Wh, b, batch_sizes, offsets)
+    for t, n in enumerate(batch_sizes if loop is None else ()):
         s = offsets[t]
         a = gates[s : s + n]
         c, tc, h = C[s : s + n], TC[s : s + n], Hp[s : s + n]
