@@ -84,7 +84,10 @@ def test_bench_floor_and_breakdown_add_up(tmp_path, tiny_data):
     # floor + time outside GEMMs, over the floor: at least 1, and what the parts say
     not_gemm = r["profiled_step_ms"] - r["breakdown_ms"]["gemm"]
     assert r["not_gemm_over_floor"] > 1.0 and "outside GEMMs" in p.stdout
-    assert r["not_gemm_over_floor"] == pytest.approx(1 + not_gemm / r["floor_ms"], rel=0.5)
+    # (a median of per-batch ratios against the ratio of medians: at this tiny size the floor
+    # is tens of microseconds, and on a loaded machine the two can differ by 2x)
+    expected = 1 + not_gemm / r["floor_ms"]
+    assert expected / 3 <= r["not_gemm_over_floor"] <= expected * 3
     parts = r["breakdown_ms"]
     assert set(parts) == {key for key, _ in floor.CATEGORIES}
     assert all(v >= 0 for v in parts.values())
@@ -153,26 +156,34 @@ def test_profiler_records_every_gemm_and_restores_what_it_wrapped():
         calls.append((a.shape, b.shape))
         return original[0](a, b, out=out, **kw)
 
-    loop = model.kernels.lstm_forward_loop
+    forward_loop, backward_loop = model.kernels.lstm_forward_loop, model.kernels.lstm_backward_loop
 
-    def counting_loop(gates, C, TC, Hp, PH, h0, c0, Wh, *rest):
+    def counting_forward(gates, C, TC, Hp, PH, h0, c0, Wh, *rest):
         batch_sizes = rest[-2]
         calls.extend(((n, h0.shape[1]), Wh.shape) for n in batch_sizes)  # one GEMM per time step
-        return loop(gates, C, TC, Hp, PH, h0, c0, Wh, *rest)
+        return forward_loop(gates, C, TC, Hp, PH, h0, c0, Wh, *rest)
+
+    def counting_backward(gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets, rows):
+        for n in batch_sizes[::-1]:  # Wh d^T for few rows, d Wh^T for more
+            d = (n, gates.shape[1])
+            calls.append((Wh.shape, d) if n <= rows else (d, Wh.shape))
+        return backward_loop(gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets, rows)
 
     prof = floor.StepProfiler()
     np.matmul = counting  # the profiler wraps whatever np.matmul is
-    model.kernels.lstm_forward_loop = counting_loop  # and whatever the kernels' loop is
+    model.kernels.lstm_forward_loop = counting_forward  # and whatever the kernels' loops are
+    model.kernels.lstm_backward_loop = counting_backward
     try:
         with prof.active(model, adam, reducer):
             step(feats, caps, 6, 1e-3)
     finally:
         np.matmul = original[0]
-        del model.kernels.lstm_forward_loop
+        del model.kernels.lstm_forward_loop, model.kernels.lstm_backward_loop
     assert len(prof.gemms) == len(calls) > 0
     assert [(a[1], b[1]) for a, b, *_ in prof.gemms] == calls
-    # the LSTM's recurrent GEMMs add to the gate rows (float32 with OpenBLAS); the others write
-    assert {acc for *_, acc in prof.gemms} == {True, False}
+    # float32 with OpenBLAS: the recurrent GEMMs come from the compiled loops, the forward ones
+    # adding to the gate rows; the others are numpy.matmul's
+    assert {kind for *_, kind in prof.gemms} == {"matmul", "accumulate", "transposed"}
     # transposed operands (x.T @ da, da @ W.T) keep their layout: some strides are Fortran-order
     assert any(a[2][0] < a[2][1] for a, *_ in prof.gemms if len(a[1]) == 2)
     from dtrain.nn.model import pack_captions
@@ -214,8 +225,8 @@ def test_gemm_replay_uses_the_recorded_layouts():
     ptrs = [spec[1][0] for spec in prof.gemms]
     shared = {p for p in ptrs if ptrs.count(p) > 1}
     assert shared
-    assert floor.replay_gemms(prof.gemms, repeats=2, accumulate=prof.accumulate) > 0
-    with pytest.raises(ValueError, match="add to their output"):
+    assert floor.replay_gemms(prof.gemms, repeats=2, kernel_gemms=prof.kernel_gemms) > 0
+    with pytest.raises(ValueError, match="replay them with the kernels' calls"):
         floor.replay_gemms(prof.gemms, repeats=2)
 
 

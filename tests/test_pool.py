@@ -289,6 +289,64 @@ def test_compiled_forward_loop_gives_the_python_loops_bits(parts, monkeypatch):
     assert CpuKernels.ticks_to_seconds(0) == 0 and CpuKernels.ticks_to_seconds(10**9) > 0
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_compiled_backward_loop_gives_the_python_loops_bits(parts, monkeypatch):
+    # the LSTM's backward time loop in one compiled call against the cell's Python loop over
+    # the same kernels and GEMMs: steps above the transposed-GEMM threshold (d Wh^T into
+    # dh_rec), below it (Wh d^T left transposed), one-row steps, a first step of either kind
+    from dtrain.nn import layers
+    from dtrain.nn.cells import lstm
+
+    k = CpuKernels(np.float32)
+    if not k.forward_accumulates:
+        pytest.skip("no OpenBLAS sgemm found: the compiled loops are not offered")
+    if parts > 1:
+        monkeypatch.setattr(cpu.pool, "threads", lambda: parts)
+        monkeypatch.setattr(cpu, "SPLIT_MIN_ELEMENTS", 0)
+    W, H = 10, 16
+    for batch_sizes in ([140, 131, 128, 40, 2, 1], [9, 9, 5, 1, 1]):
+        rng = np.random.default_rng(parts + len(batch_sizes))
+        total, n0 = sum(batch_sizes), batch_sizes[0]
+        args = [rng.standard_normal((total, W)), rng.standard_normal((n0, H)),
+                0.3 * rng.standard_normal((W, 4 * H)), 0.3 * rng.standard_normal((H, 4 * H)),
+                rng.standard_normal(4 * H)]
+        args = [a.astype(np.float32) for a in args]
+        dH = rng.standard_normal((total, H)).astype(np.float32)
+        outs = []
+        for compiled in (True, False):
+            with monkeypatch.context() as patch:
+                if not compiled:
+                    patch.setattr(CpuKernels, "lstm_backward_loop", None)
+                ws = layers.Workspace()
+                _, cache = lstm.lstm_packed_forward(*args, batch_sizes, ws, k)
+                out = (np.empty((W, 4 * H), np.float32), np.empty((H, 4 * H), np.float32),
+                       np.empty(4 * H, np.float32))
+                grads = lstm.lstm_packed_backward(dH, cache, ws, k, out=out)
+                outs.append([np.array(g, copy=True) for g in grads])
+        for x, y in zip(*outs):
+            assert np.array_equal(x, y)
+        # and the float64 plain layers agree to float32 precision
+        _, cache64 = lstm.lstm_packed_forward(*(a.astype(np.float64) for a in args), batch_sizes)
+        grads64 = lstm.lstm_packed_backward(dH.astype(np.float64), cache64)
+        for g32, g64 in zip(outs[0], grads64):
+            np.testing.assert_allclose(g32, g64, rtol=2e-4, atol=2e-4)
+
+
+def test_gemm_transposed_matches_numpy():
+    k = CpuKernels(np.float32)
+    rng = np.random.default_rng(0)
+    for m, n in ((7, 5), (1, 5), (7, 1), (128, 64)):
+        a, b = rng.standard_normal((m, 33)).astype(np.float32), rng.standard_normal((n, 33)).astype(np.float32)
+        out = np.full((m, n), np.nan, np.float32)
+        assert k.gemm_transposed(a, b, out) is out
+        np.testing.assert_allclose(out, a.astype(np.float64) @ b.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+        if m > 1 and n > 1:  # the call numpy.matmul makes: the same bits
+            assert np.array_equal(out, a @ b.T)
+    rows = np.empty((7, 9), np.float32)[:, :5]  # rows farther apart than their length: still sgemm
+    a, b = rng.standard_normal((7, 33)).astype(np.float32), rng.standard_normal((5, 33)).astype(np.float32)
+    assert np.array_equal(k.gemm_transposed(a, b, rows), a @ b.T)
+
+
 @pytest.mark.parametrize("parts", [2, 3])
 def test_split_lstm_forward_accumulated_bitwise(parts):
     rng = np.random.default_rng(parts)

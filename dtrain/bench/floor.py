@@ -2,9 +2,9 @@
 
 **GEMM floor.** During a profiled step every ``numpy.matmul`` call (the step's
 code calls ``xp.matmul(a, b, out=...)``, or the kernels' ``gemm_accumulate(a, b, out)``
-for a GEMM that adds its product to ``out``, or their compiled LSTM forward loop, which
-makes those calls itself and times them with the time-stamp counter; nothing else does
-GEMMs) is recorded:
+for a GEMM that adds its product to ``out``, their ``gemm_transposed(a, b, out)`` for
+``a @ b.T``, or their compiled LSTM time loops, which make those calls themselves and time
+them with the time-stamp counter; nothing else does GEMMs) is recorded:
 shapes, dtype, strides (so transposed views stay transposed) and which
 buffer each operand lives in. The recorded GEMMs are then replayed alone, in
 the same order, on preallocated arrays of the same layouts (operands that
@@ -83,21 +83,45 @@ class _Patches:
         self._undo.clear()
 
 
+def _forward_loop_gemms(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets):
+    """The GEMMs the compiled LSTM forward loop made: prev_h @ Wh added to each step's gate rows."""
+    calls = []
+    for t, n in enumerate(batch_sizes):
+        s = offsets[t]
+        prev_h = h0[:n] if t == 0 else PH[s : s + n]
+        calls.append((_layout(prev_h), _layout(Wh), _layout(gates[s : s + n]), "accumulate"))
+    return calls
+
+
+def _backward_loop_gemms(gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets,
+                         max_transposed_rows):
+    """The GEMMs the compiled LSTM backward loop made, last step first: Wh d^T into scratch for
+    few rows, d Wh^T into dh_rec (dh0 at t = 0) for more."""
+    calls, H = [], Wh.shape[0]
+    for t in range(len(batch_sizes) - 1, -1, -1):
+        n, s = batch_sizes[t], offsets[t]
+        d = gates[s : s + n]
+        if n <= max_transposed_rows:
+            calls.append((_layout(Wh), _layout(d), _layout(scratch[: H * n].reshape(H, n)), "transposed"))
+        else:
+            calls.append((_layout(d), _layout(Wh), _layout((dh_rec if t > 0 else dh0)[:n]), "transposed"))
+    return calls
+
+
 class StepProfiler:
     """Times the parts of the steps run inside ``with profiler.active(step parts):``."""
 
     def __init__(self):
         self.times = defaultdict(float)
-        self.gemms = []  # (a, b, out, accumulates) of every GEMM (operand layouts), in call order
+        self.gemms = []  # (a, b, out, kind) of every GEMM (operand layouts), in call order
         self.time_steps = 0  # recurrent time steps (packed batch_sizes) of the steps profiled
-        self.accumulate = None  # the kernels' gemm_accumulate, if the step called it
+        self.kernel_gemms = {}  # kind -> the kernels' GEMM that replays it ("accumulate", "transposed")
         self._depth = 0
 
     def reset(self):
         self.times = defaultdict(float)
         self.gemms = []
         self.time_steps = 0
-        self.accumulate = None  # the kernels' gemm_accumulate, if the step called it
 
     def _timed(self, category, fn, record=None):
         prof = self
@@ -119,29 +143,27 @@ class StepProfiler:
 
         return wrapper
 
-    def _timed_loop(self, kern, fn):
-        """The kernels' compiled LSTM forward loop: its GEMMs (timed inside it by the
-        time-stamp counter) go to "gemm" and are recorded as the Python loop would have
-        issued them, the rest of it to "gates"."""
+    def _timed_loop(self, kern, fn, name):
+        """The kernels' compiled LSTM time loops: their GEMMs (timed inside them by the
+        time-stamp counter) go to "gemm" and are recorded as the cell's Python loop would
+        have issued them, the rest of them to "gates"."""
         prof = self
+        recurrent_gemms = _forward_loop_gemms if name == "lstm_forward_loop" else _backward_loop_gemms
 
-        def wrapper(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets):
+        def wrapper(*args):
             if prof._depth:
-                return fn(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets)
+                return fn(*args)
             prof._depth += 1
             t0 = time.perf_counter()
             try:
-                result = fn(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets)
+                result = fn(*args)
             finally:
                 elapsed = time.perf_counter() - t0
                 prof._depth -= 1
             gemm = kern.ticks_to_seconds(kern.last_gemm_ticks)
             prof.times["gemm"] += gemm
             prof.times["gates"] += max(0.0, elapsed - gemm)
-            for t, n in enumerate(batch_sizes):
-                s = offsets[t]
-                prev_h = h0[:n] if t == 0 else PH[s : s + n]
-                prof.gemms.append((_layout(prev_h), _layout(Wh), _layout(gates[s : s + n]), True))
+            prof.gemms.extend(recurrent_gemms(*args))
             return result
 
         return wrapper
@@ -156,10 +178,12 @@ class StepProfiler:
 
         def record_gemm(args, kwargs, result):
             out = kwargs.get("out", result)
-            prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(out), False))
+            prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(out), "matmul"))
 
-        def record_accumulate(args, kwargs, result):
-            prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(args[2]), True))
+        def record_kernel_gemm(kind):
+            def record(args, kwargs, result):
+                prof.gemms.append((_layout(args[0]), _layout(args[1]), _layout(args[2]), kind))
+            return record
 
         def record_packing(args, kwargs, packed):
             prof.time_steps += len(packed.batch_sizes)
@@ -170,12 +194,14 @@ class StepProfiler:
         p.set(np, "take", self._timed(rows_of, np.take))
         kern = model.kernels
         if kern is not None:
-            if hasattr(kern, "gemm_accumulate"):
-                self.accumulate = kern.gemm_accumulate
-                p.set(kern, "gemm_accumulate", self._timed("gemm", kern.gemm_accumulate, record_accumulate))
-            if hasattr(kern, "lstm_forward_loop"):
-                kern.ticks_to_seconds(0)  # the counter's rate, measured now rather than inside a step
-                p.set(kern, "lstm_forward_loop", self._timed_loop(kern, kern.lstm_forward_loop))
+            for kind, name in (("accumulate", "gemm_accumulate"), ("transposed", "gemm_transposed")):
+                if hasattr(kern, name):
+                    self.kernel_gemms[kind] = getattr(kern, name)
+                    p.set(kern, name, self._timed("gemm", getattr(kern, name), record_kernel_gemm(kind)))
+            for name in ("lstm_forward_loop", "lstm_backward_loop"):
+                if hasattr(kern, name):
+                    kern.ticks_to_seconds(0)  # the counter's rate, measured now rather than inside a step
+                    p.set(kern, name, self._timed_loop(kern, getattr(kern, name), name))
             for name in ("gather_rows", "scatter_rows"):
                 if hasattr(kern, name):
                     p.set(kern, name, self._timed(rows_of, getattr(kern, name)))
@@ -217,18 +243,21 @@ def replay_ops(gemms, seed=0):
                   for ptr, shape, strides, dt in call) for call in gemms]
 
 
-def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0, accumulate=None):
-    """Median seconds of the recorded GEMMs run alone, in order, on arrays of the same layouts
-    (``accumulate(a, b, out)``: the call that replays the GEMMs recorded as adding to ``out``)."""
+def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0, kernel_gemms=None):
+    """Median seconds of the recorded GEMMs run alone, in order, on arrays of the same layouts.
+    ``kernel_gemms`` maps the kinds of GEMM the kernels made ("accumulate": out += a @ b;
+    "transposed": out = a @ b.T) to the calls that replay them; "matmul" is numpy.matmul."""
     if not gemms:
         return 0.0
-    if accumulate is None and any(call[3] for call in gemms):
-        raise ValueError("GEMMs that add to their output were recorded: replay them with their call")
 
     def matmul(a, b, out):
         np.matmul(a, b, out=out)
 
-    calls = [(accumulate if call[3] else matmul, *ops) for call, ops in zip(gemms, replay_ops(gemms, seed))]
+    replay = {"matmul": matmul, **(kernel_gemms or {})}
+    missing = {call[3] for call in gemms} - set(replay)
+    if missing:
+        raise ValueError(f"GEMMs of kind {sorted(missing)} were recorded: replay them with the kernels' calls")
+    calls = [(replay[call[3]], *ops) for call, ops in zip(gemms, replay_ops(gemms, seed))]
     # one warm pass: pages touched, BLAS threads awake (an accumulating GEMM adds to the gate
     # rows the input projection wrote just before it, as in the step: nothing grows)
     for fn, a, b, out in calls:
@@ -267,7 +296,7 @@ def profile_steps(build, model, adam, reducer, step, batches, normalizer, batch_
             parts[key].append(prof.times.get(key, 0.0))
         steps_t.append(prof.time_steps)
         counts.append(len(prof.gemms))
-        floors.append(replay_gemms(prof.gemms, accumulate=prof.accumulate))
+        floors.append(replay_gemms(prof.gemms, kernel_gemms=prof.kernel_gemms))
 
     t_model, t_adam, t_reducer, t_step = build(8, TINY_WIDTH, TINY_WIDTH)
     tiny = [(tiny_captions(c, model.null_idx), np.zeros((c.shape[0], TINY_WIDTH), np.float32))

@@ -868,38 +868,50 @@ def _build_blas(k):
         pass
 
     @intrinsic
-    def call_gemm(typingctx, fn, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-        # fn(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta,
-        # c, ldc): c = alpha a b + beta c
+    def call_gemm(typingctx, fn, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        # fn(CblasRowMajor, CblasNoTrans, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+        # ldc): c = alpha a op(b) + beta c
         def codegen(context, builder, signature, args):
             i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
             blasint = ir.IntType(64 if ilp64 else 32)
-            real = context.get_value_type(signature.args[4])
+            real = context.get_value_type(signature.args[5])
             fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, blasint, blasint, blasint, real, i8p, blasint,
                                                    i8p, blasint, real, i8p, blasint])
             target = builder.inttoptr(args[0], fnty.as_pointer())
             n_ = (lambda v: v) if ilp64 else (lambda v: builder.trunc(v, blasint))
-            no = ir.Constant(i32, openblas.CBLAS_NO_TRANS)
-            builder.call(target, [ir.Constant(i32, openblas.CBLAS_ROW_MAJOR), no, no, n_(args[1]), n_(args[2]),
-                                  n_(args[3]), args[4], builder.inttoptr(args[5], i8p), n_(args[6]),
-                                  builder.inttoptr(args[7], i8p), n_(args[8]), args[9],
-                                  builder.inttoptr(args[10], i8p), n_(args[11])])
+            builder.call(target, [ir.Constant(i32, openblas.CBLAS_ROW_MAJOR), ir.Constant(i32, openblas.CBLAS_NO_TRANS),
+                                  builder.trunc(args[1], i32), n_(args[2]), n_(args[3]), n_(args[4]), args[5],
+                                  builder.inttoptr(args[6], i8p), n_(args[7]), builder.inttoptr(args[8], i8p),
+                                  n_(args[9]), args[10], builder.inttoptr(args[11], i8p), n_(args[12])])
             return context.get_dummy_value()
-        return types.void(types.intp, types.intp, types.intp, types.intp, alpha, types.intp, types.intp,
-                          types.intp, types.intp, alpha, types.intp, types.intp), codegen
+        return types.void(types.intp, types.intp, types.intp, types.intp, types.intp, alpha, types.intp,
+                          types.intp, types.intp, types.intp, alpha, types.intp, types.intp), codegen
 
     try:
-        call_gemm._set_uuid(f"dtrain.kernels.cpu.call_gemm.{'ilp64' if ilp64 else 'lp64'}.v1")
+        call_gemm._set_uuid(f"dtrain.kernels.cpu.call_gemm.{'ilp64' if ilp64 else 'lp64'}.v2")
     except (AttributeError, AssertionError):
         pass
+    no_trans, trans = np.intp(openblas.CBLAS_NO_TRANS), np.intp(openblas.CBLAS_TRANS)
 
     @njit(cache=True, nogil=True)
     def gemm_acc(fn, a, b, c):
         # c += a @ b (beta = 1), every operand C-contiguous
         m, k = a.shape
         one = a.dtype.type(1.0)
-        call_gemm(fn, np.intp(m), np.intp(b.shape[1]), np.intp(k), one, np.intp(a.ctypes.data), np.intp(k),
-                  np.intp(b.ctypes.data), np.intp(b.shape[1]), one, np.intp(c.ctypes.data), np.intp(c.shape[1]))
+        call_gemm(fn, no_trans, np.intp(m), np.intp(b.shape[1]), np.intp(k), one, np.intp(a.ctypes.data),
+                  np.intp(k), np.intp(b.ctypes.data), np.intp(b.shape[1]), one, np.intp(c.ctypes.data),
+                  np.intp(c.shape[1]))
+
+    @njit(cache=True, nogil=True)
+    def gemm_bt(fn, a, b, c):
+        # c = a @ b.T (beta = 0); a (m, k), b (n, k), c (m, n), each with unit column stride
+        # (rows may be farther apart): the call numpy.matmul makes for these layouts when
+        # m, n > 1 (it calls gemv for one row or column)
+        m, k = a.shape
+        item = a.itemsize
+        call_gemm(fn, trans, np.intp(m), np.intp(b.shape[0]), np.intp(k), a.dtype.type(1.0), np.intp(a.ctypes.data),
+                  np.intp(a.strides[0] // item), np.intp(b.ctypes.data), np.intp(b.strides[0] // item),
+                  a.dtype.type(0.0), np.intp(c.ctypes.data), np.intp(c.strides[0] // item))
 
     @njit(cache=True, nogil=True)
     def omatcopy(fn, src, out):
@@ -952,7 +964,8 @@ def _build_blas(k):
 
     try:
         read_ticks._set_uuid("dtrain.kernels.cpu.read_ticks.v1")
-        gemm_acc._set_uuid(f"dtrain.kernels.cpu.gemm_acc.{'ilp64' if ilp64 else 'lp64'}.v1")
+        gemm_acc._set_uuid(f"dtrain.kernels.cpu.gemm_acc.{'ilp64' if ilp64 else 'lp64'}.v2")
+        gemm_bt._set_uuid(f"dtrain.kernels.cpu.gemm_bt.{'ilp64' if ilp64 else 'lp64'}.v1")
     except (AttributeError, AssertionError):
         pass
     lstm_fwd32_acc = k.lstm_fwd32_acc
@@ -1008,10 +1021,84 @@ def _build_blas(k):
                     k = min(max(n_next - lo, 0), hi - lo)
                     lstm_fwd32_acc(a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], hn[lo : lo + k], k)
 
+    # The LSTM's backward time loop in one call (float32, gate gradients in place over the
+    # gates): per time step (last first) the step's dh_rec rows copied from the previous
+    # recurrent GEMM's transposed result, the gate kernel, then the recurrent GEMM: (Wh d^T)
+    # into scratch for at most max_T_rows rows (left transposed for the next step, copied
+    # into dh0 at t = 0), d Wh^T straight into its rows above. The cell's Python loop makes
+    # the same calls (CpuKernels.gemm_transposed for the GEMMs), so the same bits.
+    @njit(inline="always")
+    def backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows):
+        # the recurrent GEMM of step t; True when its result waits transposed in scratch
+        n, H = d.shape[0], Wh.shape[0]
+        if n <= max_T_rows:
+            out_T = scratch[: H * n].reshape((H, n))
+            gemm_bt(fn, Wh, d, out_T)
+            if t > 0:
+                return True
+            rows_from_T(omat, out_T, dh0, 0, n)
+            return False
+        gemm_bt(fn, d, Wh, (dh_rec if t > 0 else dh0)[:n])
+        return False
+
+    try:
+        backward_gemm._set_uuid("dtrain.kernels.cpu.backward_gemm.v1")
+    except (AttributeError, AssertionError):
+        pass
+
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, sizes, offsets,
+                           max_T_rows, gemm_ticks):
+        T = sizes.size
+        H = Wh.shape[0]
+        pending = False
+        for t in range(T - 1, -1, -1):
+            n, s = sizes[t], offsets[t]
+            n_next = sizes[t + 1] if t + 1 < T else 0
+            prev_c = c0[:n] if t == 0 else C[offsets[t - 1] : offsets[t - 1] + n]
+            d = gates[s : s + n]
+            if pending:
+                rows_from_T(omat, scratch[: H * n_next].reshape((H, n_next)), dh_rec, 0, n_next)
+            lstm_bwd_in_place(d, dH[s : s + n], dh_rec, dc_rec, n_next, prev_c, TC[s : s + n])
+            t0 = read_ticks()
+            pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows)
+            gemm_ticks[0] += read_ticks() - t0
+
+    @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+    def lstm_backward_loop_split(parts, min_elements, fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0,
+                                 scratch, sizes, offsets, max_T_rows, gemm_ticks):
+        # lstm_backward_loop with each step's copy and gate kernel on the shared pool's
+        # threads (each its own rows) when the step has at least min_elements gate entries
+        T = sizes.size
+        H = Wh.shape[0]
+        pending = False
+        for t in range(T - 1, -1, -1):
+            n, s = sizes[t], offsets[t]
+            n_next = sizes[t + 1] if t + 1 < T else 0
+            prev_c = c0[:n] if t == 0 else C[offsets[t - 1] : offsets[t - 1] + n]
+            d, dh_up, tc = gates[s : s + n], dH[s : s + n], TC[s : s + n]
+            m = n_next if pending else 0  # the previous GEMM's result, (H, n_next), when it waits
+            src_T = scratch[: H * m].reshape((H, m))
+            if d.size < min_elements:
+                if pending:
+                    rows_from_T(omat, src_T, dh_rec, 0, n_next)
+                lstm_bwd_in_place(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
+            else:
+                for p in prange(parts):
+                    lo, hi = n * p // parts, n * (p + 1) // parts
+                    if pending:
+                        rows_from_T(omat, src_T, dh_rec, lo, min(hi, n_next))
+                    lstm_bwd_in_place(d[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
+                                      min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
+            t0 = read_ticks()
+            pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows)
+            gemm_ticks[0] += read_ticks() - t0
+
     return SimpleNamespace(addresses=addresses, omatcopy=omatcopy, lstm_bwd_T=lstm_bwd_T,
                            lstm_bwd_T_split=lstm_bwd_T_split, gemm_addresses=gemm_addresses, gemm_acc=gemm_acc,
-                           lstm_forward_loop=lstm_forward_loop, lstm_forward_loop_split=lstm_forward_loop_split,
-                           ticks_now=ticks_now)
+                           gemm_bt=gemm_bt, lstm_forward_loop=lstm_forward_loop,
+                           lstm_forward_loop_split=lstm_forward_loop_split, lstm_backward_loop=lstm_backward_loop,
+                           lstm_backward_loop_split=lstm_backward_loop_split, ticks_now=ticks_now)
 
 
 def _blas():
@@ -1330,6 +1417,44 @@ class CpuKernels:
                                          sizes, starts, self._gemm_ticks)
         else:
             blas.lstm_forward_loop(address, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, starts, self._gemm_ticks)
+        self.last_gemm_ticks = int(self._gemm_ticks[0])
+
+    def gemm_transposed(self, a, b, out):
+        """``out = a @ b.T`` (2-D; a, b and out with unit column strides): for float32, the
+        sgemm numpy.matmul calls for these layouts, through its address, also for one row
+        or column (where matmul calls gemv), so that the compiled backward loop and the
+        cell's Python loop make the same calls; NumPy otherwise."""
+        address = _blas().gemm_addresses.get(out.dtype)
+        if address is None or not (a.dtype == b.dtype == out.dtype) or a.shape[1] != b.shape[1] \
+                or out.shape != (a.shape[0], b.shape[0]) or 0 in out.shape \
+                or not (a.strides[1] == b.strides[1] == out.strides[1] == out.itemsize):
+            return np.matmul(a, b.T, out=out)
+        _BLAS.gemm_bt(address, a, b, out)
+        return out
+
+    def lstm_backward_loop(self, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets,
+                           max_transposed_rows):
+        """The LSTM's packed backward time loop in one compiled call (float32, in place, with
+        ``backward_reads_transposed``): the cell's loop over ``lstm_step_backward`` and the
+        recurrent GEMMs (``gemm_transposed``; (Wh d^T) for at most ``max_transposed_rows``
+        rows), with no Python per step. ``last_gemm_ticks``: the time-stamp ticks its GEMMs
+        took."""
+        blas = _blas()
+        sizes = np.asarray(batch_sizes, dtype=np.int64)
+        starts = np.asarray(offsets, dtype=np.int64)
+        self._gemm_ticks[0] = 0
+        fn, omat = blas.gemm_addresses[np.dtype(np.float32)], blas.addresses[np.dtype(np.float32)]
+        rows = max_transposed_rows
+        parts = pool.threads()
+        if parts > 1:
+            global _SPLIT
+            if _SPLIT is None:
+                _SPLIT = _build_split(_CPU)
+            blas.lstm_backward_loop_split(parts, SPLIT_MIN_ELEMENTS, fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC,
+                                          Wh, dh0, scratch, sizes, starts, rows, self._gemm_ticks)
+        else:
+            blas.lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, sizes, starts,
+                                    rows, self._gemm_ticks)
         self.last_gemm_ticks = int(self._gemm_ticks[0])
 
     @staticmethod

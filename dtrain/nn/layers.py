@@ -188,11 +188,14 @@ def recurrent_backward(d, Wh, out, ws=None, scratch=None, kernels=None):
     copy.
     """
     n, H = out.shape
+    gemm_transposed = getattr(kernels, "gemm_transposed", None) if isinstance(d, np.ndarray) else None
     if not isinstance(d, np.ndarray) or n > TRANSPOSED_BACKWARD_ROWS:
+        if gemm_transposed is not None:
+            return gemm_transposed(d, Wh, out)
         return get_array_module(d).matmul(d, Wh.T, out=out)
     if scratch is None:
         scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, np)
-    out_T = recurrent_backward_T(d, Wh, scratch)
+    out_T = recurrent_backward_T(d, Wh, scratch, kernels)
     copy_transposed = getattr(kernels, "copy_transposed", None)
     if copy_transposed is not None:  # OpenBLAS's omatcopy: 3-5x NumPy's transposing copy
         return copy_transposed(out_T, out)
@@ -200,11 +203,15 @@ def recurrent_backward(d, Wh, out, ws=None, scratch=None, kernels=None):
     return out
 
 
-def recurrent_backward_T(d, Wh, scratch):
+def recurrent_backward_T(d, Wh, scratch, kernels=None):
     """(d @ Wh.T).T = Wh @ d.T, (H, n), in ``scratch`` (NumPy): ``recurrent_backward``'s
-    GEMM, for kernels that read the result transposed (``backward_reads_transposed``)."""
+    GEMM, for kernels that read the result transposed (``backward_reads_transposed``).
+    ``kernels`` that offer ``gemm_transposed`` run it (the call the compiled loops make)."""
     n, H = d.shape[0], Wh.shape[0]
     out_T = scratch[: H * n].reshape(H, n)
+    gemm_transposed = getattr(kernels, "gemm_transposed", None)
+    if gemm_transposed is not None:
+        return gemm_transposed(Wh, d, out_T)
     np.matmul(Wh, d.T, out=out_T)
     return out_T
 

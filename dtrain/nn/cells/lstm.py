@@ -146,7 +146,12 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
     # (each thread copies its own rows, then uses them from its cache): no copy pass.
     reads_T = in_place and scratch is not None and getattr(kernels, "backward_reads_transposed", False)
     pending_T = None  # step t+1's dh_rec, transposed
-    for t in range(len(batch_sizes) - 1, -1, -1):
+    loop = getattr(kernels, "lstm_backward_loop", None) \
+        if reads_T and getattr(kernels, "forward_accumulates", False) else None
+    if loop is not None:  # the steps below in one compiled call: no Python per time step
+        loop(gates, dH_packed, dh_rec, dc_rec, C, zero_c, TC, Wh, dh0, scratch, batch_sizes, offsets,
+             L.TRANSPOSED_BACKWARD_ROWS)
+    for t in range(len(batch_sizes) - 1, -1, -1) if loop is None else ():
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
         prev_c = C[offsets[t - 1] : offsets[t - 1] + n] if t > 0 else zero_c[:n]
@@ -188,7 +193,7 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
             xp.multiply(dc_t, w, out=d_g)
             xp.multiply(dc_t, f, out=dc_rec[:n])
         if reads_T and t > 0 and n <= L.TRANSPOSED_BACKWARD_ROWS:
-            pending_T = L.recurrent_backward_T(d, Wh, scratch)
+            pending_T = L.recurrent_backward_T(d, Wh, scratch, kernels)
         else:
             pending_T = None
             L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
