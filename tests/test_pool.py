@@ -494,9 +494,18 @@ def test_split_kernels_load_from_the_cache():
         t = cpu._blas()
         t.lstm_bwd_T_split(2, t.addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32), a,
                            *(np.ones((8, 4), np.float32) for _ in range(3)), 3, *(np.ones((8, 4), np.float32) for _ in range(2)))
+        import sys
+        sys.path.insert(0, "tests")
+        from helpers import random_captions, small_vocab
+        from dtrain.nn.model import CaptioningModel
+        rng = np.random.default_rng(0)
+        model = CaptioningModel(small_vocab(30), 16, 8, 16, "lstm", dtype=np.float32, seed=0)
+        model.forward_backward(rng.standard_normal((64, 16)).astype(np.float32),
+                               model.pack(random_captions(rng, 64, 8, 30)), 64)  # the compiled loops
         runner = pool._state["callback"] is not None
         hits = [f.stats.cache_hits.most_common(1)[0][1] if f.stats.cache_hits else 0
-                for f in (split.lstm_fwd32, t.lstm_bwd_T_split)]
+                for f in (split.lstm_fwd32, t.lstm_bwd_T_split, t.lstm_forward_loop_split,
+                          t.lstm_backward_loop_split)]
         print(min(hits), runner)
     """)
     runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
