@@ -27,6 +27,12 @@ def _split():
     return cpu._build_split(cpu._CPU)
 
 
+def _lstm_step_inputs(rng, n, H):
+    """Pre-activations (n, 4H), their bias (4H,) and c_{t-1} (n, H), float32."""
+    return (rng.standard_normal((n, 4 * H)).astype(np.float32), rng.standard_normal(4 * H).astype(np.float32),
+            rng.standard_normal((n, H)).astype(np.float32))
+
+
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("n_next", [0, 5, 13, 17])
 def test_split_lstm_steps_bitwise(parts, n_next):
@@ -34,15 +40,13 @@ def test_split_lstm_steps_bitwise(parts, n_next):
     s = _split()
     k = cpu._CPU
     n, H = 17, 40
-    a0 = rng.standard_normal((n, 4 * H)).astype(np.float32)
+    a0, b, prev_c = _lstm_step_inputs(rng, n, H)
     r = rng.standard_normal((n, 4 * H)).astype(np.float32)
-    b = rng.standard_normal(4 * H).astype(np.float32)
-    prev_c = rng.standard_normal((n, H)).astype(np.float32)
     outs = []
     for fwd in (lambda *x: k.lstm_fwd32(*x), lambda *x: s.lstm_fwd32(parts, *x)):
         a, c, tc, h = a0.copy(), *(np.empty((n, H), np.float32) for _ in range(3))
         h_next = np.full((n_next, H), np.nan, np.float32)  # the next step's prev_h rows
-        fwd(a, r, b, prev_c, c, tc, h, h_next, n_next)
+        fwd(a, r, b, prev_c, c, tc, h, h_next, n_next, np.zeros(4 * H, np.float32))
         assert np.array_equal(h_next, h[:n_next])
         outs.append((a, c, tc, h))
     for x, y in zip(*outs):
@@ -352,9 +356,7 @@ def test_split_lstm_forward_accumulated_bitwise(parts):
     rng = np.random.default_rng(parts)
     s, k = _split(), cpu._CPU
     n, H, n_next = 17, 40, 9
-    a0 = rng.standard_normal((n, 4 * H)).astype(np.float32)
-    b = rng.standard_normal(4 * H).astype(np.float32)
-    prev_c = rng.standard_normal((n, H)).astype(np.float32)
+    a0, b, prev_c = _lstm_step_inputs(rng, n, H)
     outs = []
     for fwd in (lambda *x: k.lstm_fwd32_acc(*x), lambda *x: s.lstm_fwd32_acc(parts, *x)):
         a, c, tc, h = a0.copy(), *(np.empty((n, H), np.float32) for _ in range(3))
@@ -365,7 +367,8 @@ def test_split_lstm_forward_accumulated_bitwise(parts):
         assert np.array_equal(x, y)
     # the same gates as lstm_fwd32 with the recurrent part in r = 0
     a, c, tc, h = a0.copy(), *(np.empty((n, H), np.float32) for _ in range(3))
-    k.lstm_fwd32(a, np.zeros_like(a0), b, prev_c, c, tc, h, np.empty((0, H), np.float32), 0)
+    k.lstm_fwd32(a, np.zeros_like(a0), b, prev_c, c, tc, h, np.empty((0, H), np.float32), 0,
+                 np.zeros(4 * H, np.float32))
     for x, y in zip((a, c, tc, h), outs[0]):
         assert np.array_equal(x, y)
 
@@ -490,7 +493,7 @@ def test_split_kernels_load_from_the_cache():
         split = cpu._build_split(cpu._CPU)
         a = np.ones((8, 16), np.float32)
         split.lstm_fwd32(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)),
-                         np.ones((3, 4), np.float32), 3)
+                         np.ones((3, 4), np.float32), 3, np.zeros(16, np.float32))
         t = cpu._blas()
         t.lstm_bwd_T_split(2, t.addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32), a,
                            *(np.ones((8, 4), np.float32) for _ in range(3)), 3, *(np.ones((8, 4), np.float32) for _ in range(2)))

@@ -292,14 +292,13 @@ def _build_cpu():
                     hn[j] = hr[j]
 
     @njit(**opts)
-    def lstm_fwd32(a, r, b, prev_c, c, tc, h, h_next, n_next):
+    def lstm_fwd32(a, r, b, prev_c, c, tc, h, h_next, n_next, zero):
         # lstm_fwd32_acc with the recurrent product in r (no accumulating GEMM): each row
-        # first becomes (x Wx + b) + h Wh, the plain path's order, in L1; then the gates
-        # of it (+ 0, which changes no bit that matters: the gates of -0 and +0 agree)
+        # first becomes (x Wx + b) + h Wh, the plain path's order; then the gates of it
+        # + zero (4H zeros, which change no bit that matters: the gates of -0 and +0 agree)
         wide_vectors()
-        n, G = a.shape
-        zero = np.zeros(G, a.dtype)
-        for row in range(n):
+        G = a.shape[1]
+        for row in range(a.shape[0]):
             ar, rr = a[row], r[row]
             for j in range(G):
                 ar[j] = (ar[j] + b[j]) + rr[j]
@@ -721,14 +720,14 @@ def _build_split(k):
         pass
 
     @njit(**opts)
-    def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h, h_next, n_next):
+    def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h, h_next, n_next, zero):
         n = a.shape[0]
         for p in prange(parts):
             wide_vectors()
             lo, hi = bounds(n, parts, p, 1)
             k = min(max(n_next - lo, 0), hi - lo)
             lstm_fwd32(a[lo:hi], r[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi],
-                       h_next[lo : lo + k], k)
+                       h_next[lo : lo + k], k, zero)
 
     @njit(**opts)
     def lstm_fwd32_acc_split(parts, a, b, prev_c, c, tc, h, h_next, n_next):
@@ -978,20 +977,33 @@ def _build_blas(k):
     # rows): per time step the GEMM through its address, then the gate kernel; no Python per
     # step. The same calls in the same order as the cell's Python loop, so the same bits;
     # gemm_ticks[0] gets the time-stamp ticks spent in the GEMMs.
+    @njit(inline="always")
+    def forward_gemm(fn, t, gates, C, PH, h0, c0, Wh, sizes, offsets, gemm_ticks):
+        # step t's recurrent GEMM, timed: h_{t-1} Wh added to its gate rows; returns those
+        # rows and c_{t-1}
+        n, s = sizes[t], offsets[t]
+        if t == 0:
+            prev_h, prev_c = h0[:n], c0[:n]
+        else:
+            prev_h, prev_c = PH[s : s + n], C[offsets[t - 1] : offsets[t - 1] + n]
+        a = gates[s : s + n]
+        t0 = read_ticks()
+        gemm_acc(fn, prev_h, Wh, a)
+        gemm_ticks[0] += read_ticks() - t0
+        return a, prev_c
+
+    try:
+        forward_gemm._set_uuid("dtrain.kernels.cpu.forward_gemm.v1")
+    except (AttributeError, AssertionError):
+        pass
+
     @njit(cache=True, nogil=True, error_model="numpy")
     def lstm_forward_loop(fn, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, offsets, gemm_ticks):
         T = sizes.size
         for t in range(T):
             n, s = sizes[t], offsets[t]
             n_next = sizes[t + 1] if t + 1 < T else 0
-            if t == 0:
-                prev_h, prev_c = h0[:n], c0[:n]
-            else:
-                prev_h, prev_c = PH[s : s + n], C[offsets[t - 1] : offsets[t - 1] + n]
-            a = gates[s : s + n]
-            t0 = read_ticks()
-            gemm_acc(fn, prev_h, Wh, a)
-            gemm_ticks[0] += read_ticks() - t0
+            a, prev_c = forward_gemm(fn, t, gates, C, PH, h0, c0, Wh, sizes, offsets, gemm_ticks)
             lstm_fwd32_acc(a, b, prev_c, C[s : s + n], TC[s : s + n], Hp[s : s + n],
                            PH[s + n : s + n + n_next], n_next)
 
@@ -1004,14 +1016,7 @@ def _build_blas(k):
         for t in range(T):
             n, s = sizes[t], offsets[t]
             n_next = sizes[t + 1] if t + 1 < T else 0
-            if t == 0:
-                prev_h, prev_c = h0[:n], c0[:n]
-            else:
-                prev_h, prev_c = PH[s : s + n], C[offsets[t - 1] : offsets[t - 1] + n]
-            a = gates[s : s + n]
-            t0 = read_ticks()
-            gemm_acc(fn, prev_h, Wh, a)
-            gemm_ticks[0] += read_ticks() - t0
+            a, prev_c = forward_gemm(fn, t, gates, C, PH, h0, c0, Wh, sizes, offsets, gemm_ticks)
             c, tc, h, hn = C[s : s + n], TC[s : s + n], Hp[s : s + n], PH[s + n : s + n + n_next]
             if a.size < min_elements:
                 lstm_fwd32_acc(a, b, prev_c, c, tc, h, hn, n_next)
@@ -1028,18 +1033,20 @@ def _build_blas(k):
     # into dh0 at t = 0), d Wh^T straight into its rows above. The cell's Python loop makes
     # the same calls (CpuKernels.gemm_transposed for the GEMMs), so the same bits.
     @njit(inline="always")
-    def backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows):
-        # the recurrent GEMM of step t; True when its result waits transposed in scratch
+    def backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, gemm_ticks):
+        # the recurrent GEMM of step t, timed; True when its result waits transposed in scratch
         n, H = d.shape[0], Wh.shape[0]
-        if n <= max_T_rows:
-            out_T = scratch[: H * n].reshape((H, n))
+        transposed = n <= max_T_rows
+        out_T = scratch[: H * n if transposed else 0].reshape((H, n if transposed else 0))
+        t0 = read_ticks()
+        if transposed:
             gemm_bt(fn, Wh, d, out_T)
-            if t > 0:
-                return True
+        else:
+            gemm_bt(fn, d, Wh, (dh_rec if t > 0 else dh0)[:n])
+        gemm_ticks[0] += read_ticks() - t0
+        if transposed and t == 0:
             rows_from_T(omat, out_T, dh0, 0, n)
-            return False
-        gemm_bt(fn, d, Wh, (dh_rec if t > 0 else dh0)[:n])
-        return False
+        return transposed and t > 0
 
     try:
         backward_gemm._set_uuid("dtrain.kernels.cpu.backward_gemm.v1")
@@ -1060,9 +1067,7 @@ def _build_blas(k):
             if pending:
                 rows_from_T(omat, scratch[: H * n_next].reshape((H, n_next)), dh_rec, 0, n_next)
             lstm_bwd_in_place(d, dH[s : s + n], dh_rec, dc_rec, n_next, prev_c, TC[s : s + n])
-            t0 = read_ticks()
-            pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows)
-            gemm_ticks[0] += read_ticks() - t0
+            pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, gemm_ticks)
 
     @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
     def lstm_backward_loop_split(parts, min_elements, fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0,
@@ -1090,9 +1095,7 @@ def _build_blas(k):
                         rows_from_T(omat, src_T, dh_rec, lo, min(hi, n_next))
                     lstm_bwd_in_place(d[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
                                       min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
-            t0 = read_ticks()
-            pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows)
-            gemm_ticks[0] += read_ticks() - t0
+            pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, gemm_ticks)
 
     return SimpleNamespace(addresses=addresses, omatcopy=omatcopy, lstm_bwd_T=lstm_bwd_T,
                            lstm_bwd_T_split=lstm_bwd_T_split, gemm_addresses=gemm_addresses, gemm_acc=gemm_acc,
@@ -1181,10 +1184,11 @@ class CpuKernels:
                 else:
                     self._lstm_fwd32_acc(a, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
                 return
+            zero = self._zero_bias(a.shape[1])
             if split is not None:
-                split.lstm_fwd32(parts, a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
+                split.lstm_fwd32(parts, a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0], zero)
                 return
-            self._lstm_fwd32(a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
+            self._lstm_fwd32(a, r, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0], zero)
         else:
             if r is None:
                 raise ValueError("lstm_step_forward: r=None (a accumulated) is for float32 only")
@@ -1410,9 +1414,6 @@ class CpuKernels:
         address = blas.gemm_addresses[np.dtype(np.float32)]
         parts = pool.threads()
         if parts > 1:
-            global _SPLIT
-            if _SPLIT is None:
-                _SPLIT = _build_split(_CPU)
             blas.lstm_forward_loop_split(parts, SPLIT_MIN_ELEMENTS, address, gates, C, TC, Hp, PH, h0, c0, Wh, b,
                                          sizes, starts, self._gemm_ticks)
         else:
@@ -1447,9 +1448,6 @@ class CpuKernels:
         rows = max_transposed_rows
         parts = pool.threads()
         if parts > 1:
-            global _SPLIT
-            if _SPLIT is None:
-                _SPLIT = _build_split(_CPU)
             blas.lstm_backward_loop_split(parts, SPLIT_MIN_ELEMENTS, fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC,
                                           Wh, dh0, scratch, sizes, starts, rows, self._gemm_ticks)
         else:
