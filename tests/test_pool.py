@@ -104,16 +104,22 @@ def test_split_softmax_embedding_adam_finite_bitwise(parts):
     scores = scores0.copy()
     assert kern.softmax_cross_entropy(scores, targets, 9, bias=b) == loss
 
-    words = rng.integers(0, 30, 90).astype(np.int32)
-    dx = rng.standard_normal((90, 70)).astype(np.float32)
-    slot, ids, row_of = np.full(30, -1, np.int64), np.empty(90, np.int64), np.empty(90, np.int64)
-    count = k.embed_slots(words, slot, ids, row_of)
-    assert np.array_equal(ids[:count], np.unique(words)) and np.all(slot == -1)
-    rows_a, rows_b = np.full((90, 70), np.nan, np.float32), np.full((90, 70), np.nan, np.float32)
-    cs_a, cs_b = np.empty(70, np.float32), np.empty(70, np.float32)
-    k.embed_rows(dx, row_of, rows_a, cs_a, 0, 70)
-    s.embed_rows(parts, dx, row_of, rows_b, cs_b)
-    assert np.array_equal(rows_a[:count], rows_b[:count]) and np.array_equal(cs_a, cs_b)
+    # 300 words (5 blocks of partial sums), a few of them frequent: the parts differ in size
+    words = np.concatenate([rng.integers(0, 300, 900), rng.integers(0, 4, 300)]).astype(np.int32)
+    rng.shuffle(words)
+    M = words.size
+    dx = rng.standard_normal((M, 70)).astype(np.float32)
+    counts, ids = np.empty(301, np.int64), np.empty(M, np.int64)
+    starts, order = np.empty(M + 1, np.int64), np.empty(M, np.int64)
+    count = k.embed_group(words, counts, ids, starts, order)
+    assert np.array_equal(ids[:count], np.unique(words))
+    assert np.array_equal(order, np.argsort(words, kind="stable")) and starts[count] == M
+    blocks = -(-count // cpu.PARTIAL_ROWS)
+    rows_a, rows_b = np.full((M, 70), np.nan, np.float32), np.full((M, 70), np.nan, np.float32)
+    part_a, part_b = np.empty((blocks, 70), np.float32), np.empty((blocks, 70), np.float32)
+    k.embed_rows(dx, order, starts, rows_a, part_a, 0, count)
+    s.embed_rows(parts, dx, order, starts, rows_b, part_b, count)
+    assert np.array_equal(rows_a[:count], rows_b[:count]) and np.array_equal(part_a, part_b)
     expect = np.zeros((count, 70), np.float32)
     np.add.at(expect, np.searchsorted(ids[:count], words), dx)
     np.testing.assert_allclose(rows_a[:count], expect, rtol=1e-5, atol=1e-5)

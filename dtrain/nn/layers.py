@@ -308,10 +308,10 @@ def embedding_grad_sparse(words, dout, kernels=None, vocab_size=None, col_sum=No
     ``words`` (M,) ids, ``dout`` (M, W) the gradients of their embeddings.
     Sorting the ids groups equal words, so each row sum is one segment
     reduction (no np.add.at, which is slow on the CPU). With ``kernels`` that
-    offer it (and ``vocab_size``), one pass sums the rows in place instead
-    (the same sums, in position order; results are the kernel's buffers).
+    offer it (and ``vocab_size``), a counting sort and one pass sum the rows
+    instead (the same sums, in position order; results are the kernel's buffers).
     ``col_sum`` (W,), when given, receives ``dout.sum(axis=0)`` (the kernel
-    takes it from the same pass).
+    takes it from the same pass, as the sums of the rows in blocks of words).
     """
     xp = get_array_module(dout)
     words = words.reshape(-1)
