@@ -117,3 +117,105 @@ def test_agrees_with_pycocoevalcap():
             theirs, _ = bleu_mod.Bleu(4).compute_score(gts, res)
         ours = corpus_bleu(hyps, refs)
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# ROUGE-L and CIDEr-D
+
+def test_lcs_and_rouge_l_by_hand():
+    from dtrain.data.rouge import lcs_length, sentence_rouge_l
+
+    assert lcs_length(t("a b c d e"), t("a c e x")) == 3
+    assert lcs_length(t("a b"), t("")) == 0
+    hyp = t("a man rides a horse")
+    refs = [t("a man riding a brown horse"), t("horse")]
+    # LCS 4 (a man a horse) with the first: P = 4/5; best recall is 1/1 from "horse"
+    p, r, beta = 4 / 5, 1.0, 1.2
+    want = (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+    assert sentence_rouge_l(hyp, refs) == pytest.approx(want, rel=1e-15)
+    assert sentence_rouge_l(t("x y"), refs) == 0.0
+    assert sentence_rouge_l([], refs) == 0.0
+
+
+def test_cider_d_by_hand():
+    from dtrain.data.cider import corpus_cider_d
+
+    # two images, each one reference equal to its hypothesis: every n-gram of image 0
+    # is absent from image 1's references, so idf = log(2) for all, the cosine is 1 for
+    # each n with n-grams, and the length penalty is exp(0) = 1
+    hyps = [t("a b c d"), t("x y")]
+    mean, per_image = corpus_cider_d(hyps, [[hyps[0]], [hyps[1]]])
+    assert per_image[0] == pytest.approx(10.0, rel=1e-12)  # mean over n of 1, times 10
+    assert per_image[1] == pytest.approx(10.0 * 2 / 4, rel=1e-12)  # no 3- or 4-grams in "x y"
+    assert mean == pytest.approx((per_image[0] + per_image[1]) / 2, rel=1e-15)
+    # an n-gram found in every image's references has idf 0 and so counts for nothing
+    mean, per_image = corpus_cider_d([t("q"), t("q")], [[t("q")], [t("q")]])
+    assert per_image == [0.0, 0.0]
+    # the Gaussian penalty on the difference in bigram counts (sigma 6), and clipping:
+    # a hypothesis repeating a matched word does not gain over the reference's weight
+    one, _ = corpus_cider_d([t("a b"), t("z")], [[t("a b")], [t("z")]])
+    rep, per = corpus_cider_d([t("a a a b"), t("z")], [[t("a b")], [t("z")]])
+    assert per[0] < 10 * 2 / 4 and rep < one
+
+
+def _pycoco_scores(mod, cls, gts, res):
+    scorer = getattr(pytest.importorskip(f"pycocoevalcap.{mod}"), cls)()
+    with contextlib.redirect_stdout(io.StringIO()):
+        mean, per = scorer.compute_score(gts, res)
+    return mean, per
+
+
+def test_rouge_and_cider_agree_with_pycocoevalcap():
+    from dtrain.data.cider import corpus_cider_d
+    from dtrain.data.rouge import corpus_rouge_l
+
+    pytest.importorskip("pycocoevalcap")
+    rng = np.random.default_rng(1)
+    for n_images in (1, 2, 7, 300, 600):
+        hyps, refs = _random_corpus(rng, n_images)
+        hyps = [h if h else ["w0"] for h in hyps]  # the COCO scorers' own empty-hypothesis
+        gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)}  # tests are below
+        res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
+        for ours, (mod, cls) in ((corpus_rouge_l, ("rouge.rouge", "Rouge")),
+                                 (corpus_cider_d, ("cider.cider", "Cider"))):
+            mean, per = ours(hyps, refs)
+            theirs_mean, theirs_per = _pycoco_scores(mod, cls, gts, res)
+            np.testing.assert_allclose(per, theirs_per, rtol=0, atol=1e-9, err_msg=cls)
+            assert abs(mean - theirs_mean) <= 1e-9, (cls, n_images)
+
+
+def test_empty_hypothesis_agrees_with_pycocoevalcap():
+    from dtrain.data.cider import corpus_cider_d
+    from dtrain.data.rouge import corpus_rouge_l
+
+    pytest.importorskip("pycocoevalcap")
+    hyps = [[], t("a man on a horse"), t("two dogs")]
+    refs = [[t("a cat"), t("the cat")], [t("a man riding a horse")], [t("two dogs play")]]
+    gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
+    for ours, (mod, cls) in ((corpus_rouge_l, ("rouge.rouge", "Rouge")),
+                             (corpus_cider_d, ("cider.cider", "Cider"))):
+        mean, per = ours(hyps, refs)
+        theirs_mean, theirs_per = _pycoco_scores(mod, cls, gts, res)
+        np.testing.assert_allclose(per, theirs_per, rtol=0, atol=1e-12)
+
+
+def test_simple_tokenizer_matches_ptb_on_clean_captions():
+    from dtrain.data import metrics
+
+    caps = {1: ["a man riding a horse", "two  dogs in the snow"], 2: ["one", "a b c d"]}
+    assert metrics.simple_tokenize("A Man, riding; a horse!") == t("a man riding a horse")
+    if metrics._java_missing():
+        pytest.skip(f"PTB tokenizer: {metrics._java_missing()}")
+    ptb = metrics.ptb_tokenize(caps)
+    assert ptb == {k: [metrics.simple_tokenize(c) for c in v] for k, v in caps.items()}
+
+
+def test_caption_metrics_keys_and_values():
+    from dtrain.data.metrics import OWN_METRICS, caption_metrics
+
+    hyps = [t("a man on a horse"), t("two dogs")]
+    refs = [[t("a man on a horse")], [t("two dogs")]]
+    m = caption_metrics(hyps, refs)
+    assert tuple(m) == OWN_METRICS
+    assert m["bleu1"] == pytest.approx(1.0, abs=1e-8) and m["rouge_l"] == pytest.approx(1.0)
