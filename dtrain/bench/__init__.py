@@ -11,18 +11,13 @@ where the rest of the step goes (floor.py). Under mpiexec (or with --ranks P,
 which relaunches itself under the mpiexec beside this Python) it reports the
 communication time and bytes of the gradient reduction.
 
-Comparisons run every contender in a process of its own, never two at once
-(isolated.py): --compare-torch (PyTorch, torch_ref.py; on a CPU two processes
-kept alive that alternate blocks of steps, each checked idle while the other
-runs), --compare-trainer (``dtrain train``'s logged ms/step) and
---strong-scaling P. Every timing says how much of the machine other
-processes used meanwhile (load.py).
+Comparisons with PyTorch, with ``dtrain train`` and across rank counts are
+tooling, not product: they live in the repository's benchmarks/ and drive this
+module's timer through ``run_step_bench(args, comm, drive)``.
 
 Modules: batches.py (where batches come from), cpu.py and gpu.py (the timed
-loops), floor.py (GEMM floor, breakdown), isolated.py (separate processes),
-serve.py (a contender that times blocks on request), load.py (others' CPU
-use), report.py (printing), torch_ref.py (PyTorch's twin), workload.py
-(synthetic batch, FLOP count).
+loops), floor.py (GEMM floor, breakdown), relaunch.py (the same flags again,
+under mpiexec), report.py (printing), workload.py (synthetic batch, FLOP count).
 """
 
 from __future__ import annotations
@@ -42,7 +37,7 @@ def _under_mpi():
 
 
 def run_bench(args):
-    from .isolated import child_flags, mpiexec, run_isolated
+    from .relaunch import bench_flags, mpiexec
 
     if args.steps < 1 or args.warmup < 0:
         return _error(f"--steps {args.steps} --warmup {args.warmup}: expected at least 1 timed step and "
@@ -55,18 +50,14 @@ def run_bench(args):
         value = getattr(args, name, None)
         if value is not None and value < low:
             return _error(f"{flag}: expected an integer >= {low}, got {value}")
-    if args.framework is None and (args.compare_torch or args.compare_trainer or args.strong_scaling):
-        return run_isolated(args)
-    if args.framework == "torch":
-        return _run_torch(args)
     if args.ranks and not _under_mpi():
-        argv = child_flags(args, drop={"command", "func", "ranks"})
+        argv = bench_flags(args, drop={"ranks"})
         return subprocess.call([mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "dtrain", "bench",
                                 *argv])
     from ..parallel.comm import Communicator, run_guarded
 
     comm = Communicator()
-    return run_guarded(comm, _run_dtrain, args, comm)
+    return run_guarded(comm, run_step_bench, args, comm)
 
 
 def _error(msg):
@@ -74,7 +65,14 @@ def _error(msg):
     return 2
 
 
-def _run_dtrain(args, comm):
+def run_step_bench(args, comm, drive=None):
+    """Time the trainer's step on this rank and report it; exit code.
+
+    ``drive(timer, result)`` (on a CPU; for the tooling in benchmarks/, which alternates
+    processes): instead of timing here, hand over the ``CpuTimer``, not yet warmed up
+    (``warmup(k)``, ``block(k)``), and ``result()``, the run's result dict; return what
+    ``drive`` returns.
+    """
     from .. import backend
     from ..kernels import for_arrays
     from ..nn.cells import get_cell
@@ -142,59 +140,21 @@ def _run_dtrain(args, comm):
             return complete(timer.result(floor=not args.no_floor)
                             | {"threads_per_rank": threads, "blas": backend.blas_info()})
 
-        if args.serve:  # one contender of a paired comparison (isolated.py): blocks on request
-            from .serve import serve
-
-            return serve(lambda: timer.warmup(args.warmup), timer.block, cpu_result)
+        if drive is not None:
+            return drive(timer, cpu_result)
         timer.warmup(args.warmup)
         timer.block(args.steps)
         result = cpu_result()
     if comm.is_root:
-        if args.framework is None:
-            from .report import print_result
+        from .report import print_result
 
-            print_result(result)
-            if device == "gpu":
-                from .gpu import print_gpu_lines
+        print_result(result)
+        if device == "gpu":
+            from .gpu import print_gpu_lines
 
-                print_gpu_lines(result)
+            print_gpu_lines(result)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
     return 0
 
-
-def _run_torch(args):
-    """``--framework torch`` (a child of --compare-torch): PyTorch's step on the same batches."""
-    from .. import backend
-    from .batches import open_batches
-
-    try:
-        device = backend.resolve_device(args.device)
-        import torch  # noqa: F401
-    except backend.DeviceError as exc:
-        return _error(str(exc))
-    except ImportError:
-        return _error("--compare-torch: PyTorch is not importable; `pip install torch==2.13.0` (CPU build) "
-                      "to compare")
-    from .torch_ref import TorchTimer
-
-    threads = backend.node_threads(1, args.threads)
-    batches, work = open_batches(args)
-    timer = TorchTimer(args, batches, work, threads, "cuda" if device == "gpu" else "cpu")
-
-    def torch_result():
-        # the isolation, checked: this process never loaded dtrain's kernels (Numba)
-        return timer.result() | {"pid": os.getpid(), "numba_loaded": "numba" in sys.modules}
-
-    if args.serve:
-        from .serve import serve
-
-        return serve(lambda: timer.warmup(args.warmup), timer.block, torch_result)
-    timer.warmup(args.warmup)
-    timer.block(args.steps)
-    result = torch_result()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..bench import run_bench
 from ..nn.cells import CELLS
@@ -19,20 +20,22 @@ rest of the step goes. Under mpiexec (or with --ranks P, which relaunches
 itself under the mpiexec beside this Python) it also reports the
 communication time and bytes of the gradient reduction.
 
-Comparisons run every contender in a process of its own, never two at once,
-alternating for --rounds rounds of --steps steps, and print each one's median
-of round medians and the ratio: --compare-torch (the same model in PyTorch; on
-a CPU two processes kept alive alternate blocks, each checked idle while the
-other runs), --compare-trainer (`dtrain train`'s logged ms/step) and
---strong-scaling P (1 rank x C threads against P ranks x C/P threads at the
-same global batch). Every timing reports how much of the machine other
-processes used meanwhile, and warns when that was over 5%.
+Comparisons, each contender in a process of its own, alternating, live in the
+repository's benchmarks/ (benchmarks/README.md): python -m
+benchmarks.compare_torch (PyTorch), benchmarks.compare_trainer (`dtrain
+train`'s logged ms/step) and benchmarks.strong_scaling (1 rank against P).
 """
 
+# Flags that moved to the tooling in benchmarks/: each names its new command.
+MOVED = {"compare_torch": ("--compare-torch", "compare_torch"),
+         "compare_trainer": ("--compare-trainer", "compare_trainer"),
+         "strong_scaling": ("--strong-scaling", "strong_scaling"),
+         "rounds": ("--rounds", "compare_torch"),
+         "fresh_processes": ("--fresh-processes", "compare_torch")}
 
-def add_parser(subparsers):
-    p = subparsers.add_parser("bench", help="time training steps (and compare with PyTorch)",
-                              description=BENCH_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def add_workload_arguments(p):
+    """The flags that say what is timed and how; shared with the comparisons in benchmarks/."""
     p.add_argument("--batch-size", "-N", type=int, default=128, help="global batch (default 128)")
     p.add_argument("--data", default=None,
                    help="COCO-layout data directory (default: the trainer's built-in data set)")
@@ -40,32 +43,24 @@ def add_parser(subparsers):
                    help="time one fixed synthetic batch (COCO-like lengths) instead of the data")
     p.add_argument("--seq-len", "-T", type=int, default=None,
                    help="target slots per caption, synthetic (16; implies --synthetic)")
-    p.add_argument("--input-dim", "-D", type=int, default=None, help="feature width, synthetic (512; "
-                   "implies --synthetic)")
+    p.add_argument("--input-dim", "-D", type=int, default=None, help="feature width, synthetic "
+                   "(512; implies --synthetic)")
     p.add_argument("--wordvec-dim", "-W", type=int, default=256)
     p.add_argument("--hidden-dim", "-H", type=int, default=512)
     p.add_argument("--vocab-size", "-V", type=int, default=None,
                    help="vocabulary, synthetic (1004; implies --synthetic)")
     p.add_argument("--cell", choices=sorted(CELLS), default="lstm")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20; per round in a comparison)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="timed steps (default 20; per round in a comparison)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads per rank (default: cores / ranks on the node)")
     p.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
-    p.add_argument("--no-kernels", action="store_true", help="plain xp code instead of fused kernels")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="plain xp code instead of fused kernels")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the GEMM floor and the breakdown of the step (one CPU rank)")
-    p.add_argument("--compare-torch", action="store_true",
-                   help="time PyTorch too, each framework in its own process, alternating --rounds")
-    p.add_argument("--compare-trainer", action="store_true",
-                   help="time `dtrain train` too (its logged ms/step), alternating --rounds")
-    p.add_argument("--strong-scaling", type=int, default=None, metavar="P",
-                   help="same global batch: 1 rank x C threads against P ranks x C/P threads")
-    p.add_argument("--rounds", type=int, default=6, help="alternating rounds of a comparison (default 6)")
-    p.add_argument("--fresh-processes", action="store_true",
-                   help="--compare-torch on a CPU: a new process per framework and round, instead of two "
-                        "processes kept alive that alternate blocks of --steps steps")
     p.add_argument("--embed-reduce", choices=["auto", "dense", "sparse"], default="auto")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="rows per micro-shard (gradient accumulation), as for train")
@@ -75,12 +70,33 @@ def add_parser(subparsers):
                    help="relaunch under the mpiexec beside this Python with P ranks")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     p.add_argument("--seed", type=int, default=0)
-    # one contender of a comparison, in a process of its own (started by the comparison)
-    p.add_argument("--framework", choices=["dtrain", "torch"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # timed blocks on request
+    return p
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("bench", help="time training steps",
+                              description=BENCH_DOC,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(p)
+    for dest, (flag, _) in MOVED.items():  # kept only to say where they went
+        p.add_argument(flag, dest=dest, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
     return p
 
 
+def moved_flag_error(args):
+    """One line naming the benchmarks/ command that replaced a moved flag, or None."""
+    for dest, (flag, module) in MOVED.items():
+        if getattr(args, dest, None) is not None:
+            return (f"dtrain: error: bench {flag}: comparisons moved out of dtrain; run "
+                    f"`python -m benchmarks.{module}` from the repository root "
+                    f"(see benchmarks/README.md)")
+    return None
+
+
 def _run(args):
+    moved = moved_flag_error(args)
+    if moved:
+        print(moved, file=sys.stderr)
+        return 2
     return run_bench(args)
