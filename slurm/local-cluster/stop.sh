@@ -1,9 +1,12 @@
 #!/bin/bash
-# Stop the one-node Slurm cluster that start.sh started under $SLURM_ROOT.
+# Stop the Slurm cluster that start.sh started under $SLURM_ROOT.
 # Cancels its jobs, then ends exactly its daemons by the pids in their pid
 # files (TERM, then KILL after 10 s), plus any slurmstepd left behind by this
 # instance (one holding a file under $SLURM_ROOT open) and the job processes
-# under it. Safe to run twice.
+# under it. Then, with namespace hosts (NODES > 1), hosts.sh down ends what is
+# left in their namespaces and removes the hosts, their links and the bridge
+# (after the daemons: a daemon left in a namespace would keep it alive).
+# Safe to run twice, and after a crash or a killed start.sh.
 SLURM_ROOT=${SLURM_ROOT:-$PWD/local-slurm}
 [ -d "$SLURM_ROOT" ] || { echo "stop.sh: no $SLURM_ROOT" >&2; exit 0; }
 SLURM_ROOT=$(cd "$SLURM_ROOT" && pwd)
@@ -16,6 +19,11 @@ running() {  # pid: exists and is not a zombie (an unreaped zombie passes kill -
     [ "$st" != Z ]
 }
 alive() { [ -f "$1" ] && running "$(cat "$1")"; }
+slurmd_alive() {  # one of the cluster's slurmd (slurmd.pid, or slurmd-<node>.pid per host)
+    local f
+    for f in "$SLURM_ROOT"/slurmd.pid "$SLURM_ROOT"/slurmd-*.pid; do alive "$f" && return 0; done
+    return 1
+}
 # stop PID NAME ...: TERM them all at once, wait up to 10 s, then KILL the rest.
 stop() {
     local pids=() names=() i
@@ -42,7 +50,7 @@ stop() {
 }
 
 # Cancel this cluster's jobs first, so no job step outlives the daemons.
-if alive "$SLURM_ROOT/slurmctld.pid" && alive "$SLURM_ROOT/slurmd.pid"; then
+if alive "$SLURM_ROOT/slurmctld.pid" && slurmd_alive; then
     jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
     if [ -n "$jobs" ]; then
         # shellcheck disable=SC2086
@@ -54,6 +62,9 @@ if alive "$SLURM_ROOT/slurmctld.pid" && alive "$SLURM_ROOT/slurmd.pid"; then
     fi
 fi
 targets=()
+for f in "$SLURM_ROOT"/slurmd-*.pid; do
+    [ -f "$f" ] && targets+=("$(cat "$f")" slurmd)
+done
 for f in slurmd.pid:slurmd slurmctld.pid:slurmctld munge/munged.pid:munged; do
     [ -f "$SLURM_ROOT/${f%%:*}" ] && targets+=("$(cat "$SLURM_ROOT/${f%%:*}")" "${f##*:}")
 done
@@ -91,5 +102,9 @@ for d in /proc/[0-9]*; do
     done
 done
 [ ${#targets[@]} -gt 0 ] && stop "${targets[@]}"
-rm -f "$SLURM_ROOT/slurmd.pid" "$SLURM_ROOT/slurmctld.pid" "$SLURM_ROOT/munge/munged.pid"
+rm -f "$SLURM_ROOT/slurmd.pid" "$SLURM_ROOT"/slurmd-*.pid "$SLURM_ROOT/slurmctld.pid" \
+    "$SLURM_ROOT/munge/munged.pid"
+if [ -f "$SLURM_ROOT/hosts/state" ]; then
+    SLURM_ROOT=$SLURM_ROOT bash "$(dirname "${BASH_SOURCE[0]}")/hosts.sh" down
+fi
 exit 0
