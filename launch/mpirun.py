@@ -5,6 +5,8 @@
     python launch/mpirun.py -n 8 --hostfile hosts --ppn 4 -- train --data /shared/coco
     python launch/mpirun.py -n 4 --dry-run -- train --data data/coco
     python launch/mpirun.py -n 2 -m mpi4py.bench helloworld       # is MPI working?
+    python launch/mpirun.py -n 4 --ppn 2 --hostfile $SLURM_ROOT/hostfile \
+        --rsh $SLURM_ROOT/bin/rsh -- train ...      # the local cluster's namespace hosts
 
 What it adds to a bare ``mpiexec -n P python -m dtrain``:
 
@@ -16,7 +18,10 @@ What it adds to a bare ``mpiexec -n P python -m dtrain``:
 * for Open MPI, the variables it needs to run as root and to put more ranks
   than cores on a node, and ``--bind-to none`` then, and ``-x`` to carry the
   thread settings to other nodes. MPICH needs none of them;
-* the hostfile and ranks-per-node flags in the launcher's own syntax.
+* the hostfile and ranks-per-node flags in the launcher's own syntax;
+* ``--rsh CMD``: the command the launcher starts its daemons on other nodes with,
+  in place of ssh (for example slurm/local-cluster/rsh, which enters a namespace
+  host of the local cluster).
 
 Everything after ``--`` goes to ``python -m dtrain`` (or ``-m MODULE``). The
 launcher command is printed to stderr, then this process becomes it (exec),
@@ -100,6 +105,8 @@ def build(opts: argparse.Namespace, module_args: list[str], environ: dict[str, s
             cmd += ["--hostfile", opts.hostfile]
         if opts.ppn:
             cmd += ["--map-by", f"ppr:{opts.ppn}:node"]
+        if opts.rsh:
+            cmd += ["--mca", "plm_rsh_agent", os.path.abspath(opts.rsh)]
         for var in THREAD_VARS:  # Open MPI passes only OMPI_* to remote ranks
             cmd += ["-x", var]
     else:
@@ -107,6 +114,8 @@ def build(opts: argparse.Namespace, module_args: list[str], environ: dict[str, s
             cmd += ["-f", opts.hostfile]
         if opts.ppn:
             cmd += ["-ppn", str(opts.ppn)]
+        if opts.rsh:
+            cmd += ["-launcher", "ssh", "-launcher-exec", os.path.abspath(opts.rsh)]
     cmd += opts.mpiexec_arg
     cmd += [sys.executable, "-m", opts.module, *module_args]
     return cmd, env
@@ -127,6 +136,10 @@ def parse(argv: list[str]):
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / ranks per node)")
     p.add_argument("--hostfile", help="hostfile in the launcher's syntax (see launch/README.md)")
     p.add_argument("--ppn", type=int, help="ranks per node (with --hostfile)")
+    p.add_argument(
+        "--rsh", metavar="CMD",
+        help="start the launcher's daemons on other nodes with CMD instead of ssh",
+    )  # fmt: skip
     p.add_argument("-m", "--module", default="dtrain", help="module to run (default: dtrain)")
     p.add_argument("--mpiexec", help="launcher (default: the mpiexec beside this Python)")
     p.add_argument(
@@ -141,6 +154,8 @@ def parse(argv: list[str]):
     module_args = rest + module_args  # e.g. `-m mpi4py.bench helloworld` without --
     if opts.np < 1:
         p.error("-n must be at least 1")
+    if opts.rsh and not (os.path.isfile(opts.rsh) and os.access(opts.rsh, os.X_OK)):
+        p.error(f"--rsh {opts.rsh}: expected an executable file")
     return opts, module_args
 
 

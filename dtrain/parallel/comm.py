@@ -10,6 +10,8 @@ trainer uses:
 * ``allgather_scalars`` / ``allgatherv_rows`` / ``allgatherv``: small vectors
   and row blocks of every rank, in rank order;
 * ``check_consistent``: a cross-rank checksum that stops a diverged job;
+* ``gather_hosts`` / ``describe_hosts``: which host every rank runs on, with its
+  local rank and threads (the run's header line);
 * ``run_guarded``: a failure on any rank ends the whole job.
 
 Every collective goes through ``_enter``/``_leave`` (a few attribute writes):
@@ -31,6 +33,7 @@ import ctypes
 import hashlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -38,7 +41,8 @@ import traceback
 
 import numpy as np
 
-__all__ = ["CollectiveMismatchError", "Communicator", "DivergenceError", "run_guarded"]
+__all__ = ["CollectiveMismatchError", "Communicator", "DivergenceError", "describe_layout",
+           "run_guarded"]
 
 
 class DivergenceError(RuntimeError):
@@ -53,10 +57,12 @@ class CollectiveMismatchError(RuntimeError):
 
 # Operation codes for the --debug agreement check (names as the methods are called).
 COLLECTIVES = ("barrier", "bcast_array_", "bcast_obj", "allreduce_sum_", "allreduce_scalars", "allgatherv",
-               "allgatherv_rows", "allgather_scalars", "check_consistent", "gather_bytes")
+               "allgatherv_rows", "allgather_scalars", "check_consistent", "gather_bytes",
+               "gather_hosts")
 _OP_CODE = {name: i for i, name in enumerate(COLLECTIVES)}
 _CALLER_BYTES = 96  # where the call came from, shown in a mismatch report
 _GATHER_TAG = 7001
+_HOST_BYTES = 64  # a host name longer than this is cut in the layout
 
 
 def _import_mpi():
@@ -106,6 +112,44 @@ def _query_cuda_aware(MPI) -> bool:
         except Exception:
             return False
     return False
+
+
+def _ranges(values) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (in the order given)."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 < len(values) and values[i + 1] == v + 1:
+            continue
+        parts.append(str(start) if start == v else f"{start}-{v}")
+        start = None
+    return ",".join(parts)
+
+
+def describe_layout(records, max_hosts: int = 8) -> str:
+    """One line for the run's header: hosts, ranks per host, and per host its ranks,
+    their local ranks and threads.
+
+    ``records``: (host, local rank, ranks on the host, threads) of every rank, in rank
+    order (``Communicator.gather_hosts``). Hosts are listed in order of their first
+    rank; beyond ``max_hosts`` the rest are counted, not named. Example:
+    ``2 host(s) x 2 rank(s) [node1: ranks 0-1 local 0-1 x 1 thread(s); node2: ...]``.
+    """
+    by_host: dict[str, list[int]] = {}
+    for rank, rec in enumerate(records):
+        by_host.setdefault(rec[0], []).append(rank)
+    per_host = sorted({len(ranks) for ranks in by_host.values()})
+    count = str(per_host[0]) if len(per_host) == 1 else f"{per_host[0]}-{per_host[-1]}"
+    shown = []
+    for host, ranks in list(by_host.items())[:max_hosts]:
+        local = _ranges([records[r][1] for r in ranks])
+        threads = sorted({records[r][3] for r in ranks})
+        shown.append(f"{host}: ranks {_ranges(ranks)} local {local} x "
+                     f"{','.join(map(str, threads))} thread(s)")
+    more = len(by_host) - len(shown)
+    tail = f"; {more} more host(s)" if more > 0 else ""
+    return f"{len(by_host)} host(s) x {count} rank(s) [{'; '.join(shown)}{tail}]"
 
 
 def _bucket_bounds(n: int, buckets: int) -> list[tuple[int, int]]:
@@ -452,6 +496,32 @@ class Communicator:
                            tag=_GATHER_TAG)
         self._leave()
         return parts
+
+    def gather_hosts(self, threads: int) -> list[tuple[str, int, int, int]]:
+        """(host name, local rank, ranks on that host, threads) of every rank, in rank order.
+
+        A collective: every rank calls it. The local rank and size are the ones MPI
+        gives (the shared-memory split), so this shows what each rank really uses.
+        """
+        rec = np.zeros(4 + _HOST_BYTES // 8, dtype=np.int64)
+        rec[:3] = (self.local_rank, self.local_size, int(threads))
+        name = socket.gethostname().encode()[:_HOST_BYTES]
+        rec.view(np.uint8)[32 : 32 + len(name)] = np.frombuffer(name, dtype=np.uint8)
+        table = rec.reshape(1, -1)
+        if self.size > 1:
+            table = np.empty((self.size, rec.size), dtype=np.int64)
+            self._enter("gather_hosts", rec.size, rec.dtype, rec.nbytes)
+            self.comm.Allgather(rec, table)
+            self._leave()
+        out = []
+        for row in table:
+            host = row.view(np.uint8)[32:].tobytes().rstrip(b"\0").decode(errors="replace")
+            out.append((host, int(row[0]), int(row[1]), int(row[2])))
+        return out
+
+    def describe_hosts(self, threads: int) -> str:
+        """``describe_layout`` of ``gather_hosts(threads)``: a collective, on every rank."""
+        return describe_layout(self.gather_hosts(threads))
 
     # -------------------------------------------------------------- consistency
     def check_consistent(self, array, what: str = "parameters") -> None:
