@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import NamedTuple
 
 import numpy as np
 
@@ -253,6 +254,39 @@ extern "C" __global__ void embed_scatter(const real* rows, const int* ids, int S
 }
 """
 
+# What the GPU path gives NVRTC through CuPy's RawModule. CuPy adds its own options
+# (its default C++ standard, its include paths, -ftz=true, -arch=sm_XX of the device);
+# tests/test_nvrtc.py compiles with that same set, no device needed.
+NVRTC_OPTIONS = ()
+CUDA_DTYPES = (np.float32, np.float64)  # the types ``real`` is instantiated as
+# Every kernel GpuKernels asks the compiled module for (get_function)
+KERNEL_NAMES = ("lstm_fwd", "lstm_bwd", "rnn_fwd", "rnn_bwd", "gru_fwd", "gru_bwd", "softmax_xent",
+                "adam", "adam_dev", "embed_rows", "embed_scatter")
+
+
+class CudaProgram(NamedTuple):
+    """One CUDA C program as the GPU path compiles it, and the kernels it must define."""
+
+    label: str
+    source: str
+    options: tuple
+    kernels: tuple
+
+
+def kernel_source(dtype) -> str:
+    """The CUDA C source of the fused kernels for ``dtype`` (float32 or float64)."""
+    dtype = np.dtype(dtype)
+    if dtype not in CUDA_DTYPES:
+        raise TypeError(f"GPU kernels: float32 or float64, got {dtype}")
+    return _SOURCE.replace("__REAL__", "float" if dtype == np.float32 else "double")
+
+
+def cuda_programs() -> list:
+    """Every program this module compiles (one per dtype): what the NVRTC test checks."""
+    return [CudaProgram(f"kernels.cuda[{np.dtype(dt).name}]", kernel_source(dt), NVRTC_OPTIONS,
+                        KERNEL_NAMES) for dt in CUDA_DTYPES]
+
+
 _MODULES = {}
 _THREADS = 256
 
@@ -261,12 +295,9 @@ def _module(dtype):
     import cupy
 
     dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"GPU kernels: float32 or float64, got {dtype}")
     mod = _MODULES.get(dtype)
     if mod is None:
-        real = "float" if dtype == np.float32 else "double"
-        mod = cupy.RawModule(code=_SOURCE.replace("__REAL__", real))
+        mod = cupy.RawModule(code=kernel_source(dtype), options=NVRTC_OPTIONS)
         _MODULES[dtype] = mod
     return mod
 
@@ -293,9 +324,7 @@ class GpuKernels:
         self.cp = cupy
         self.dtype = np.dtype(dtype)
         mod = _module(self.dtype)
-        self._k = {name: mod.get_function(name) for name in (
-            "lstm_fwd", "lstm_bwd", "rnn_fwd", "rnn_bwd", "gru_fwd", "gru_bwd", "softmax_xent", "adam", "adam_dev",
-            "embed_rows", "embed_scatter")}
+        self._k = {name: mod.get_function(name) for name in KERNEL_NAMES}
         self._row_loss = cupy.empty(0, dtype=np.float64)
         self._ones = cupy.ones(1, dtype=self.dtype)
 
