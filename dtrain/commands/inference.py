@@ -1,8 +1,10 @@
-"""`dtrain sample` and `dtrain evaluate`: a checkpoint's captions, loss and BLEU, on any number of ranks."""
+"""`dtrain sample` and `dtrain evaluate`: a checkpoint's captions (greedy or beam search), loss and
+the COCO caption metrics, on any number of ranks; `evaluate --results-out` writes a COCO results file."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +14,9 @@ import numpy as np
 from .. import backend, checkpoint
 from ..config import TrainConfig
 from ..data.coco import decode_captions
+from ..data.coco_results import split_image_ids, write_results
+from ..data.metrics import extra_metrics, missing_line
+from ..decode import decode
 from ..errors import UserError
 from ..evaluate import evaluate
 from ..parallel.comm import Communicator, run_guarded
@@ -19,8 +24,9 @@ from ..runsetup import build_model, open_data
 
 
 def add_parsers(sub):
-    for name, helptext in (("sample", "print greedy captions of a checkpoint beside their references"),
-                           ("evaluate", "val loss and BLEU-1..4 of a checkpoint")):
+    for name, helptext in (("sample", "print captions of a checkpoint beside their references"),
+                           ("evaluate", "val loss, BLEU-1..4, ROUGE-L, CIDEr-D (METEOR, SPICE) "
+                                        "of a checkpoint")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--checkpoint", required=True, help="checkpoint file (or 'latest' with --checkpoint-dir)")
         q.add_argument("--checkpoint-dir", default="checkpoints")
@@ -29,17 +35,27 @@ def add_parsers(sub):
         q.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
         q.add_argument("--max-length", type=int, default=16)
         q.add_argument("--threads-per-rank", type=int, default=None)
+        q.add_argument("--beam-size", type=int, default=1,
+                       help="beams per image (default 1: greedy)")
+        q.add_argument("--length-penalty", type=float, default=0.0,
+                       help="rank beams by log-probability / length ** this (default 0: none)")
         if name == "sample":
             q.add_argument("-n", "--num", type=int, default=10, help="images to caption (default 10)")
         else:
             q.add_argument("--eval-images", type=int, default=1000)
             q.add_argument("--eval-captions", type=int, default=5000)
+            q.add_argument("--results-out", default=None,
+                           help='write the captions as a COCO results file [{"image_id", "caption"}]')
+            q.add_argument("--extra-metrics", choices=("auto", "off"), default="auto",
+                           help="METEOR and SPICE from pycocoevalcap when it and Java are present "
+                                "(auto, the default), or not at all (off)")
         q.set_defaults(func=cmd_sample if name == "sample" else cmd_evaluate)
 
 
 def validate_args(args):
     """Every flag checked before any work: one line naming the flag."""
-    checks = [("--max-length", args.max_length, 1), ("--threads-per-rank", args.threads_per_rank, 1)]
+    checks = [("--max-length", args.max_length, 1), ("--threads-per-rank", args.threads_per_rank, 1),
+              ("--beam-size", args.beam_size, 1)]
     if args.command == "sample":
         checks.append(("-n/--num", args.num, 1))
     else:
@@ -47,6 +63,15 @@ def validate_args(args):
     for flag, value, lowest in checks:
         if value is not None and value < lowest:
             raise UserError(f"{flag}: expected an integer >= {lowest}, got {value}")
+    if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
+        raise UserError(f"--length-penalty: expected a finite number >= 0, got {args.length_penalty}")
+    out = getattr(args, "results_out", None)
+    if out is not None:
+        path = Path(out)
+        if path.is_dir():
+            raise UserError(f"--results-out: expected a file name, got the directory {out}")
+        if not path.resolve().parent.is_dir():
+            raise UserError(f"--results-out: expected a file in an existing directory, got {out}")
 
 
 def _resolve_checkpoint(args):
@@ -80,6 +105,9 @@ def load_for_inference(args, comm):
         for name in model.shapes:
             model.params[name] = np.asarray(ckpt["params"][name])
     comm.bcast_array_(model.param_buffer)
+    if args.beam_size > model.vocab_size:
+        raise UserError(f"--beam-size: expected at most the vocabulary size {model.vocab_size}, "
+                        f"got {args.beam_size}")
     return SimpleNamespace(cfg=cfg, data=data, model=model, path=info["path"])
 
 
@@ -101,11 +129,13 @@ def cmd_sample(args):
         n = min(args.num, len(image_ids))
         mine = np.array_split(np.arange(n), comm.size)[comm.rank]
         feats = backend.to_device(split.features(image_ids[mine]), run.model.xp)
-        sampled = backend.to_host(run.model.sample(feats, max_length=args.max_length)).astype(np.int64) \
+        sampled = backend.to_host(decode(run.model, feats, args.max_length, args.beam_size,
+                                         args.length_penalty)).astype(np.int64) \
             if len(mine) else np.zeros((0, args.max_length), np.int64)
         all_sampled = comm.allgatherv(sampled)
         if comm.is_root:
-            print(f"{n} {args.split} images, checkpoint {run.path}")
+            how = "greedy" if args.beam_size == 1 else f"beam search, {args.beam_size} beams"
+            print(f"{n} {args.split} images, checkpoint {run.path}, {how}")
             for i in range(n):
                 print(f"[image {int(image_ids[i])}]")
                 print(f"  sampled : {decode_captions(all_sampled[i], run.data.idx_to_word)}")
@@ -119,14 +149,37 @@ def cmd_sample(args):
 def cmd_evaluate(args):
     def body(comm):
         run = load_for_inference(args, comm)
-        res = evaluate(run.model, comm, run.data.split(args.split), run.data.idx_to_word,
-                       args.eval_captions, args.eval_images, args.max_length)
+        split = run.data.split(args.split)
+        res = evaluate(run.model, comm, split, run.data.idx_to_word, args.eval_captions,
+                       args.eval_images, args.max_length, beam_size=args.beam_size,
+                       length_penalty=args.length_penalty)
         if comm.is_root:
-            b = res["bleu"]
-            print(json.dumps({"checkpoint": run.path, "split": args.split, "ranks": comm.size,
-                              "val_loss": res["val_loss"], "val_loss_per_token": res["val_loss_per_token"],
-                              "bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3],
-                              "images": res["images"]}))
+            report = _evaluation_report(args, run, comm, split, res)
+            print(json.dumps(report), flush=True)
+            if report["missing"]:
+                print(missing_line(report["missing"]), file=sys.stderr, flush=True)
         return 0
 
     return _guarded(args, body)
+
+
+def _evaluation_report(args, run, comm, split, res):
+    """Rank 0: the JSON record of an evaluation; writes --results-out."""
+    metrics = dict(res["metrics"])
+    if args.extra_metrics == "auto":
+        more, missing = extra_metrics(res["hypotheses"], res["references"])
+        metrics.update(more)
+    else:
+        missing = {"meteor": "--extra-metrics off", "spice": "--extra-metrics off"}
+    report = {"checkpoint": run.path, "split": args.split, "ranks": comm.size,
+              "val_loss": res["val_loss"], "val_loss_per_token": res["val_loss_per_token"],
+              **metrics, "images": res["images"], "beam_size": args.beam_size,
+              "length_penalty": args.length_penalty,
+              "decode_ms_per_image": res["decode_ms_per_image"],
+              "tokens": "the vocabulary's words (no re-tokenisation)", "missing": missing}
+    if args.results_out:
+        ids, source = split_image_ids(split, res["image_ids"])
+        captions = [" ".join(h) for h in res["hypotheses"]]
+        report["results_out"] = str(write_results(args.results_out, ids, captions))
+        report["image_ids"] = source
+    return report
