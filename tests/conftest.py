@@ -14,3 +14,44 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "synth"
     write_synthetic(out, train_images=60, val_images=8, seed=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The session's local Slurm cluster (tests/local_cluster.py): namespace hosts
+    node1..node3 where namespaces can be made, else one node on localhost. Started
+    once, always stopped (fixture teardown, and atexit for an interrupted session)."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import local_cluster
+
+    local_cluster.ensure_slurm_installed()
+    no_hosts = local_cluster.namespaces_unavailable()
+    nodes = 1 if no_hosts else local_cluster.HOSTS
+    # Not under pytest's private (mode 700) tmp dirs: munged wants every directory
+    # above its socket executable by all.
+    root = Path(tempfile.mkdtemp(prefix="dtrain-slurm-"))
+    root.chmod(0o755)
+    cluster = local_cluster.Cluster(root, nodes, no_hosts)
+    atexit.register(cluster.stop)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """The built-in data set, small: `python -m dtrain data synth`."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("synth")
+    cmd = [sys.executable, "-m", "dtrain", "data", "synth", "--out", str(out)]
+    cmd += ["--train-images", "400", "--val-images", "50"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    return out

@@ -1,35 +1,28 @@
-"""slurm/train.sbatch on a real (one-node, local) Slurm cluster.
+"""slurm/train.sbatch on a real local Slurm cluster, one-node jobs.
 
-The session fixture installs the Debian Slurm packages when they are missing
-and apt-get exists (CI runs as root), starts slurm/local-cluster/start.sh on
-free ports under a temporary directory, and always stops it again (fixture
-teardown, plus an atexit guard for an interrupted session). Without apt-get
-the tests are skipped with the reason; in CI (CI set) they fail instead.
+The session fixture ``slurm_cluster`` (tests/conftest.py, tests/local_cluster.py)
+installs the Debian Slurm packages when they are missing and apt-get exists (CI
+runs as root), starts slurm/local-cluster/start.sh once per session (namespace
+hosts node1..node3 where namespaces can be made, else one node on localhost) and
+always stops it again. Without apt-get the tests are skipped with the reason; in
+CI (CI set) they fail instead. Jobs across hosts: tests/test_multinode.py.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "slurm" / "local-cluster"
 SBATCH_SCRIPT = REPO / "slurm" / "train.sbatch"
 BIN = Path(sys.executable).parent  # the venv's bin: python3 and mpiexec for the jobs
 MPIEXEC = BIN / "mpiexec"
-DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
-CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
 FINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT",
@@ -42,128 +35,6 @@ COMMON = [
     "--hidden-dim", "32", "--wordvec-dim", "16", "--eval-every", "0",
     "--eval-images", "10", "--threads-per-rank", "1",
 ]  # fmt: skip
-
-
-# ---------------------------------------------------------------- cluster
-
-
-def _slurm_missing() -> list[str]:
-    missing = [d for d in DAEMONS if not os.access(d, os.X_OK)]
-    return missing + [c for c in CLIENTS if shutil.which(c) is None]
-
-
-def _ensure_slurm_installed():
-    missing = _slurm_missing()
-    if not missing:
-        return
-    in_ci = bool(os.environ.get("CI"))
-    if shutil.which("apt-get") is None:
-        reason = (
-            f"Slurm is not installed ({', '.join(missing)} missing) and apt-get is "
-            "unavailable; install slurmd slurmctld slurm-client munge libpmix-dev"
-        )
-        if in_ci:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    r = subprocess.run(
-        ["bash", str(CLUSTER / "install.sh")], capture_output=True, text=True, timeout=900
-    )
-    if r.returncode != 0 or _slurm_missing():
-        msg = f"slurm/local-cluster/install.sh failed (rc {r.returncode}):\n{r.stdout}\n{r.stderr}"
-        if in_ci or os.geteuid() == 0:
-            pytest.fail(msg)
-        pytest.skip("cannot install Slurm without root: " + msg)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class Cluster:
-    def __init__(self, root: Path):
-        self.root = root
-        self.conf = root / "slurm.conf"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-        env["SLURM_CONF"] = str(self.conf)
-        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs use this venv
-        self.env = env
-        self._stopped = False
-
-    def start(self):
-        ctld, slurmd = _free_ports(2)
-        env = dict(self.env, SLURM_ROOT=str(self.root), CTLD_PORT=str(ctld))
-        env.update(SLURMD_PORT=str(slurmd), NCPUS="8", CRED_EXPIRE="10")
-        r = subprocess.run(
-            ["bash", str(CLUSTER / "start.sh")], env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
-        if r.returncode != 0:
-            self.stop()
-            pytest.fail(f"start.sh failed:\n{r.stdout}\n{r.stderr}\n{self.logs()}")
-
-    def stop(self):
-        if self._stopped:
-            return
-        self._stopped = True
-        subprocess.run(
-            ["bash", str(CLUSTER / "stop.sh")], env=dict(self.env, SLURM_ROOT=str(self.root)),
-            capture_output=True, timeout=120,
-        )  # fmt: skip
-
-    def logs(self, lines=30) -> str:
-        out = []
-        for name in ("slurmctld.log", "slurmd.log"):
-            p = self.root / "log" / name
-            if p.exists():
-                tail = p.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"--- {name} (last {lines} lines)\n" + "\n".join(tail))
-        return "\n".join(out)
-
-    def run(self, *cmd, check=True, timeout=60, env=None):
-        r = subprocess.run(
-            list(cmd), env=env or self.env, capture_output=True, text=True, timeout=timeout
-        )
-        if check and r.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr}")
-        return r
-
-    def job(self, job_id: str) -> dict:
-        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    _ensure_slurm_installed()
-    # Not under pytest's private (mode 700) tmp dirs: munged wants every
-    # directory above its socket executable by all.
-    cluster = Cluster(Path(tempfile.mkdtemp(prefix="dtrain-slurm-")))
-    atexit.register(cluster.stop)  # an interrupted session still stops the daemons
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def synth_data(tmp_path_factory):
-    """The built-in data set, small: `python -m dtrain data synth`."""
-    out = tmp_path_factory.mktemp("synth")
-    cmd = [sys.executable, "-m", "dtrain", "data", "synth", "--out", str(out)]
-    cmd += ["--train-images", "400", "--val-images", "50"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    return out
 
 
 # ---------------------------------------------------------------- helpers

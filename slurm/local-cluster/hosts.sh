@@ -50,19 +50,19 @@ up() {
         command -v "$exe" >/dev/null || die "$exe not found (iproute2, util-linux)"
     done
     [ ! -f "$HOSTS/state" ] || die "$HOSTS/state exists: run stop.sh first"
-    id=${NET_ID:-}
-    if [ -z "$id" ]; then
-        for i in $(seq 1 250); do net_free "$i" && { id=$i; break; }; done
-        [ -n "$id" ] || die "no free subnet 10.213.1-250.0/24"
-    else
-        net_free "$id" || die "NET_ID=$id: dt${id}br or 10.213.$id.0/24 is in use"
-    fi
     mkdir -p "$HOSTS"
+    # the bridge's name claims the subnet: creating it is atomic, so two clusters
+    # started at once never share one
+    id=
+    for i in ${NET_ID:-$(seq 1 250)}; do
+        if net_free "$i" && ip link add "dt${i}br" type bridge 2>/dev/null; then
+            id=$i
+            break
+        fi
+    done
+    [ -n "$id" ] || die "no free subnet among 10.213.${NET_ID:-1-250}.0/24 (or link dt<id>br)"
     local net=10.213.$id
-    echo "NET_ID=$id" >"$HOSTS/state"
-    echo "NODES=$k" >>"$HOSTS/state"
-    echo "link dt${id}br" >>"$HOSTS/state"
-    ip link add "dt${id}br" type bridge
+    printf 'NET_ID=%s\nNODES=%s\nlink dt%sbr\n' "$id" "$k" "$id" >"$HOSTS/state"
     ip addr add "$net.1/24" dev "dt${id}br"
     ip link set "dt${id}br" up
     {
