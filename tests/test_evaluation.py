@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from test_coco_import import coco_json
 
 from dtrain.checkpoint import latest_checkpoint
 from dtrain.data.coco_import import import_coco
 from dtrain_run import run_dtrain
-from test_coco_import import coco_json
 
 WORDS = "a man dog cat on the horse sits runs near red blue big small grass".split()
 
