@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-SUBCOMMANDS = ("train", "sample", "evaluate", "data", "bench")
+from . import signals
+
+SUBCOMMANDS = ("train", "sample", "evaluate", "score", "data", "bench")
 
 
 def build_parser():
@@ -49,6 +51,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train"] + argv
+    if argv[0] == "train":  # before anything slow: a stop signal from now on is a checkpoint
+        signals.install()
+    else:  # `dtrain sample | head -1` is not an error either
+        signals.guard_output()
     try:
         parser = build_parser()
     except ImportError as exc:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, checkpoint, testhooks
+from . import backend, checkpoint, signals, testhooks
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import evaluate
@@ -260,8 +260,7 @@ class Trainer:
         cfg, comm = self.cfg, self.comm
         if self.tracer is not None:  # diagnostics: setup = from the aligned clocks' zero to here
             self.tracer.span("setup", "setup", self.tracer.origin, time.perf_counter())
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
+        signals.on_stop(self._on_signal)  # handlers since main's first line (dtrain/signals.py)
         self.log.say(self.banner())
         self.log.start(uuid.uuid4().hex[:12], comm.size, self.step, self.resumed_from, cfg.to_dict())
         B = cfg.batch_size
@@ -305,7 +304,8 @@ class Trainer:
             testhooks.inject_fault(comm.rank, self.step)
             if result.stop:
                 path = self.save_checkpoint()
-                self.log.say(f"received {self.stop_signal or 'a stop signal on another rank'}: "
+                who = self.stop_signal or "a stop signal on another rank"
+                signals.announce(comm.is_root, f"received {who}: "
                              f"checkpoint {path} written at step {self.step}; exiting with code "
                              f"{PREEMPTED_EXIT_CODE} (resume with --resume latest)")
                 comm.barrier()
@@ -327,7 +327,8 @@ class Trainer:
             testhooks.at_final_evaluation(comm.rank)
             res = self.evaluate_and_log(final=True)
             if res.get("stopped"):
-                self.log.say(f"received {self.stop_signal or 'a stop signal'} during the final evaluation: "
+                who = self.stop_signal or "a stop signal"
+                signals.announce(comm.is_root, f"received {who} during the final evaluation: "
                              f"stopped it; checkpoint {path} holds the trained model")
                 comm.barrier()
                 return PREEMPTED_EXIT_CODE
@@ -338,7 +339,8 @@ class Trainer:
     def banner(self):
         cfg, m = self.cfg, self.model
         blas = backend.blas_info()
-        return (f"dtrain: {self.comm.size} rank(s) x {self.threads} thread(s), device {self.device}, "
+        hosts = self.comm.describe_hosts(self.threads)  # a collective: every rank makes the banner
+        return (f"dtrain: {self.comm.size} rank(s) x {self.threads} thread(s) on {hosts}, device {self.device}, "
                 f"BLAS {blas.get('library')} ({blas.get('kernel')}); {cfg.cell} W={cfg.wordvec_dim} "
                 f"H={cfg.hidden_dim} V={m.vocab_size} {cfg.dtype}, {m.num_params:,} params\n"
                 f"step: {self.step_fn.describe()}\n"

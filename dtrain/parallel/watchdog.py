@@ -48,13 +48,16 @@ import time
 
 import numpy as np
 
+from .. import signals
+
 __all__ = ["ORPHAN_EXIT_CODE", "STALL_EXIT_CODE", "Progress", "Watchdog", "arm_orphan_exit"]
 
 STALL_EXIT_CODE = 124  # as timeout(1): a collective timed out
 ORPHAN_EXIT_CODE = 129  # 128 + SIGHUP: the launcher hung up
 SIGNAL_GRACE = 10.0  # s: after a stop signal, a collective waiting this long is checked for silent ranks
 WRITER_GRACE = 30.0  # s: how long the other ranks give the writer to end the job
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = signals.STOP_SIGNALS  # SIGTERM, SIGINT, SIGUSR1, SIGHUP
+ORPHAN_GRACE = 20.0  # s: an orphaned training rank checkpoints and exits within this, or is ended
 ORPHAN_SIGNAL = signal.SIGUSR2  # the parent-death signal
 _PR_SET_PDEATHSIG = 1
 
@@ -116,13 +119,31 @@ def _ranks(rs) -> str:
 
 
 # ---------------------------------------------------------------------- orphans
-_ORPHAN = {"armed": False, "ppid": None, "who": ""}
+_ORPHAN = {"armed": False, "ppid": None, "who": "", "gone": False}
 _LAUNCHER_ENV = ("PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
 
 
 def _orphan_exit() -> None:
-    _err(f"dtrain: {_ORPHAN['who']}: the launcher (parent process {_ORPHAN['ppid']}) is gone; exiting "
-         f"(status {ORPHAN_EXIT_CODE})")
+    """The launcher is gone (a closed terminal's SIGHUP to its process group, a pipe's SIGPIPE,
+    a kill). A training rank stops as for SIGHUP: the ranks agree at the next step, checkpoint
+    and exit, within ``ORPHAN_GRACE`` s or are ended then; any other process exits now."""
+    if _ORPHAN["gone"]:
+        return
+    _ORPHAN["gone"] = True
+    head = f"dtrain: {_ORPHAN['who']}: the launcher (parent process {_ORPHAN['ppid']}) is gone"
+    if not signals.installed():
+        _err(f"{head}; exiting (status {ORPHAN_EXIT_CODE})")
+        os._exit(ORPHAN_EXIT_CODE)
+    _err(f"{head}; stopping after this step with a checkpoint, as for SIGHUP")
+    timer = threading.Timer(ORPHAN_GRACE, _orphan_deadline)
+    timer.daemon = True
+    timer.start()
+    signals.request_stop("SIGHUP", signal.SIGHUP, why="orphan")
+
+
+def _orphan_deadline() -> None:
+    _err(f"dtrain: {_ORPHAN['who']}: no checkpoint within {ORPHAN_GRACE:.0f} s of the launcher's end; "
+         f"exiting (status {ORPHAN_EXIT_CODE})")
     os._exit(ORPHAN_EXIT_CODE)
 
 
@@ -132,7 +153,7 @@ def _check_parent(*_args) -> None:
 
 
 def _watch_parent() -> None:
-    while True:
+    while not _ORPHAN["gone"]:
         time.sleep(1.0)
         _check_parent()
 

@@ -1,0 +1,189 @@
+"""Stop signals from the first line of ``main``, and output that may go nowhere.
+
+A stop signal (SIGTERM, SIGINT, SIGUSR1 from Slurm, SIGHUP from a closed
+terminal) means at any moment of a training run: finish the step in flight,
+write a checkpoint, exit ``PREEMPTED_EXIT_CODE`` (75) so that Slurm requeues.
+So the handlers must be in place before anything slow happens, and stay in
+place across ``MPI_Init``:
+
+* :func:`install` (the first thing ``dtrain train`` does) records the first
+  signal here instead of letting it kill the process;
+* MPICH's ``MPI_Init`` installs its own SIGUSR1 handler, and UCX one for
+  SIGHUP (its debug signal), which would swallow the signal. :func:`mpi_init`
+  blocks the stop signals while MPI starts, puts Python's handlers back and
+  unblocks them: a signal that came meanwhile is delivered then, to us.
+  MPICH's and UCX's uses of these signals are given up (dtrain owns them);
+* the training loop registers with :func:`on_stop` once it can act on a
+  signal; one that came earlier (while data loaded, say) is handed over then;
+* a launcher that dies (``parallel/watchdog.py``'s orphan check) calls
+  :func:`request_stop` as for SIGHUP.
+
+Standard output and error may be pipes whose reader has gone (``| head -1``,
+a closed terminal). :func:`guard_output` makes such writes drop their text
+instead of raising ``BrokenPipeError``: training goes on (its progress is in
+``metrics.jsonl``) and ends as it would have. Invariant: after a stop signal
+reaches a process that runs ``install``, that process never dies of it: it
+exits through the training loop's stop path, or 2 on a user error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import signal
+import sys
+import threading
+import time
+
+__all__ = ["STOP_SIGNALS", "guard_output", "install", "mpi_init", "on_stop", "orphaned", "received",
+           "request_stop"]
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume with --resume latest
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+
+_state = {"installed": False, "name": None, "at": None, "callbacks": [], "why": None}
+_lock = threading.RLock()  # a signal handler may run while the main thread holds it
+
+
+def received() -> str | None:
+    """The name of the first stop signal this process got ("SIGTERM", ...), or None."""
+    return _state["name"]
+
+
+def installed() -> bool:
+    """True in a process whose stop signals are handled here (``dtrain train``)."""
+    return _state["installed"]
+
+
+def _handle(signum, _frame) -> None:
+    request_stop(signal.Signals(signum).name, signum)
+
+
+def request_stop(name: str, signum: int = signal.SIGHUP, why: str | None = None) -> None:
+    """Record a stop request (the first one wins) and tell the registered callbacks.
+
+    Runs in the main thread for a signal; the orphan check calls it from its own thread.
+    """
+    with _lock:
+        first = _state["name"] is None
+        if first:
+            _state.update(name=name, at=time.time(), why=why)
+        callbacks = list(_state["callbacks"])
+    for fn in callbacks:
+        fn(int(signum), None)
+
+
+def install() -> None:
+    """Handlers for every stop signal, and output guards (idempotent; main thread only)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _handle)
+    _state["installed"] = True
+    guard_output()
+
+
+@contextlib.contextmanager
+def mpi_init():
+    """Around the code that starts MPI: no stop signal is lost to MPI's own handlers.
+
+    The stop signals are blocked (threads that MPI starts inherit the mask, so they never
+    take one), Python's handlers are re-installed afterwards, and then a pending signal is
+    delivered to them.
+    """
+    if not _state["installed"] or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _handle)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def on_stop(callback) -> None:
+    """``callback(signum, frame)`` on every later stop request; at once if one came already."""
+    with _lock:
+        _state["callbacks"].append(callback)
+        name = _state["name"]
+    if name is not None:
+        callback(int(getattr(signal.Signals, name, signal.SIGHUP)), None)
+
+
+def reset_for_tests() -> None:
+    _state.update(name=None, at=None, why=None, callbacks=[])
+
+
+# ---------------------------------------------------------------------- output
+class _PipeSafeFile(io.FileIO):
+    """A file descriptor whose writes never fail with EPIPE: once the reader is gone, the
+    descriptor is pointed at /dev/null and this and later writes are dropped."""
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            _to_devnull(self.fileno())
+            return len(data)
+
+
+_closed_note = {"said": False}
+
+
+def _to_devnull(fd: int) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:
+        return
+    if fd == 1 and not _closed_note["said"]:
+        _closed_note["said"] = True
+        try:  # stderr may still reach the user (`... | head -1`)
+            os.write(2, b"dtrain: warning: standard output was closed (broken pipe); training goes "
+                        b"on, its progress is in metrics.jsonl\n")
+        except OSError:
+            pass
+
+
+def _guarded_stream(stream, fd: int):
+    if isinstance(getattr(stream, "buffer", None), io.BufferedWriter) and isinstance(
+            getattr(stream.buffer, "raw", None), _PipeSafeFile):
+        return stream  # already guarded
+    try:
+        stream.flush()
+    except OSError:
+        _to_devnull(fd)
+    raw = _PipeSafeFile(fd, "w", closefd=False)
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=getattr(stream, "encoding", None) or "utf-8",
+                            errors=getattr(stream, "errors", None) or "backslashreplace",
+                            line_buffering=bool(getattr(stream, "line_buffering", False)),
+                            write_through=bool(getattr(stream, "write_through", False)))
+
+
+def guard_output() -> None:
+    """sys.stdout and sys.stderr drop what they cannot write to a closed pipe (idempotent)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        try:
+            if stream is None or stream.fileno() != fd:
+                continue
+        except (OSError, ValueError, AttributeError):
+            continue
+        setattr(sys, name, _guarded_stream(stream, fd))
+
+
+def orphaned() -> bool:
+    """True once the launcher of this process is gone (the stop came from the orphan check)."""
+    return _state["why"] == "orphan"
+
+
+def announce(enabled: bool, text: str) -> None:
+    """The one line of a stop (rank 0), on stderr: stdout may be a closed pipe, and a batch
+    script reads the step's stderr for it (slurm/train.sbatch: SIGTERM is not requeued)."""
+    if enabled:
+        print(f"dtrain: {text}", file=sys.stderr, flush=True)
