@@ -60,18 +60,31 @@ def resolve_device(device: str) -> str:
     raise DeviceError("--device gpu: CuPy imports but no CUDA device is available on this node")
 
 
-def select(device: str, local_rank: int = 0):
-    """Return the array module for ``device`` ('cpu' or 'gpu'), binding a GPU.
+def device_for_rank(local_rank: int, device_count: int) -> int:
+    """The GPU of the rank with node-local rank ``local_rank`` among ``device_count``.
 
-    A rank's GPU is its local rank modulo the node's device count, so 8 ranks
-    on an 8-GPU node get one GPU each and 2 ranks on one GPU share it.
+    Local rank modulo the count: 8 ranks on an 8-GPU node get one GPU each, 3 ranks
+    on 2 GPUs get 0, 1, 0 (no GPU carries two ranks more than another), and with
+    one visible device (a launcher that sets CUDA_VISIBLE_DEVICES per rank) every
+    rank uses device 0.
     """
+    if device_count < 1:
+        raise DeviceError("--device gpu: no CUDA device is visible to this rank "
+                          "(check CUDA_VISIBLE_DEVICES)")
+    if local_rank < 0:
+        raise ValueError(f"local rank: expected >= 0, got {local_rank}")
+    return local_rank % device_count
+
+
+def select(device: str, local_rank: int = 0):
+    """Return the array module for ``device`` ('cpu' or 'gpu'), binding this
+    rank's GPU (``device_for_rank``)."""
     if device == "cpu":
         return np
     import cupy
 
     count = cupy.cuda.runtime.getDeviceCount()
-    cupy.cuda.Device(local_rank % count).use()
+    cupy.cuda.Device(device_for_rank(local_rank, count)).use()
     return cupy
 
 

@@ -25,17 +25,12 @@ import ctypes
 import numpy as np
 
 from ..nn.model import FixedBatch, fixed_batch
-
-_ALIGN = 256
+from . import gpu_plan
 
 
 def reduce_path(comm) -> str:
-    """How GPU gradients cross ranks (reported at start)."""
-    if comm.size == 1:
-        return "none (1 rank)"
-    if comm.cuda_aware:
-        return "CUDA-aware MPI: device buffers passed to mpi4py directly"
-    return "host-staged: one pinned host buffer, one copy each way"
+    """How GPU gradients cross ranks (reported at start; decided by gpu_plan.reduce_path)."""
+    return gpu_plan.reduce_path(comm.size, comm.cuda_aware).description
 
 
 class _Shape:
@@ -46,24 +41,13 @@ class _Shape:
         from ..nn.layers import Workspace
 
         self.N, self.T, self.normalizer, self.fuse_adam = N, T, normalizer, fuse_adam
-        M, dtype = N * T, model.dtype
-        spec = [("features", (N, model.input_dim), dtype), ("weights", (M,), dtype),
-                ("hyper", (2,), np.float64), ("words", (M,), np.int32), ("targets", (M,), np.int32),
-                ("order", (M,), np.int32), ("seg_start", (M + 1,), np.int32), ("ids", (M,), np.int32)]
-        offsets, off = {}, 0
-        for name, shape, dt in spec:
-            offsets[name] = off
-            off += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // _ALIGN) * _ALIGN
-        self.nbytes = off
-        self.pinned = cp.cuda.alloc_pinned_memory(off)
-        host_bytes = np.frombuffer(self.pinned, dtype=np.uint8, count=off)
-        self.dev_bytes = cp.empty(off, dtype=np.uint8)
-        self.host, self.dev = {}, {}
-        for name, shape, dt in spec:
-            size = int(np.prod(shape)) * np.dtype(dt).itemsize
-            lo = offsets[name]
-            self.host[name] = host_bytes[lo : lo + size].view(dt).reshape(shape)
-            self.dev[name] = self.dev_bytes[lo : lo + size].view(dt).reshape(shape)
+        layout = gpu_plan.staging_layout(N, T, model.input_dim, model.dtype)
+        self.nbytes = layout.nbytes  # one pinned buffer, one copy per step
+        self.pinned = cp.cuda.alloc_pinned_memory(self.nbytes)
+        host_bytes = np.frombuffer(self.pinned, dtype=np.uint8, count=self.nbytes)
+        self.dev_bytes = cp.empty(self.nbytes, dtype=np.uint8)
+        self.host = gpu_plan.staging_views(host_bytes, layout)
+        self.dev = gpu_plan.staging_views(self.dev_bytes, layout)
         d = self.dev
         self.batch = FixedBatch(N=N, T=T, words=d["words"], targets=d["targets"], weights=d["weights"],
                                 order=d["order"], seg_start=d["seg_start"], ids=d["ids"], num_ids=0,
@@ -165,11 +149,12 @@ class GpuTrainStep:
             self.fallback_reason = st.capture_error
 
     def _shape(self, N, T, normalizer, fuse_adam):
-        key = (N, T, normalizer, fuse_adam)
+        key = gpu_plan.graph_key(N, T, normalizer, fuse_adam)
         st = self.shapes.get(key)
         if st is None:
-            if len(self.shapes) >= self.max_shapes:  # drop the least used shape
-                old = min(self.shapes, key=lambda k: self.shapes[k].uses)
+            old = gpu_plan.shape_to_evict({k: v.uses for k, v in self.shapes.items()},
+                                          self.max_shapes)
+            if old is not None:  # the cache is full: drop the least used shape
                 self.cp.cuda.Stream.null.synchronize()
                 self.stream.synchronize()
                 gone = self.shapes.pop(old)
@@ -186,12 +171,9 @@ class GpuTrainStep:
         fb = fixed_batch(captions, model._null, model.dtype)
         st = self._shape(fb.N, fb.T, float(normalizer), bool(fuse_adam))
         st.copy_done.synchronize()  # the pinned buffer is ours again
-        h = st.host
-        h["features"][...] = features
-        for name in ("weights", "words", "targets", "order", "seg_start", "ids"):
-            h[name][...] = getattr(fb, name)
-        if fuse_adam:  # the optimizer counts the step and gives its hyperparameters
-            h["hyper"][0], h["hyper"][1] = self.adam.advance(lr)
+        # with Adam in the graph the optimizer counts the step and gives its hyperparameters
+        hyper = self.adam.advance(lr) if fuse_adam else None
+        gpu_plan.fill_staging(st.host, features, fb, hyper)
         # our stream starts after everything queued so far on the default stream
         # (gradient unstaging, Adam, checkpoint loads) ...
         self._null_ready.record(cp.cuda.Stream.null)
