@@ -1,4 +1,5 @@
-"""What a run tells its user: progress lines, ``metrics.jsonl`` and the loss plot (rank 0 only).
+"""What a run tells its user: progress lines, ``metrics.jsonl``, TensorBoard event files and the
+loss plot (rank 0 only).
 
 metrics.jsonl has one JSON record per line, with a ``kind``:
 
@@ -8,8 +9,16 @@ metrics.jsonl has one JSON record per line, with a ``kind``:
   after a ``start`` replace those of earlier runs from that step on.
 * ``train``: one per log interval: step, epoch, mean loss, lr, tokens/s, ms/step,
   communication share and bytes, embedding reduce mode, ranks.
-* ``eval``: validation loss and BLEU-1..4 (``final`` at the end of training).
+* ``eval``: validation loss, BLEU-1..4, ROUGE-L and CIDEr-D (``final`` at the end of training).
 * ``warning``: the divergence warning (see ``DivergenceWatch``).
+
+The same numbers go to TensorBoard event files in ``<dir>/tensorboard/`` (tbevents.py: tags
+``train/loss``, ``train/tokens_per_s``, ``train/step_ms``, ``train/comm_share``, ``train/lr``,
+``val/loss``, ``val/loss_per_token``, ``val/bleu1``..``val/bleu4``, ``val/rouge_l``,
+``val/cider_d``, and the text ``val/samples``: sampled captions beside their references).
+They are written once per progress line or evaluation, never per step. ``plot()`` draws
+``loss.svg`` from metrics.jsonl with the standard library (plots.py), and ``loss.png`` too
+when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+from .plots import write_loss_svg
+from .tbevents import EventWriter
 
 
 def fmt_time(seconds):
@@ -85,6 +97,7 @@ class RunLog:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
         self.run_start = time.perf_counter()
+        self.tensorboard = EventWriter(self.dir / "tensorboard") if enabled else None
 
     def say(self, *lines, flush=True):
         if self.enabled and not self.quiet:
@@ -121,26 +134,57 @@ class RunLog:
                      "tokens_per_s": tok_s, "step_ms": step_ms, "comm_ms": 1e3 * iv.comm_s / iv.steps,
                      "comm_share": comm_share, "embed_reduce": mode,
                      "bytes_per_step": iv.bytes / iv.steps, "ranks": ranks})
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, {"train/loss": loss, "train/tokens_per_s": tok_s,
+                                            "train/step_ms": step_ms,
+                                            "train/comm_share": comm_share, "train/lr": lr})
         return loss
 
     def evaluation(self, res, step, final):
         self.history["val_step"].append(step)
         self.history["val_loss"].append(res["val_loss"])
         b = res["bleu"]
+        more = {k: res.get("metrics", {}).get(k) for k in ("rouge_l", "cider_d")}
+        shown = "".join(f" {name} {more[k]:.3f}" for k, name in (("rouge_l", "ROUGE-L"),
+                                                                 ("cider_d", "CIDEr-D"))
+                        if more[k] is not None)
         self.say(f"eval @ step {step}: val loss {res['val_loss']:.4f} "
                  f"({res['val_loss_per_token']:.4f}/token) | BLEU-1 {b[0]:.3f} BLEU-2 {b[1]:.3f} "
-                 f"BLEU-3 {b[2]:.3f} BLEU-4 {b[3]:.3f} ({res['images']} images)"
+                 f"BLEU-3 {b[2]:.3f} BLEU-4 {b[3]:.3f}{shown} ({res['images']} images)"
                  + (" [stopped early by a signal]" if res.get("stopped") else ""))
         self.record({"kind": "eval", "step": step, "val_loss": res["val_loss"],
                      "val_loss_per_token": res["val_loss_per_token"], "bleu1": b[0], "bleu2": b[1],
-                     "bleu3": b[2], "bleu4": b[3], "final": final, "stopped": bool(res.get("stopped"))})
+                     "bleu3": b[2], "bleu4": b[3], **{k: v for k, v in more.items() if v is not None},
+                     "final": final, "stopped": bool(res.get("stopped"))})
+        if self.tensorboard is not None and not res.get("stopped"):
+            self._tensorboard_eval(res, step, more)
         if final:
             for hyp, refs in res["examples"][:5]:
                 self.say(f"  sample : {hyp}\n  refs   : {refs[0]} | {refs[1] if len(refs) > 1 else ''}")
 
+    def _tensorboard_eval(self, res, step, more):
+        b = res["bleu"]
+        self.tensorboard.scalars(step, {"val/loss": res["val_loss"],
+                                        "val/loss_per_token": res["val_loss_per_token"],
+                                        **{f"val/bleu{k + 1}": b[k] for k in range(4)},
+                                        **{f"val/{k}": v for k, v in more.items()}})
+        rows = [f"| {hyp} | {' / '.join(refs[:3])} |" for hyp, refs in res["examples"][:5]]
+        if rows:
+            self.tensorboard.text(step, "val/samples",
+                                  "| sampled | references |\n|---|---|\n" + "\n".join(rows))
+
     def plot(self):
-        """``loss.png`` beside the metrics, when matplotlib is installed."""
-        if not self.enabled or not self.history["loss"]:
+        """``loss.svg`` (standard library, from metrics.jsonl: the whole run, resumes marked)
+        and ``loss.png`` when matplotlib is installed, beside the metrics."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return None
+        svg = write_loss_svg(self.metrics_path, self.dir / "loss.svg")
+        if svg is not None:
+            self.say(f"loss curves: {svg}")
+        return self._plot_png() or svg
+
+    def _plot_png(self):
+        if not self.history["loss"]:
             return None
         try:
             import matplotlib
