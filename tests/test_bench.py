@@ -5,8 +5,6 @@ step), its GEMM floor must replay the step's own GEMMs, its breakdown must add
 up, and comparisons must run every contender in a process of its own.
 """
 
-import argparse
-import importlib.util
 import json
 
 import numpy as np
@@ -14,19 +12,18 @@ import pytest
 
 from dtrain.bench import floor
 from dtrain.bench.batches import open_batches, synthetic_mode
-from dtrain.bench.isolated import NOT_FORWARDED, child_flags
 from dtrain.cli import build_parser
 from dtrain.data.coco import CocoData
 from dtrain.kernels import for_arrays
 from dtrain.nn.model import CaptioningModel
 from dtrain.nn.optim import Adam
+from dtrain.parallel.accumulate import PassThrough
 from dtrain.parallel.reducer import LocalReducer
 from dtrain.parallel.sampler import ShardedSampler
 from dtrain.step import TrainStep
 from dtrain_run import run_dtrain
 
 SMALL = ["-N", 8, "-W", 8, "-H", 16, "--steps", 3, "--warmup", 1]
-HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def bench_args(*argv):
@@ -132,8 +129,8 @@ def _small_step(cell="lstm", dtype=np.float32):
     w2i = {"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3, **{f"w{i}": i for i in range(4, 30)}}
     model = CaptioningModel(w2i, 12, 8, 16, cell, dtype=dtype, seed=0)
     adam = Adam(model.num_params, dtype=dtype, kernels=for_arrays(np, dtype))
-    reducer = LocalReducer(None)
-    return model, adam, reducer, TrainStep(model, adam, reducer)
+    accumulator = PassThrough(LocalReducer(None))
+    return model, adam, accumulator, TrainStep(model, adam, accumulator)
 
 
 def _small_batch(n=6, rng=None):
@@ -192,7 +189,7 @@ def test_profiler_records_every_gemm_and_restores_what_it_wrapped():
     assert prof.times["gemm"] > 0 and prof.times["gates"] > 0 and prof.times["adam"] > 0
     assert (np.matmul, np.take) == original[:2]
     assert "lstm_step_forward" not in vars(model.kernels) and "step" not in vars(adam)
-    assert "reduce" not in vars(reducer)
+    assert "finish" not in vars(reducer)
 
 
 def test_profiled_step_computes_what_the_plain_step_computes():
@@ -237,92 +234,6 @@ def test_tiny_captions_keep_the_packing():
     tiny = floor.tiny_captions(caps, 0)
     assert tiny.max() < 8 and np.array_equal(tiny == 0, caps == 0)
     assert pack_captions(tiny, 0).batch_sizes == pack_captions(caps, 0).batch_sizes
-
-
-def test_child_flags_reproduce_the_workload(tiny_data):
-    args = bench_args("-N", 16, "-W", 8, "--cell", "gru", "--dtype", "float64", "--data", tiny_data,
-                      "--micro-batch", 4, "--deterministic", "--seed", 0, "--compare-torch", "--rounds", 3,
-                      "--threads", 1, "--json", "x.json")
-    again = bench_args(*child_flags(args))
-    for key, value in vars(args).items():
-        if key not in NOT_FORWARDED:
-            assert getattr(again, key) == value, key
-    assert not again.compare_torch and again.json is None and again.threads is None
-
-
-# ---------------------------------------------------------------------------
-# comparisons: separate processes, alternating rounds
-
-
-@pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed")
-def test_compare_torch_alternates_blocks_of_two_idle_checked_processes(tmp_path, tiny_data):
-    out = tmp_path / "c.json"
-    p = run_dtrain(None, "bench", *SMALL, "--data", tiny_data, "--compare-torch", "--rounds", 3,
-                   "--threads", 1, "--json", out, timeout=300)
-    r = json.loads(out.read_text())
-    assert r["isolation"] == "two processes, alternating blocks"
-    assert r["processes"] == 2 and not r["frameworks_mixed"]
-    # while one framework ran its block, the other (blocked on its pipe) used next to no CPU
-    assert r["idle_other_cpu_ms_max"] < 0.1 * min(r["median_ms"], r["torch_median_ms"]) * 3
-    assert len(r["round_ms"]) == 3 and r["torch_median_ms"] > 0 and r["median_ms"] > 0
-    assert r["median_ms"] == pytest.approx(sorted(x["dtrain"] for x in r["round_ms"])[1])
-    assert r["speedup_vs_torch"] == pytest.approx(r["torch_median_ms"] / r["median_ms"])
-    assert r["speedup_range"][0] <= r["speedup_range"][1]
-    assert r["torch"]["torch_threads"] == 1 and len(r["torch"]["step_times_ms"]) == 9
-    assert r["floor_ms"] > 0  # the dtrain process profiles after its last block
-    assert "dtrain / PyTorch tokens/s" in p.stdout and "never running at once" in p.stdout
-
-
-@pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed")
-def test_compare_torch_fresh_processes(tmp_path, tiny_data):
-    out = tmp_path / "c.json"
-    run_dtrain(None, "bench", *SMALL, "--data", tiny_data, "--compare-torch", "--fresh-processes",
-               "--rounds", 2, "--threads", 1, "--no-floor", "--json", out, timeout=300)
-    r = json.loads(out.read_text())
-    assert r["processes"] == 4 and not r["frameworks_mixed"] and len(r["round_ms"]) == 2
-
-
-def test_compare_trainer_reads_the_trainers_logged_step_time(tmp_path, tiny_data):
-    out = tmp_path / "t.json"
-    p = run_dtrain(None, "bench", "-N", 8, "-W", 8, "-H", 16, "--steps", 5, "--warmup", 1, "--data", tiny_data,
-                   "--compare-trainer", "--rounds", 1, "--threads", 1, "--json", out, timeout=300)
-    r = json.loads(out.read_text())
-    assert r["trainer"]["median_ms"] > 0 and len(r["trainer"]["interval_ms"]) == 1
-    assert r["trainer_over_bench"] == pytest.approx(r["trainer"]["median_ms"] / r["bench"]["median_ms"])
-    assert "trainer / bench" in p.stdout
-
-
-def test_strong_scaling_compares_one_rank_with_several(tmp_path, tiny_data):
-    out = tmp_path / "s.json"
-    run_dtrain(None, "bench", *SMALL, "--data", tiny_data, "--strong-scaling", 2, "--threads", 2,
-               "--rounds", 1, "--json", out, timeout=300)
-    r = json.loads(out.read_text())
-    assert r["one_rank"]["ranks"] == 1 and r["ranks"]["ranks"] == 2 and r["P"] == 2
-    assert r["one_rank"]["threads_per_rank"] == 2 and r["ranks"]["threads_per_rank"] == 1
-    assert r["one_rank"]["N"] == r["ranks"]["N"] == 8
-    assert 0 <= r["ranks"]["comm_share"] < 1
-
-
-@pytest.mark.parametrize("argv,words", [
-    (["--compare-torch", "--ranks", 2], "--ranks"),
-    (["--compare-trainer", "--synthetic"], "--compare-trainer"),
-    (["--compare-torch", "--compare-trainer"], "one of"),
-    (["--strong-scaling", 3, "--threads", 2], "--strong-scaling"),
-])
-def test_comparison_flag_errors_are_one_line(argv, words):
-    p = run_dtrain(None, "bench", *argv, check=False, timeout=60)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], p.stderr
-
-
-def test_args_namespace_has_no_unforwardable_values():
-    """child_flags writes every forwarded value as --flag value: none may be a structure."""
-    args = bench_args()
-    for key, value in vars(args).items():
-        if key not in NOT_FORWARDED:
-            assert value is None or isinstance(value, (bool, int, float, str)), key
-    assert isinstance(args, argparse.Namespace)
 
 
 @pytest.mark.parametrize("argv,flag", [(["-H", "-3"], "--hidden-dim"), (["-N", "0"], "--batch-size"),

@@ -1,11 +1,12 @@
-"""The same captioner in PyTorch (nn.LSTM / nn.RNN / nn.GRU, Adam), for ``bench --compare-torch``.
+"""The same captioner in PyTorch (nn.LSTM / nn.RNN / nn.GRU, Adam): the other contender of
+``python -m benchmarks.compare_torch``.
 
-It runs in a process of its own (``bench --framework torch``, started by
-``isolated.py``), never beside dtrain: two thread pools on the same cores slow
-whichever runs second. Its timed step is what a plain PyTorch training loop
-does with the same batches: the batch assembled from the same sampler (or the
-same fixed synthetic batch), turned into tensors, forward over all T slots
-(PyTorch pads; ignore_index masks the loss), backward, Adam.
+It runs in a process of its own (contender.py), never beside dtrain: two thread
+pools on the same cores slow whichever runs second. Its timed step is what a
+plain PyTorch training loop does with the same batches: the batch assembled
+from the same sampler (or the same fixed synthetic batch), turned into tensors,
+forward over all T slots (PyTorch pads; ignore_index masks the loss), backward,
+Adam.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import statistics
 import time
 
 import numpy as np
+import torch
 
 
 def torch_model(cell, V, D, W, H, dtype, seed, device="cpu"):
-    """(torch module, Adam optimizer, torch) for the captioner."""
-    import torch
-
+    """(torch module, Adam optimizer) for the captioner."""
     if device != "cpu":  # exact float32 on both sides: no TF32 in cuBLAS/cuDNN (dtrain uses none)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -46,12 +46,12 @@ def torch_model(cell, V, D, W, H, dtype, seed, device="cpu"):
             return self.vocab(out)
 
     model = TorchCaptioner().to(tdtype).to(device)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3), torch
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
 def torch_step_factory(cell, V, D, W, H, dtype, seed, null_idx=0, device="cpu"):
     """``step(features, captions) -> loss``: one PyTorch training step from host arrays."""
-    model, opt, torch = torch_model(cell, V, D, W, H, dtype, seed, device)
+    model, opt = torch_model(cell, V, D, W, H, dtype, seed, device)
     tdtype = next(model.parameters()).dtype
 
     def step(features, captions):
@@ -61,7 +61,8 @@ def torch_step_factory(cell, V, D, W, H, dtype, seed, null_idx=0, device="cpu"):
         opt.zero_grad(set_to_none=True)
         scores = model(feats, cin)
         loss = torch.nn.functional.cross_entropy(scores.reshape(-1, V), cout.reshape(-1),
-                                                 ignore_index=null_idx, reduction="sum") / caps.shape[0]
+                                                 ignore_index=null_idx,
+                                                 reduction="sum") / caps.shape[0]
         loss.backward()
         opt.step()
         return float(loss)  # waits for the device
@@ -70,31 +71,28 @@ def torch_step_factory(cell, V, D, W, H, dtype, seed, null_idx=0, device="cpu"):
 
 
 def torch_info():
-    import torch
-
+    """PyTorch's version, threads, CPU capability and parallel backend, for the report."""
     lines = torch.__config__.parallel_info().splitlines()
-    backend = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("ATen parallel backend")), "?")
+    backend = next((ln.split(":", 1)[1].strip() for ln in lines
+                    if ln.startswith("ATen parallel backend")), "?")
     libs = [name for name, ok in (("MKL", torch.backends.mkl.is_available()),
                                   ("oneDNN", torch.backends.mkldnn.is_available())) if ok]
     return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_parallel": f"ATen parallel backend {backend}; {', '.join(libs) or 'no MKL/oneDNN'}"}
+            "torch_parallel": f"ATen parallel backend {backend}; "
+                              f"{', '.join(libs) or 'no MKL/oneDNN'}"}
 
 
 class TorchTimer:
     """PyTorch's step on the bench's batches: warm-up, timed blocks, the result of all blocks."""
 
     def __init__(self, args, batches, work, threads, device):
-        import torch
-
-        from .load import ForeignLoad
-
         torch.set_num_threads(threads)
-        self.args, self.batches, self.device, self.threads = args, batches, device, threads
+        self.args, self.batches, self.device = args, batches, device
         self.null = work.word_to_idx["<NULL>"]
-        self.step = torch_step_factory(args.cell, len(work.word_to_idx), work.input_dim, args.wordvec_dim,
-                                       args.hidden_dim, args.dtype, args.seed, self.null, device)
-        self.load = ForeignLoad()
+        self.step = torch_step_factory(args.cell, len(work.word_to_idx), work.input_dim,
+                                       args.wordvec_dim, args.hidden_dim, args.dtype, args.seed,
+                                       self.null, device)
         self.times, self.tokens, self.blocks = [], [], []
 
     def warmup(self, steps):
@@ -103,15 +101,14 @@ class TorchTimer:
             self.step(features, captions)
 
     def block(self, steps):
+        """Time ``steps`` steps (batch assembly included, as for dtrain); their times in s."""
         times = []
-        self.load.start()
         for _ in range(steps):
             t0 = time.perf_counter()
             captions, features = self.batches.next()
             self.step(features, captions)
             times.append(time.perf_counter() - t0)
             self.tokens.append(int((captions[:, 1:] != self.null).sum()))
-        self.load.stop()
         self.times += times
         self.blocks.append(1e3 * statistics.median(times))
         return times
@@ -119,15 +116,7 @@ class TorchTimer:
     def result(self):
         t = statistics.median(self.times)
         tok = float(np.mean(self.tokens))
-        return {"framework": "torch", "foreign_load": self.load.share(), "device": self.device,
-                "median_ms": 1e3 * t, "tokens_per_s": tok / t, "tokens_per_step": tok,
+        return {"framework": "torch", "device": self.device, "median_ms": 1e3 * t,
+                "tokens_per_s": tok / t, "tokens_per_step": tok,
                 "step_times_ms": [1e3 * x for x in self.times], "block_medians_ms": self.blocks,
                 **torch_info()}
-
-
-def run_torch(args, batches, work, threads, device):
-    """Warm up, then time ``args.steps`` PyTorch steps on the bench's batches; a result dict."""
-    timer = TorchTimer(args, batches, work, threads, device)
-    timer.warmup(args.warmup)
-    timer.block(args.steps)
-    return timer.result()
