@@ -155,8 +155,8 @@ export SLURM_CONF="$SLURM_ROOT/slurm.conf"
 if [ "$NODES" -eq 1 ]; then
     /usr/sbin/slurmd -N localhost -f "$SLURM_CONF"
 else
-    mkdir -p "$SLURM_ROOT/spool"
     for i in $(seq 1 "$NODES"); do   # each in its host's namespaces
+        mkdir -p "$SLURM_ROOT/spool/node$i"
         "$HERE/on-node.sh" "node$i" /usr/sbin/slurmd -N "node$i" -f "$SLURM_CONF"
     done
 fi
