@@ -116,7 +116,9 @@ def test_score_agrees_with_pycocoevalcap_on_raw_text(trained, tmp_path):
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(annotations))
-        ev = eval_mod.COCOEvalCap(coco, coco.loadRes(str(res)))
+        coco_res = coco.loadRes(str(res))
+        ev = eval_mod.COCOEvalCap(coco, coco_res)
+        ev.params["image_id"] = coco_res.getImgIds()  # as the COCO example does
         ev.evaluate = _without_java_scorers(ev)
         ev.evaluate()
     theirs = {"bleu1": ev.eval["Bleu_1"], "bleu4": ev.eval["Bleu_4"],
