@@ -29,16 +29,13 @@ from . import backend, checkpoint, signals, testhooks
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import evaluate
-from .kernels import for_arrays
 from .nn.gradcheck import finite_difference_check
-from .nn.optim import Adam
-from .parallel.reducer import make_reducer
 from .parallel.sampler import ShardedSampler
 from .parallel.watchdog import Progress, Watchdog
 from .runlock import RunLock, check_writable_dir
 from .runlog import DivergenceWatch, Interval, RunLog, fmt_time
 from .runsetup import build_model, open_data
-from .step import NonFiniteError, TrainStep
+from .step import NonFiniteError, build_step, rank_threads
 from .trace import Tracer
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume with --resume latest
@@ -70,11 +67,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, comm):
         self.cfg, self.comm = cfg, comm
         self._start_diagnostics()  # stall watchdog, --trace, --debug collective checks (docs/diagnostics.md)
-        # --deterministic: BLAS results depend on the thread count, so it must not follow the
-        # number of ranks (cores / ranks): one thread per rank unless given
-        requested = cfg.threads_per_rank or (1 if cfg.deterministic else None)
-        self.threads = backend.node_threads(comm.local_size, requested)
-        backend.set_threads(self.threads, comm.local_size)
+        self.threads = rank_threads(cfg, comm)  # before the model: its kernels use the pool
         self.device = backend.resolve_device(cfg.device)
         self.xp = backend.select(self.device, comm.local_rank)
         self.ckpt_dir = Path(cfg.checkpoint_dir)
@@ -84,22 +77,9 @@ class Trainer:
         self.train_split = self.data.split("train")
         self.val_split = self.data.split("val")
         self.model = build_model(cfg, self.data, self.xp)
-        self.adam = Adam(self.model.num_params, lr=cfg.lr, xp=self.xp, dtype=self.model.dtype,
-                         kernels=for_arrays(self.xp, self.model.dtype))
-        # micro-shards: rows of the global batch by position; --deterministic needs them
-        # (their shapes must not depend on the number of ranks): 8 rows unless given
-        micro = cfg.micro_batch or (math.gcd(cfg.batch_size, 8) if cfg.deterministic else None)
-        total_micro = cfg.batch_size // micro if micro else comm.size
-        if total_micro % comm.size:
-            raise UserError(f"--micro-batch {micro}: the {total_micro} micro-shards of --batch-size "
-                            f"{cfg.batch_size} cannot be shared by {comm.size} ranks; use a number of "
-                            f"ranks that divides {total_micro}")
-        self.reducer = make_reducer(comm, cfg.embed_reduce, cfg.buckets, deterministic=cfg.deterministic,
-                                    segments=self.model.segments, total_micro=total_micro,
-                                    kernels=self.model.kernels)
-        self.step_fn = TrainStep(self.model, self.adam, self.reducer,
-                                 graphs=not os.environ.get("DTRAIN_NO_GRAPHS"),
-                                 micro_batch=micro if micro and micro < cfg.batch_size // comm.size else None)
+        # the step (dtrain/step): micro-shards, accumulator, reducer and Adam, as the bench's
+        self.step_fn = build_step(cfg, comm, self.model, graphs=not os.environ.get("DTRAIN_NO_GRAPHS"))
+        self.adam, self.accumulator = self.step_fn.optimizer, self.step_fn.accumulator
         try:
             self.sampler = ShardedSampler(self.train_split.num_captions, cfg.batch_size, comm.rank,
                                           comm.size, cfg.seed, cfg.replacement)
@@ -132,24 +112,6 @@ class Trainer:
         return checkpoint.data_fingerprint({s.name: s.captions for s in splits},
                                            {s.name: s.image_idxs for s in splits})
 
-    def _resume_path(self):
-        """The checkpoint --resume names; for "latest", the newest that verifies (damaged newer
-        ones are named, set aside as <name>.damaged, and skipped)."""
-        cfg = self.cfg
-        if cfg.resume != "latest":
-            return checkpoint.resolve_resume(cfg.resume, self.ckpt_dir)
-        path, skipped = checkpoint.latest_verified_checkpoint(self.ckpt_dir)
-        for bad, why in skipped:
-            moved = checkpoint.set_aside_checkpoint(bad)
-            self.log.say(f"--resume latest: skipped {bad}: {why} (set aside as {moved.name})")
-        if path is None and skipped:
-            raise checkpoint.CheckpointError(
-                f"--resume latest: no checkpoint in {self.ckpt_dir} verifies (all {len(skipped)} damaged, "
-                "set aside as *.damaged); not starting fresh over them")
-        if path is None:
-            self.log.say(f"--resume latest: no checkpoint in {self.ckpt_dir}; starting fresh")
-        return path
-
     def _init_from(self):
         """--init-from: a new run (fresh Adam state and sampler) from a checkpoint's parameters."""
         path = checkpoint.resolve_resume(self.cfg.init_from, self.ckpt_dir)
@@ -160,47 +122,40 @@ class Trainer:
         self.log.say(f"--init-from {path}: parameters loaded; a new run (fresh Adam state and sample "
                      "stream)")
 
+    def _read_resume_state(self):
+        """Rank 0: the RunState --resume names, checked against this run, or None (a fresh
+        start: --resume latest in an empty directory)."""
+        path = checkpoint.resume_checkpoint(self.cfg.resume, self.ckpt_dir, self.log.say)
+        if path is None:
+            return None
+        state = checkpoint.RunState.read(path)
+        state.check_resumable(self.model.shapes, self.data.idx_to_word, self.fingerprint,
+                              self.cfg.batch_size)
+        for name in self.model.shapes:
+            self.model.params[name] = state.params[name]
+        self.adam.load_state_dict({"m": state.adam_m, "v": state.adam_v, "t": state.adam_t})
+        return state
+
     def _resume_or_broadcast(self):
         """Parameters and Adam state start identical: rank 0's, from a checkpoint or fresh."""
-        cfg, comm, model = self.cfg, self.comm, self.model
-        info = {"path": None}
+        cfg, comm = self.cfg, self.comm
         self.fingerprint = self._data_fingerprint() if comm.is_root else None
         if cfg.init_from and comm.is_root:
             self._init_from()
-        if cfg.resume and comm.is_root:
-            path = self._resume_path()
-            if path is not None:
-                ckpt = checkpoint.load_checkpoint(path, required=("params", "adam/m", "adam/v", "adam/t",
-                                                                  "sampler", "step", "vocab"))
-                checkpoint.check_compatible(ckpt, model.shapes, self.data.idx_to_word)
-                checkpoint.check_same_data(ckpt, self.fingerprint, path)
-                saved_b = int(ckpt["config"].get("batch_size", cfg.batch_size)) if "config" in ckpt else cfg.batch_size
-                if saved_b != cfg.batch_size:
-                    raise checkpoint.CheckpointError(
-                        f"checkpoint {path}: trained with --batch-size {saved_b}, now {cfg.batch_size}; "
-                        "the sample stream continues only with the same global batch")
-                extra = ckpt["extra"] if "extra" in ckpt else {}
-                info = {"path": str(path), "step": int(ckpt["step"]), "t": int(ckpt["adam"]["t"]),
-                        "sampler": {k: int(v) for k, v in ckpt["sampler"].items()},
-                        "reducer": dict(extra).get("reducer"),
-                        "world_size": int(ckpt.get("world_size", 0)) if "world_size" in ckpt else None}
-                for name in model.shapes:
-                    model.params[name] = np.asarray(ckpt["params"][name])
-                self.adam.load_state_dict({"m": np.asarray(ckpt["adam"]["m"]),
-                                           "v": np.asarray(ckpt["adam"]["v"]), "t": int(ckpt["adam"]["t"])})
-        info = comm.bcast_obj(info)
-        comm.bcast_array_(model.param_buffer)
+        state = self._read_resume_state() if cfg.resume and comm.is_root else None
+        small = comm.bcast_obj(state.without_arrays() if state is not None else None)
+        comm.bcast_array_(self.model.param_buffer)
         comm.bcast_array_(self.adam.m)
         comm.bcast_array_(self.adam.v)
-        if info["path"] is not None:
-            self.step = info["step"]
-            self.adam.t = info["t"]
-            self.sampler.load_state_dict(info["sampler"])
-            if hasattr(self.reducer, "load_state_dict"):
-                self.reducer.load_state_dict(info.get("reducer"))
-            self.resumed_from = info["path"]
-            self.log.say(f"resumed from {info['path']} at step {self.step} "
-                         f"(saved on {info.get('world_size')} ranks, now {comm.size})")
+        if small is not None:
+            state = checkpoint.RunState.from_dict(small)
+            self.step = state.step
+            self.adam.t = state.adam_t
+            self.sampler.load_state_dict(state.sampler)
+            self.accumulator.load_state_dict(state.accumulator)
+            self.resumed_from = str(state.path)
+            self.log.say(f"resumed from {state.path} at step {self.step} "
+                         f"(saved on {state.world_size} ranks, now {comm.size})")
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -388,33 +343,25 @@ class Trainer:
         path = checkpoint.checkpoint_path(self.ckpt_dir, self.step)
         with self._phase("checkpoint", "io"):
             if self.comm.is_root:
-                checkpoint.save_checkpoint(path, self._checkpoint_state(self.step, self._resume_point()))
+                self._run_state(self.step, self._resume_point()).write(path)
                 checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
             self.comm.barrier()
         return path
 
     def _resume_point(self):
         """What, besides parameters and Adam, a resume needs after the step just completed."""
-        return (self.sampler.state_dict(),
-                self.reducer.state_dict() if hasattr(self.reducer, "state_dict") else None)
+        return self.sampler.state_dict(), self.accumulator.state_dict()
 
-    def _checkpoint_state(self, step, resume_point):
-        sampler_state, reducer_state = resume_point
+    def _run_state(self, step, resume_point):
+        """The RunState after ``step`` (rank 0): this rank's parameters and Adam state."""
+        sampler_state, accumulator_state = resume_point
         adam = self.adam.state_dict()
-        state = {
-            "step": step,
-            "params": {n: backend.to_host(v) for n, v in self.model.params.items()},
-            "adam": {"m": backend.to_host(adam["m"]), "v": backend.to_host(adam["v"]), "t": adam["t"]},
-            "sampler": sampler_state,
-            "rng": {"seed": self.cfg.seed},
-            "config": self.cfg.to_dict() | {"data_dir": str(self.data.data_dir)},
-            "vocab": {"idx_to_word": list(self.data.idx_to_word)},
-            "world_size": self.comm.size,
-            "data_fingerprint": self.fingerprint,
-        }
-        if reducer_state is not None:  # --deterministic: the fixed-point scales
-            state["extra"] = {"reducer": reducer_state}
-        return state
+        return checkpoint.RunState(
+            step=step, params={n: backend.to_host(v) for n, v in self.model.params.items()},
+            adam_m=backend.to_host(adam["m"]), adam_v=backend.to_host(adam["v"]), adam_t=adam["t"],
+            sampler=sampler_state, config=self.cfg.to_dict() | {"data_dir": str(self.data.data_dir)},
+            idx_to_word=list(self.data.idx_to_word), seed=self.cfg.seed, world_size=self.comm.size,
+            data_fingerprint=self.fingerprint, accumulator=accumulator_state)
 
     def _stall_checkpoint(self):
         """After a stall, on the rank the watchdog chose, from the watchdog thread: the last step
@@ -425,6 +372,6 @@ class Trainer:
             return None
         step, resume_point = done
         path = checkpoint.checkpoint_path(self.ckpt_dir, step)
-        checkpoint.save_checkpoint(path, self._checkpoint_state(step, resume_point))
+        self._run_state(step, resume_point).write(path)
         checkpoint.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         return path, step

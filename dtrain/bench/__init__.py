@@ -23,7 +23,6 @@ under mpiexec), report.py (printing), workload.py (synthetic batch, FLOP count).
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import subprocess
@@ -65,6 +64,15 @@ def _error(msg):
     return 2
 
 
+def step_settings(args):
+    """The bench's step flags as the trainer's settings: one policy (dtrain.step.build_step)."""
+    from ..config import TrainConfig
+
+    return TrainConfig(batch_size=args.batch_size, micro_batch=args.micro_batch,
+                       deterministic=bool(args.deterministic), embed_reduce=args.embed_reduce,
+                       threads_per_rank=args.threads)
+
+
 def run_step_bench(args, comm, drive=None):
     """Time the trainer's step on this rank and report it; exit code.
 
@@ -74,12 +82,9 @@ def run_step_bench(args, comm, drive=None):
     ``drive`` returns.
     """
     from .. import backend
-    from ..kernels import for_arrays
     from ..nn.cells import get_cell
     from ..nn.model import CaptioningModel
-    from ..nn.optim import Adam
-    from ..parallel.reducer import make_reducer
-    from ..step import TrainStep
+    from ..step import build_step, micro_shards, rank_threads
     from .batches import open_batches
     from .workload import vocab
 
@@ -90,30 +95,22 @@ def run_step_bench(args, comm, drive=None):
     if args.batch_size % comm.size:
         return _error(f"--batch-size {args.batch_size} is not divisible by {comm.size} ranks")
     xp = backend.select(device, comm.local_rank)
-    threads = backend.node_threads(comm.local_size, args.threads)
-    backend.set_threads(threads, comm.local_size)
-    shard = args.batch_size // comm.size
+    settings = step_settings(args)  # the trainer's policy: threads, micro-shards, accumulator
+    threads = rank_threads(settings, comm)
+    micro, _ = micro_shards(settings, comm)
     dtype = np.dtype(args.dtype)
-    micro = args.micro_batch or (math.gcd(args.batch_size, 8) if args.deterministic else None)
-    if micro and (args.batch_size % micro or (args.batch_size // micro) % comm.size):
-        return _error(f"--micro-batch {micro}: {comm.size} ranks must divide the "
-                      f"--batch-size {args.batch_size} / {micro} micro-shards")
-    step_micro = micro if micro and micro < shard else None
     batches, work = open_batches(args, comm)
 
     def build(vocab_size=None, input_dim=None, width=None):
-        """(model, adam, reducer, step) of the run's sizes, or of another vocabulary/width."""
+        """(model, adam, accumulator, step) of the run's sizes, or of another vocabulary/width:
+        the trainer's step (build_step)."""
         model = CaptioningModel(work.word_to_idx if vocab_size is None else vocab(vocab_size),
                                 work.input_dim if input_dim is None else input_dim,
                                 args.wordvec_dim if width is None else width,
                                 args.hidden_dim if width is None else width, args.cell, dtype=dtype,
                                 seed=args.seed, xp=xp, use_kernels=not args.no_kernels)
-        adam = Adam(model.num_params, xp=xp, dtype=dtype,
-                    kernels=None if args.no_kernels else for_arrays(xp, dtype))
-        reducer = make_reducer(comm, args.embed_reduce, deterministic=args.deterministic,
-                               segments=model.segments, total_micro=args.batch_size // micro if micro else 1,
-                               kernels=model.kernels)
-        return model, adam, reducer, TrainStep(model, adam, reducer, micro_batch=step_micro)
+        step = build_step(settings, comm, model)
+        return model, step.optimizer, step.accumulator, step
 
     def complete(result):
         """The run's description beside its timings."""
@@ -130,7 +127,7 @@ def run_step_bench(args, comm, drive=None):
     if device == "gpu":
         from .gpu import run_gpu
 
-        result = complete(run_gpu(args, comm, build, batches, gates))
+        result = complete(run_gpu(args, comm, build, batches, gates, settings))
     else:
         from .cpu import CpuTimer
 

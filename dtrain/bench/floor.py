@@ -229,7 +229,7 @@ class StepProfiler:
         p.set(step_module, "pack_captions", self._timed("packing", step_module.pack_captions, record_packing))
         if hasattr(step_module, "_all_finite"):
             p.set(step_module, "_all_finite", self._timed("finite", step_module._all_finite))
-        for name in ("start", "add", "reduce"):  # start/add: --deterministic's fixed-point sums
+        for name in ("start", "add", "finish"):  # the step's accumulator (and its reduction)
             if hasattr(reducer, name):
                 p.set(reducer, name, self._timed("reduce", getattr(reducer, name)))
         p.set(adam, "step", self._timed("adam", adam.step))

@@ -16,20 +16,20 @@ import time
 import numpy as np
 
 from ..nn.model import fixed_batch
-from ..step import TrainStep
+from ..step import build_step
 from ..step.gpu_graph import reduce_path
 from .cpu import foreign_share
 from .load import ForeignLoad
 from .workload import mean_step_flops
 
 
-def run_gpu(args, comm, build, batches, gates):
-    """Time graphed and eager GPU steps; report launch gaps (a result dict, milliseconds)."""
+def run_gpu(args, comm, build, batches, gates, settings):
+    """Time graphed and eager GPU steps; report launch gaps (a result dict, milliseconds).
+    Both are the trainer's step (``build``), on one model and one Adam."""
     import cupy as cp
 
-    model, adam, reducer, _ = build(None, None, None)
-    graphed = TrainStep(model, adam, reducer, graphs=True)
-    eager = TrainStep(model, adam, reducer, graphs=False)
+    model, adam, _, graphed = build(None, None, None)
+    eager = build_step(settings, comm, model, optimizer=adam, graphs=False)
     for step in (graphed, eager):
         step.gpu.timing = True
     B = args.batch_size

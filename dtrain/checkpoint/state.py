@@ -44,6 +44,7 @@ class RunState:
 
     ``params``, ``adam_m`` and ``adam_v`` are None in the copy that travels to
     the other ranks (``without_arrays``): the arrays go by broadcast into their buffers.
+    ``accumulator`` is the accumulator's state_dict (stored under "extra/reducer").
     """
 
     step: int
@@ -132,6 +133,14 @@ class RunState:
                 f"checkpoint {self.path}: trained with --batch-size {saved}, now {batch_size}; "
                 "the sample stream continues only with the same global batch")
 
-    def without_arrays(self) -> RunState:
-        """A copy without the large arrays: what the other ranks receive by object broadcast."""
-        return dataclasses.replace(self, params=None, adam_m=None, adam_v=None)
+    def without_arrays(self) -> dict:
+        """This state without the large arrays, JSON-able: what the other ranks receive by
+        object broadcast (the arrays go by broadcast into their buffers)."""
+        small = dataclasses.replace(self, params=None, adam_m=None, adam_v=None)
+        return dataclasses.asdict(small) | {"path": None if self.path is None else str(self.path)}
+
+    @classmethod
+    def from_dict(cls, small: dict) -> RunState:
+        """The inverse of ``without_arrays``."""
+        path = small.get("path")
+        return cls(**(small | {"path": None if path is None else Path(path)}))

@@ -1,16 +1,20 @@
-"""The one training step: batch -> forward/backward -> reduce -> Adam.
+"""The one training step: micro-shards -> forward/backward -> accumulate and reduce -> Adam.
 
-The trainer, the CPU bench and the GPU bench all run :class:`TrainStep`, so
-what the bench times is what training does:
+The trainer, the CPU bench and the GPU bench all build their step with
+:func:`build_step`, so what the bench times is what training does, and the
+thread, micro-batch and reduction policy exists once. One step:
 
-    packed = pack_captions(captions)                      # host: sort by length, pack
-    grads  = model.forward_backward(features, packed, B)  # into the model's grad_buffer
-    reduced = reducer.reduce(grads, loss, tokens, stop)   # the global gradient (parallel/reducer.py)
-    adam.step(param_buffer, grad_buffer, lr)              # the same arithmetic on every rank
+    acc.start()
+    for rows in micro_shards:                          # one, unless --micro-batch/--deterministic
+        grads = pass(features[rows], captions[rows])   # pack, forward, backward (StepGrads)
+        acc.add(grads)
+    reduced = acc.finish(stop)                         # the global gradient (parallel/accumulate.py)
+    adam.step(param_buffer, grad_buffer, lr)           # the same arithmetic on every rank
 
-On a GPU the forward/backward is :class:`~dtrain.step.gpu_graph.GpuTrainStep`
-(fixed shapes, one CUDA graph per shape); on one GPU rank Adam runs inside
-that graph, with its hyperparameters from ``adam.advance``.
+The accumulator (pass-through, float or fixed point) is chosen once, here. On a
+GPU the pass is :class:`~dtrain.step.gpu_graph.GpuTrainStep` (fixed shapes, one
+CUDA graph per shape); on one GPU rank with one pass it runs Adam inside that
+graph itself, and says so.
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import backend
 from ..backend import to_device
+from ..errors import UserError
+from ..kernels import for_arrays
 from ..nn.model import pack_captions
-from ..parallel.reducer import DeterministicReducer, LocalReducer
+from ..nn.optim import Adam
+from ..parallel.accumulate import FixedPointAccumulator, FloatAccumulator, PassThrough
+from ..parallel.reducer import make_reducer
 
 
 @dataclass
@@ -33,13 +42,14 @@ class StepResult:
     loss: object  # float, or a 0-d device array on one GPU rank (read it when logging)
     tokens: float
     stop: bool  # some rank asked to stop (a signal)
-    mode: str  # how the gradients were reduced: local, dense or sparse
+    mode: str  # how the gradients were reduced: local, dense, sparse or deterministic-*
     bytes: int  # estimated bytes this rank sent plus received
     compute_s: float
     comm_s: float
     seconds: float
     # time.perf_counter() at the phase boundaries, for traces: start, forward_end
-    # (0 where not measured: the GPU graph), backward_end, reduce_end, end
+    # (0 where not measured: several micro-shards, the GPU graph), backward_end,
+    # reduce_end, end
     marks: dict
 
 
@@ -61,79 +71,54 @@ def _all_finite(xp, *arrays, kernels=None) -> bool:
     return all(bool(xp.isfinite(a.sum())) for a in arrays if a.size)
 
 
-class FloatAccumulator:
-    """Gradient accumulation over micro-shards in floating point (``--micro-batch`` alone).
+class CpuPass:
+    """One forward/backward pass on the host: pack the captions, then the model's hot path."""
 
-    The dense gradients are summed in micro-shard order into a buffer of their
-    own, the embedding rows into a dense (V, W) buffer (rows of words seen), so
-    the result is one ``StepGrads`` for the reducer, as if one pass had run.
-    """
+    adam_in_pass = False
 
     def __init__(self, model):
-        xp, self.model = model.xp, model
-        self.dense = xp.zeros(model.embed_offset, dtype=model.dtype)
-        self.embed = xp.zeros(model.shapes["W_embed"], dtype=model.dtype)
-        self.touched = xp.zeros(model.shapes["W_embed"][0], dtype=bool)
+        self.model = model
 
-    def start(self):
-        self.dense.fill(0)
-        self.embed.fill(0)
-        self.touched.fill(False)
-        self.loss, self.tokens = 0.0, 0
+    def forward_backward(self, features, captions, normalizer, lr):
+        model = self.model
+        packed = pack_captions(captions, model.null_idx, model.kernels)
+        return model.forward_backward(to_device(features, model.xp), packed, normalizer)
 
-    def add(self, grads):
-        self.loss += float(grads.loss)
-        self.tokens += grads.tokens
-        self.dense += grads.grad_buffer[: grads.embed_offset]
-        if grads.embed_ids.shape[0]:
-            ids = grads.embed_ids
-            self.embed[ids] += grads.embed_rows  # ids are unique within a micro-shard
-            self.touched[ids] = True
+    def describe(self) -> str:
+        from ..kernels import pool
 
-    def result(self):
-        model, xp = self.model, self.model.xp
-        model.grad_buffer[: model.embed_offset] = self.dense
-        ids = xp.flatnonzero(self.touched)
-        return model.step_grads(self.loss, self.tokens, ids, self.embed[ids], dense=False)
+        kern = self.model.kernels.name if self.model.kernels is not None else "plain xp"
+        return f"packed CPU step ({kern} kernels; threads: {pool.status()})"
 
 
 class TrainStep:
-    """Runs one data-parallel step of ``model`` with ``optimizer`` and ``reducer``.
+    """Runs one data-parallel step of ``model`` with ``optimizer`` and ``accumulator``.
 
     ``micro_batch`` m cuts this rank's rows into micro-shards of m rows (by
     position), run one after the other: activation memory is bounded by m, and
-    with a :class:`~dtrain.parallel.reducer.DeterministicReducer` every micro-shard
-    is computed with the same shapes whatever the number of ranks.
-    ``check(grads)``, when given to a call, inspects the local gradients
-    between the backward pass and the reduction (``--debug``).
+    with a fixed-point accumulator every micro-shard is computed with the same
+    shapes whatever the number of ranks. ``check(grads)``, when given to a call,
+    inspects each pass's local gradients before they are accumulated (``--debug``).
+    A step whose global loss or gradient is not finite is not applied: NonFiniteError,
+    on every rank alike, naming the ranks whose own numbers were not finite.
     """
 
-    def __init__(self, model, optimizer, reducer, graphs=True, micro_batch=None):
-        self.model, self.optimizer, self.reducer = model, optimizer, reducer
+    def __init__(self, model, optimizer, accumulator, comm=None, micro_batch=None, gpu=None):
+        self.model, self.optimizer, self.accumulator, self.comm = model, optimizer, accumulator, comm
         self.micro_batch = micro_batch
-        self.deterministic = isinstance(reducer, DeterministicReducer)
-        self.accumulator = None
-        self.gpu = None
-        if model.xp is not np:
-            from .gpu_graph import GpuTrainStep
-
-            self.gpu = GpuTrainStep(model, optimizer, graphs=graphs)
-        # one GPU rank, one pass: nothing to reduce, so Adam runs inside the step's graph
-        self.fused_adam = (self.gpu is not None and isinstance(reducer, LocalReducer)
-                           and micro_batch is None)
+        self.gpu = gpu  # the GPU pass (GpuTrainStep), or None: the packed host pass
+        self.step_pass = gpu if gpu is not None else CpuPass(model)
+        # one GPU rank, one pass: the pass ran Adam inside its graph (GpuTrainStep decides)
+        self.adam_in_pass = bool(self.step_pass.adam_in_pass)
 
     def describe(self) -> str:
         micro = f", micro-batch {self.micro_batch}" if self.micro_batch else ""
-        if self.gpu is None:
-            from ..kernels import pool
+        text = f"{self.step_pass.describe()}{micro}; gradient reduce: {self.accumulator.mode}"
+        if self.gpu is not None:
+            from .gpu_graph import reduce_path
 
-            kern = self.model.kernels.name if self.model.kernels is not None else "plain xp"
-            return (f"packed CPU step ({kern} kernels; threads: {pool.status()}), {self.reducer.mode} "
-                    f"gradient reduce{micro}")
-        from .gpu_graph import reduce_path
-
-        return (f"{self.gpu.describe()}; Adam {'in the graph' if self.fused_adam else 'after the reduce'}"
-                f"{micro}; gradient reduce: {self.reducer.mode}, {reduce_path(self.reducer.comm)}")
+            text += f", {reduce_path(self.comm)}"
+        return text
 
     def _shards(self, n):
         m = self.micro_batch or n
@@ -141,73 +126,114 @@ class TrainStep:
             raise ValueError(f"--micro-batch {m} does not divide this rank's {n} rows")
         return [slice(i, i + m) for i in range(0, n, m)] if n else [slice(0, 0)]
 
-    def _forward_backward(self, features, captions, normalizer, lr):
-        model = self.model
-        if self.gpu is not None:  # batch in through pinned memory, one graph replay
-            return self.gpu.forward_backward(features, captions, normalizer, lr, fuse_adam=self.fused_adam)
-        packed = pack_captions(captions, model.null_idx, model.kernels)
-        return model.forward_backward(to_device(features, model.xp), packed, normalizer)
-
-    def _check_finite(self, reduced, local_ok):
+    def _check_finite(self, reduced):
         """Raise NonFiniteError (on every rank alike) before a non-finite step reaches Adam.
 
         The reduced loss and gradient are identical on every rank, so every rank takes
         the same decision; only then do the ranks' own flags travel, to name the culprits.
         """
+        model = self.model
         loss = float(reduced.loss)
-        if math.isfinite(loss) and _all_finite(self.model.xp, self.model.grad_buffer, kernels=self.model.kernels):
+        if math.isfinite(loss) and _all_finite(model.xp, model.grad_buffer, kernels=model.kernels):
             return
-        comm = self.reducer.comm
+        comm = self.comm
         size = comm.size if comm is not None else 1
-        ok = 1.0 if local_ok is None else float(local_ok)
+        ok = float(self.accumulator.local_finite)
         flags = comm.allgather_scalars([ok])[:, 0] if size > 1 else [ok]
         bad = [r for r, f in enumerate(flags) if f == 0] or list(range(size))
         raise NonFiniteError(bad, loss)
 
     def __call__(self, features, captions, normalizer, lr, stop=False, check=None) -> StepResult:
-        model = self.model
+        acc, step_pass = self.accumulator, self.step_pass
         t0 = time.perf_counter()
         shards = self._shards(captions.shape[0])
-        forward_end = 0.0
-        if self.deterministic:
-            reduced = None
-            while reduced is None:  # computed again only when the fixed-point scales change
-                self.reducer.start(model.grad_buffer, model.shapes["W_embed"])
-                for rows in shards:
-                    grads = self._forward_backward(features[rows], captions[rows], normalizer, lr)
-                    if check is not None:
-                        check(grads)
-                    self.reducer.add(grads)
-                t1 = time.perf_counter()
-                reduced = self.reducer.reduce(stop)
-        else:
-            if len(shards) == 1:
-                grads = self._forward_backward(features, captions, normalizer, lr)
-                forward_end = grads.forward_end
+        reduced = None
+        while reduced is None:  # None: the fixed-point sums asked again, with new scales
+            acc.start()
+            for rows in shards:
+                grads = step_pass.forward_backward(features[rows], captions[rows], normalizer, lr)
                 if check is not None:
                     check(grads)
-            else:
-                if self.accumulator is None:
-                    self.accumulator = FloatAccumulator(model)
-                self.accumulator.start()
-                for rows in shards:
-                    part = self._forward_backward(features[rows], captions[rows], normalizer, lr)
-                    if check is not None:
-                        check(part)
-                    self.accumulator.add(part)
-                grads = self.accumulator.result()
-            loss = grads.loss if self.fused_adam else float(grads.loss)
+                acc.add(grads)
             t1 = time.perf_counter()
-            # one rank: the global check below sees the same numbers, no need to look twice
-            local_ok = self.fused_adam or isinstance(self.reducer, LocalReducer) or (math.isfinite(loss) and _all_finite(
-                model.xp, grads.grad_buffer[: grads.embed_offset], grads.embed_rows, kernels=model.kernels))
-            reduced = self.reducer.reduce(grads, loss, grads.tokens, stop)
+            reduced = acc.finish(stop)
         t2 = time.perf_counter()
-        if not self.fused_adam:
-            self._check_finite(reduced, local_ok if not self.deterministic else None)
-            self.optimizer.step(model.param_buffer, model.grad_buffer, lr=lr)
+        if not self.adam_in_pass:
+            self._check_finite(reduced)
+            self.optimizer.step(self.model.param_buffer, self.model.grad_buffer, lr=lr)
         t3 = time.perf_counter()
-        marks = {"start": t0, "forward_end": forward_end, "backward_end": t1, "reduce_end": t2, "end": t3}
-        return StepResult(loss=reduced.loss, tokens=reduced.tokens, stop=reduced.stop, mode=reduced.mode,
-                          bytes=reduced.bytes, compute_s=t1 - t0, comm_s=reduced.seconds, seconds=t3 - t0,
-                          marks=marks)
+        forward_end = grads.forward_end if len(shards) == 1 else 0.0
+        marks = {"start": t0, "forward_end": forward_end, "backward_end": t1, "reduce_end": t2,
+                 "end": t3}
+        return StepResult(loss=reduced.loss, tokens=reduced.tokens, stop=reduced.stop,
+                          mode=reduced.mode, bytes=reduced.bytes, compute_s=t1 - t0,
+                          comm_s=reduced.seconds, seconds=t3 - t0, marks=marks)
+
+
+# ---------------------------------------------------------------------------
+# the policy, once: threads, micro-shards, the accumulator, the pass
+
+
+def rank_threads(cfg, comm) -> int:
+    """Set and return this rank's threads: ``threads_per_rank``, else the node's cores over
+    its ranks. ``deterministic``: one unless given, since BLAS results depend on the thread
+    count, which must then not follow the number of ranks. Call before building the model."""
+    requested = cfg.threads_per_rank or (1 if cfg.deterministic else None)
+    threads = backend.node_threads(comm.local_size, requested)
+    backend.set_threads(threads, comm.local_size)
+    return threads
+
+
+def micro_shards(cfg, comm) -> tuple[int | None, int]:
+    """(rows per micro-shard or None, micro-shards in the global batch).
+
+    Micro-shards are rows of the global batch by position. ``deterministic`` needs
+    them (their shapes must not depend on the number of ranks): 8 rows unless given.
+    UserError, one line naming --micro-batch, when the ranks cannot share them.
+    """
+    B, size = cfg.batch_size, comm.size
+    micro = cfg.micro_batch or (math.gcd(B, 8) if cfg.deterministic else None)
+    if micro and B % micro:
+        raise UserError(f"--micro-batch {micro}: expected a divisor of --batch-size {B}")
+    total = B // micro if micro else size
+    if total % size:
+        raise UserError(f"--micro-batch {micro}: the {total} micro-shards of --batch-size {B} "
+                        f"cannot be shared by {size} ranks; use a number of ranks that divides "
+                        f"{total}")
+    return micro, total
+
+
+def build_step(cfg, comm, model, optimizer=None, graphs=True) -> TrainStep:
+    """The training step for settings ``cfg`` (a TrainConfig: batch_size, micro_batch,
+    deterministic, embed_reduce, buckets, lr) on ``comm``, for ``model``.
+
+    Adam over the model's flat buffer unless ``optimizer`` is given (two steps
+    sharing one, as the GPU bench's graphed and eager runs do). The accumulator:
+    fixed point with ``deterministic``, float with micro-shards, else pass-through.
+    """
+    micro, total_micro = micro_shards(cfg, comm)
+    rows = cfg.batch_size // comm.size
+    step_micro = micro if micro and micro < rows else None  # None: one pass over the rows
+    xp, kernels = model.xp, model.kernels
+    if optimizer is None:
+        optimizer = Adam(model.num_params, lr=cfg.lr, xp=xp, dtype=model.dtype,
+                         kernels=for_arrays(xp, model.dtype) if kernels is not None else None)
+
+    def all_finite(*arrays):
+        return _all_finite(xp, *arrays, kernels=kernels)
+
+    if cfg.deterministic:
+        accumulator = FixedPointAccumulator(comm, model.segments, total_micro, cfg.embed_reduce,
+                                            all_finite, kernels)
+    else:
+        reducer = make_reducer(comm, cfg.embed_reduce, getattr(cfg, "buckets", 1))
+        sums = FloatAccumulator if step_micro else PassThrough
+        accumulator = sums(reducer, all_finite)
+    gpu = None
+    if xp is not np:
+        from .gpu_graph import GpuTrainStep
+
+        # nothing to reduce or accumulate: Adam can run inside the pass's graph
+        alone = comm.size == 1 and step_micro is None and not cfg.deterministic
+        gpu = GpuTrainStep(model, optimizer, graphs=graphs, adam_in_graph=alone)
+    return TrainStep(model, optimizer, accumulator, comm, micro_batch=step_micro, gpu=gpu)

@@ -65,17 +65,18 @@ class _Shape:
 class GpuTrainStep:
     """Forward, backward (and Adam, on one rank) of the fixed-shape model on a GPU.
 
-    ``forward_backward(features, captions, normalizer, lr, fuse_adam)`` takes
+    ``forward_backward(features, captions, normalizer, lr)`` takes
     the host batch, leaves the gradients in ``model.grad_buffer`` (the
     embedding's both dense and row-sparse) and returns a ``StepGrads`` whose
-    loss is a 0-d device array. With ``fuse_adam`` (one rank: nothing to
-    reduce) the Adam update is part of the same graph, with the step's
-    hyperparameters from ``adam.advance``; otherwise the caller reduces the
-    gradients and calls ``adam.step`` as on the CPU.
+    loss is a 0-d device array. With ``adam_in_graph`` (one rank, one pass:
+    nothing to reduce or accumulate) the Adam update is part of the same graph,
+    with the step's hyperparameters from ``adam.advance``, and ``adam_in_pass``
+    tells the caller so; otherwise the caller reduces the gradients and calls
+    ``adam.step`` as on the CPU.
     ``graphs=False`` runs every step eagerly (the reference for the tests).
     """
 
-    def __init__(self, model, adam, graphs=True, max_shapes=32):
+    def __init__(self, model, adam, graphs=True, max_shapes=32, adam_in_graph=False):
         import cupy
 
         from ..kernels.cuda import GpuKernels
@@ -86,6 +87,7 @@ class GpuTrainStep:
         self.model, self.adam = model, adam
         self.kernels = GpuKernels(model.dtype)
         self.use_graphs = bool(graphs)
+        self.adam_in_pass = bool(adam_in_graph)
         self.fallback_reason = None
         self.max_shapes = max_shapes
         self.stream = cupy.cuda.Stream(non_blocking=True)
@@ -106,11 +108,12 @@ class GpuTrainStep:
             self.use_graphs = False
 
     def describe(self) -> str:
+        adam = "; Adam in the graph" if self.adam_in_pass else "; Adam after the reduce"
         if self.use_graphs:
-            return "CUDA graphs, one per batch shape (N, T)"
+            return "CUDA graphs, one per batch shape (N, T)" + adam
         if self.fallback_reason:
-            return f"eager launches (graph capture failed: {self.fallback_reason})"
-        return "eager launches"
+            return f"eager launches (graph capture failed: {self.fallback_reason})" + adam
+        return "eager launches" + adam
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
@@ -165,9 +168,11 @@ class GpuTrainStep:
         st.uses += 1
         return st
 
-    def forward_backward(self, features, captions, normalizer, lr=None, fuse_adam=False):
-        """One step on the host batch (``features`` (N, D), ``captions`` (N, T+1))."""
+    def forward_backward(self, features, captions, normalizer, lr=None, fuse_adam=None):
+        """One step on the host batch (``features`` (N, D), ``captions`` (N, T+1)); Adam too
+        where ``fuse_adam`` (default: ``adam_in_pass``)."""
         cp, model, s = self.cp, self.model, self.stream
+        fuse_adam = self.adam_in_pass if fuse_adam is None else fuse_adam
         fb = fixed_batch(captions, model._null, model.dtype)
         st = self._shape(fb.N, fb.T, float(normalizer), bool(fuse_adam))
         st.copy_done.synchronize()  # the pinned buffer is ours again
