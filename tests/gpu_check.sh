@@ -51,7 +51,7 @@ if ! "$PY" -c "import cupy" >/dev/null 2>&1; then
         || echo "[gpu_check] could not install cupy-cuda12x (no package index?)"
 fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "[gpu_check] installing torch (for --compare-torch)"
+    echo "[gpu_check] installing torch (for benchmarks.compare_torch)"
     "$PY" -m pip install -q --retries 0 --timeout 20 torch || echo "[gpu_check] could not install torch"
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -113,10 +113,10 @@ HOST_RC=${PIPESTATUS[0]}
 : > "$OUTDIR/bench.log"
 if [ "$HAVE_GPU" = "1" ]; then
     for N in 128 512; do
-        "$PY" -m dtrain bench --device gpu --compare-torch -N "$N" --steps "$STEPS" --warmup 5 \
+        "$PY" -m benchmarks.compare_torch --device gpu -N "$N" --steps "$STEPS" --warmup 5 \
             --json "$OUTDIR/bench-lstm-N$N.json" 2>&1 | tee -a "$OUTDIR/bench.log"
     done
-    "$PY" -m dtrain bench --device gpu --compare-torch --cell rnn -N 128 --steps "$STEPS" --warmup 5 \
+    "$PY" -m benchmarks.compare_torch --device gpu --cell rnn -N 128 --steps "$STEPS" --warmup 5 \
         --json "$OUTDIR/bench-rnn-N128.json" 2>&1 | tee -a "$OUTDIR/bench.log"
 else
     echo "[gpu_check] no usable GPU here: benchmark skipped" | tee -a "$OUTDIR/bench.log"
