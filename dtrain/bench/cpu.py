@@ -10,7 +10,7 @@ batches are run again profiled (``floor.py``): the GEMM floor and the
 breakdown of what is not GEMM.
 
 ``CpuTimer`` times in blocks (``block(k)``), so that a comparison can
-alternate blocks of two frameworks kept alive in two processes (isolated.py).
+alternate blocks of two frameworks kept alive in two processes (benchmarks/).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 from .floor import profile_steps
-from .load import ForeignLoad
 from .workload import mean_step_flops
 
 PROFILED_BATCHES = 5
@@ -37,7 +36,6 @@ class CpuTimer:
     def __init__(self, args, comm, build, batches, gates):
         self.args, self.comm, self.build, self.batches, self.gates = args, comm, build, batches, gates
         self.model, self.adam, self.reducer, self.step = build(None, None, None)
-        self.load = ForeignLoad()
         self.times, self.step_only, self.batch_t, self.comm_t, self.waits = [], [], [], [], []
         self.modes, self.nbytes, self.tokens, self.kept, self.blocks = [], [], [], [], []
 
@@ -50,7 +48,6 @@ class CpuTimer:
         """Time ``steps`` steps; their times in seconds."""
         comm, B = self.comm, self.args.batch_size
         times = []
-        self.load.start()
         for _ in range(steps):
             if comm.size > 1:
                 comm.barrier()
@@ -70,7 +67,6 @@ class CpuTimer:
             if comm.size > 1:  # outside the timed step: how long this rank waited for the slowest
                 compute = comm.allgather_scalars([r.compute_s])[:, 0]
                 self.waits.append(float(compute.max()) - r.compute_s)
-        self.load.stop()
         self.times += times
         self.blocks.append(statistics.median(times) * 1e3)
         return times
@@ -78,7 +74,6 @@ class CpuTimer:
     def result(self, floor=True):
         """Medians over every timed step (milliseconds), and on one rank the GEMM floor."""
         comm, model, B = self.comm, self.model, self.args.batch_size
-        result_load = foreign_share(comm, self.load)
         med = statistics.median
         t = med(self.times)
         local_flops = mean_step_flops(model, [c for c, _ in self.kept], self.gates)
@@ -92,8 +87,7 @@ class CpuTimer:
                   "tokens_per_step": tok, "tokens_per_s": tok / t, "gflops": flops / t / 1e9,
                   "gflop_per_step": flops / 1e9, "real_token_fraction": tok / (B * seq_len), "T": seq_len,
                   "step_times_ms": [x * 1e3 for x in self.times], "block_medians_ms": self.blocks,
-                  "bytes_per_step": int(med(self.nbytes)), "reduce_mode": max(set(modes), key=modes.count),
-                  "foreign_load": result_load}
+                  "bytes_per_step": int(med(self.nbytes)), "reduce_mode": max(set(modes), key=modes.count)}
         if comm.size > 1:
             # the mean over ranks: every rank measured the same collective
             comm_med = float(comm.allreduce_scalars(np.array([med(self.comm_t)]))[0]) / comm.size
@@ -116,14 +110,3 @@ def run_cpu(args, comm, build, batches, gates, floor=True):
     timer.warmup(args.warmup)
     timer.block(args.steps)
     return timer.result(floor)
-
-
-def foreign_share(comm, load):
-    """Other processes' share of the machine's cores during the timed steps (every rank's own CPU
-    time counted as ours; None when the ranks span several machines or /proc/stat is missing)."""
-    own = load.own_seconds()
-    total = float(comm.allreduce_scalars(np.array([own]))[0]) if comm.size > 1 else own
-    share = load.share(own_extra=total - own)
-    if comm.size > 1 and comm.local_size != comm.size:
-        return None
-    return share

@@ -5,7 +5,7 @@ optimizer and reducer; one captures a CUDA graph per batch shape, the other
 launches eagerly. Each timed iteration assembles one batch (as the trainer
 does) and runs it through both. Their device time (CUDA events around the
 step's kernels) against their wall time gives the share of launch gaps.
-PyTorch, with --compare-torch, runs in a process of its own (isolated.py).
+PyTorch runs in a process of its own (benchmarks/compare_torch.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import numpy as np
 from ..nn.model import fixed_batch
 from ..step import build_step
 from ..step.gpu_graph import reduce_path
-from .cpu import foreign_share
-from .load import ForeignLoad
 from .workload import mean_step_flops
 
 
@@ -46,7 +44,6 @@ def run_gpu(args, comm, build, batches, gates, settings):
         run(graphed, captions, features, 0.0)
         run(eager, captions, features, 0.0)
     g_wall, g_gpu, g_host, e_wall, e_gpu, e_host, tokens, fixed_T, kept = ([] for _ in range(9))
-    load = ForeignLoad().start()
     for _ in range(args.steps):
         if comm.size > 1:
             comm.barrier()
@@ -61,8 +58,6 @@ def run_gpu(args, comm, build, batches, gates, settings):
         fixed_T.append(fixed_batch(captions, model.null_idx).T)
         kept.append(captions)
 
-    load.stop()
-    result_load = foreign_share(comm, load)
     med = statistics.median
     gw, gg, ew, eg = med(g_wall), med(g_gpu), med(e_wall), med(e_gpu)
     tok = float(np.mean(tokens))
@@ -85,7 +80,7 @@ def run_gpu(args, comm, build, batches, gates, settings):
         "eager_launch_gap_share": max(0.0, 1.0 - gg / ew),
         "graph_idle_share": max(0.0, 1.0 - gg / gw),
         "graphs_captured": graphed.gpu.captures, "graph_replays": graphed.gpu.replays,
-        "reduce_path": reduce_path(comm), "foreign_load": result_load,
+        "reduce_path": reduce_path(comm),
     }
 
 
