@@ -262,3 +262,17 @@ def test_as_on_cpus_without_amx_or_without_bf16():
     lines = child("cap", MKL_ENABLE_INSTRUCTIONS="AVX512")
     assert lines[0] == "False none" and "without AMX-BF16 or AVX512-BF16" in lines[1], lines
     assert lines[2] == "True", lines
+
+
+def test_subnormal_operands_stay_within_the_absolute_term():
+    # AMX and AVX512-BF16 treat subnormal bf16 inputs and float32 results as zero: the bound
+    # gains an absolute term, (k + 2) 2^-126 max(1, |alpha|) per element (docs/precision.md)
+    rng = np.random.default_rng(10)
+    k = 64
+    a32 = (rng.standard_normal((16, k)) * 2.0**-128).astype(np.float32)  # mostly subnormal
+    b32 = rng.uniform(-1, 1, (k, 8)).astype(np.float32)
+    out = np.zeros((16, 8), np.float32)
+    bf16.gemm(bf16.to_bf16(a32), bf16.to_bf16(b32), out)
+    a64, b64 = a32.astype(np.float64), b32.astype(np.float64)
+    bound = gemm_bound(a64, b64, out * 0, 1.0, 0.0, k) + (k + 2) * 2.0**-126
+    assert (np.abs(out - a64 @ b64) <= bound).all()

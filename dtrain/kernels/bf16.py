@@ -56,8 +56,8 @@ def round_bits(u):
     u = np.uint32(u)
     if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
         return np.uint16((u >> np.uint32(16)) | np.uint32(0x0040))
-    return np.uint16((np.uint64(u) + np.uint64(0x7FFF) + np.uint64((u >> np.uint32(16)) & np.uint32(1)))
-                     >> np.uint64(16))
+    lowest_kept = np.uint64((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16((np.uint64(u) + np.uint64(0x7FFF) + lowest_kept) >> np.uint64(16))
 
 
 @intrinsic
@@ -125,9 +125,11 @@ class Mkl:
         # force, which differs from ours if something in this process called MKL first
         got = self.lib.MKL_Set_Threading_Layer(THREADING_LAYERS[threading])
         if got != THREADING_LAYERS[threading]:
-            raise RuntimeError(f"MKL was already started with threading layer {got}, not {threading}")
+            raise RuntimeError(f"MKL was already started with threading layer {got}, "
+                               f"not {threading}")
         if self.lib.MKL_Set_Interface_Layer(0) != 0:  # MKL_INTERFACE_LP64
-            raise RuntimeError("MKL was already started with the ILP64 interface (MKL_INTERFACE_LAYER)")
+            raise RuntimeError("MKL was already started with the ILP64 interface "
+                               "(MKL_INTERFACE_LAYER)")
 
         class Version(ctypes.Structure):  # MKLVersion of mkl_types.h
             _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("update", ctypes.c_int),
@@ -308,7 +310,8 @@ def check_operands(a, b, out, trans_a=False, trans_b=False):
     for name, x, dtype in (("a", a, np.uint16), ("b", b, np.uint16), ("out", out, np.float32)):
         if not isinstance(x, np.ndarray) or x.dtype != dtype:
             got = getattr(x, "dtype", type(x).__name__)
-            raise ValueError(f"gemm: {name} must be a NumPy {np.dtype(dtype).name} array, got {got}")
+            raise ValueError(f"gemm: {name} must be a NumPy {np.dtype(dtype).name} array, "
+                             f"got {got}")
         _leading(x, name)
     m, k = (a.shape[::-1] if trans_a else a.shape)
     kb, n = (b.shape[::-1] if trans_b else b.shape)
