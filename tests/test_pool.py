@@ -10,21 +10,44 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
 
-from dtrain.kernels import cpu  # noqa: E402
-from dtrain.kernels.cpu import CpuKernels  # noqa: E402
+from dtrain.kernels import cpu, pool  # noqa: E402
+from dtrain.kernels.cpu import CpuKernels, dispatch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the serial kernels and their split forms, by the names the tests use
+_KERNELS = {"lstm_fwd32": "cells", "lstm_fwd32_acc": "cells", "lstm_bwd_in_place": "cells",
+            "softmax_xent32": "softmax", "sum_partials": "softmax", "embed_rows": "embedding",
+            "embed_group": "embedding", "adam": "adam", "count_nonfinite": "fixedpoint",
+            "gather_rows": "rows", "scatter_rows": "rows", "scatter_ids": "rows", "prev_h_rows": "rows"}
+_SPLIT_NAMES = {"lstm_bwd_in_place": "lstm_bwd_split"}
+
+
+def _module(name):
+    import importlib
+
+    return importlib.import_module(f"dtrain.kernels.cpu.{_KERNELS[name]}")
+
+
+SERIAL = SimpleNamespace(**{name: getattr(_module(name), name) for name in _KERNELS})
 
 
 def _split():
-    CpuKernels(np.float32)
-    return cpu._build_split(cpu._CPU)
+    names = [n for n in _KERNELS if n not in ("sum_partials", "embed_group")]
+    return SimpleNamespace(**{n: getattr(_module(n), _SPLIT_NAMES.get(n, n + "_split")) for n in names})
+
+
+def _compiled():
+    """The BLAS FFI and the compiled loops in one namespace."""
+    from dtrain.kernels.cpu import blas, kernels
+
+    return SimpleNamespace(**vars(blas.ffi()), **vars(kernels._loops()))
 
 
 def _lstm_step_inputs(rng, n, H):
@@ -38,7 +61,7 @@ def _lstm_step_inputs(rng, n, H):
 def test_split_lstm_steps_bitwise(parts, n_next):
     rng = np.random.default_rng(parts * 100 + n_next)
     s = _split()
-    k = cpu._CPU
+    k = SERIAL
     n, H = 17, 40
     a0, b, prev_c = _lstm_step_inputs(rng, n, H)
     r = rng.standard_normal((n, 4 * H)).astype(np.float32)
@@ -57,7 +80,7 @@ def test_split_lstm_steps_bitwise(parts, n_next):
     dc_rec0 = rng.standard_normal((n + 3, H)).astype(np.float32)
     back = []
     bwds = [lambda *x: k.lstm_bwd_in_place(*x), lambda *x: s.lstm_bwd_in_place(parts, *x)]
-    t = cpu._blas()
+    t = _compiled()
     address = t.addresses.get(np.dtype(np.float32))
     if address is not None:  # dh_rec's first n_next rows given transposed, copied by the kernel
         dh_rec_T = np.ascontiguousarray(dh_rec0[:n_next].T)
@@ -69,7 +92,7 @@ def test_split_lstm_steps_bitwise(parts, n_next):
         d, dh_rec, dc_rec = a.copy(), dh_rec0.copy(), dc_rec0.copy()
         bwd(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
         back.append((d, dh_rec, dc_rec))
-    assert len(back) == 4 or cpu._blas().addresses == {}
+    assert len(back) == 4 or _compiled().addresses == {}
     for other in back[1:]:
         for x, y in zip(back[0], other):
             assert np.array_equal(x, y, equal_nan=True)
@@ -79,7 +102,7 @@ def test_split_lstm_steps_bitwise(parts, n_next):
 def test_split_softmax_embedding_adam_finite_bitwise(parts):
     rng = np.random.default_rng(parts)
     s = _split()
-    k = cpu._CPU
+    k = SERIAL
     M, V = 203, 71  # rows in 4 blocks of partial column sums, the last one short
     scores0 = (3 * rng.standard_normal((M, V))).astype(np.float32)
     b = rng.standard_normal(V).astype(np.float32)
@@ -237,7 +260,7 @@ def test_recurrent_gemm_adding_to_the_gates_matches_the_separate_product(monkeyp
     from dtrain.nn.cells import lstm
 
     k = CpuKernels(np.float32)
-    assert k.forward_accumulates == (np.dtype(np.float32) in cpu._blas().gemm_addresses)
+    assert k.forward_accumulates == (np.dtype(np.float32) in _compiled().gemm_addresses)
     if not k.forward_accumulates:
         pytest.skip("no OpenBLAS sgemm found: the accumulating path is not offered")
     rng = np.random.default_rng(2)
@@ -286,8 +309,8 @@ def test_compiled_forward_loop_gives_the_python_loops_bits(parts, monkeypatch):
             0.3 * rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H)]
     args = [a.astype(np.float32) for a in args]
     if parts > 1:
-        monkeypatch.setattr(cpu.pool, "threads", lambda: parts)
-        monkeypatch.setattr(cpu, "SPLIT_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(pool, "threads", lambda: parts)
+        monkeypatch.setattr(dispatch, "SPLIT_MIN_ELEMENTS", 0)
     outs = []
     for compiled in (True, False):
         if not compiled:
@@ -311,8 +334,8 @@ def test_compiled_backward_loop_gives_the_python_loops_bits(parts, monkeypatch):
     if not k.forward_accumulates:
         pytest.skip("no OpenBLAS sgemm found: the compiled loops are not offered")
     if parts > 1:
-        monkeypatch.setattr(cpu.pool, "threads", lambda: parts)
-        monkeypatch.setattr(cpu, "SPLIT_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(pool, "threads", lambda: parts)
+        monkeypatch.setattr(dispatch, "SPLIT_MIN_ELEMENTS", 0)
     W, H = 10, 16
     for batch_sizes in ([140, 131, 128, 40, 2, 1], [9, 9, 5, 1, 1]):
         rng = np.random.default_rng(parts + len(batch_sizes))
@@ -360,7 +383,7 @@ def test_gemm_transposed_matches_numpy():
 @pytest.mark.parametrize("parts", [2, 3])
 def test_split_lstm_forward_accumulated_bitwise(parts):
     rng = np.random.default_rng(parts)
-    s, k = _split(), cpu._CPU
+    s, k = _split(), SERIAL
     n, H, n_next = 17, 40, 9
     a0, b, prev_c = _lstm_step_inputs(rng, n, H)
     outs = []
@@ -404,7 +427,8 @@ _STEP_SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     import numpy as np
     from dtrain import backend
-    from dtrain.kernels import cpu, pool
+    from dtrain.kernels import pool
+    from dtrain.kernels.cpu import dispatch
     from dtrain.nn.model import CaptioningModel
     from dtrain.nn.optim import Adam
     from dtrain.kernels import for_arrays
@@ -412,7 +436,7 @@ _STEP_SCRIPT = textwrap.dedent("""
     from helpers import random_captions, small_vocab
 
     backend.set_threads(2)
-    cpu.SPLIT_MIN_ELEMENTS = 0  # every kernel call splits, however small
+    dispatch.SPLIT_MIN_ELEMENTS = 0  # every kernel call splits, however small
     rng = np.random.default_rng(0)
     model = CaptioningModel(small_vocab(60), 48, 24, 64, "lstm", dtype=np.float32, seed=3)
     adam = Adam(model.num_params, dtype=np.float32, kernels=for_arrays(np, np.float32))
@@ -493,15 +517,15 @@ def test_split_kernels_load_from_the_cache():
     (fixed uuids for what they call) instead of compiling them again."""
     script = textwrap.dedent("""
         import numpy as np
-        from dtrain.kernels import cpu, pool, set_num_threads
+        from dtrain.kernels import pool, set_num_threads
+        from dtrain.kernels.cpu import blas, cells, kernels
         set_num_threads(2)
-        cpu.CpuKernels(np.float32)
-        split = cpu._build_split(cpu._CPU)
+        split = cells
         a = np.ones((8, 16), np.float32)
-        split.lstm_fwd32(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)),
+        split.lstm_fwd32_split(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)),
                          np.ones((3, 4), np.float32), 3, np.zeros(16, np.float32))
-        t = cpu._blas()
-        t.lstm_bwd_T_split(2, t.addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32), a,
+        t = kernels._loops()
+        t.lstm_bwd_T_split(2, blas.ffi().addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32), a,
                            *(np.ones((8, 4), np.float32) for _ in range(3)), 3, *(np.ones((8, 4), np.float32) for _ in range(2)))
         import sys
         sys.path.insert(0, "tests")
@@ -513,7 +537,7 @@ def test_split_kernels_load_from_the_cache():
                                model.pack(random_captions(rng, 64, 8, 30)), 64)  # the compiled loops
         runner = pool._state["callback"] is not None
         hits = [f.stats.cache_hits.most_common(1)[0][1] if f.stats.cache_hits else 0
-                for f in (split.lstm_fwd32, t.lstm_bwd_T_split, t.lstm_forward_loop_split,
+                for f in (split.lstm_fwd32_split, t.lstm_bwd_T_split, t.lstm_forward_loop_split,
                           t.lstm_backward_loop_split)]
         print(min(hits), runner)
     """)

@@ -1,0 +1,360 @@
+"""CpuKernels: the Numba kernels with the call signatures the cells, the model and Adam use.
+
+The plain xp code of the cells (``dtrain.nn.cells``), layers and optimizer is the
+reference; these kernels do the same arithmetic in one pass over memory instead of
+one pass per ufunc. Every kernel that has a split form goes through ``dispatch.run``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ... import alloc
+from . import adam, blas, cells, dispatch, embedding, fixedpoint, jit, loops, rows, softmax
+from .jit import PARTIAL_ROWS
+
+_LOOPS = None
+_TICK_HZ = None  # the time-stamp counter's rate (CpuKernels.ticks_to_seconds)
+
+
+def _loops():
+    """The compiled time loops for this process's BLAS (``loops.build``), built once."""
+    global _LOOPS
+    if _LOOPS is None:
+        _LOOPS = loops.build(blas.ffi())
+    return _LOOPS
+
+
+class CpuKernels:
+    """Numba kernels with the call signatures the cells, the model and Adam use.
+
+    float32 runs the one-pass kernels built on exp32 (vectorised; at most 1.1 ulp from
+    the correctly rounded exp); float64 (the exactness checks) runs the one-pass
+    kernels built on libm's tanh and exp."""
+
+    name = "numba"
+    # The cells may let a backward step write its gate gradients over the gates, and an
+    # LSTM forward step write the next step's prev_h rows (h_next).
+    backward_in_place = True
+    forward_copies_prev_h = True
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.fast32 = self.dtype == np.float32
+        self._partials = np.empty(0, dtype=dtype)  # the softmax's per-block column sums
+        self._gemm_log = np.empty((0, loops.LOG_FIELDS), dtype=np.int64)
+        self.last_gemm_ticks = 0
+        self._order, self._starts = np.empty(0, dtype=np.int64), np.empty(1, dtype=np.int64)
+        self._embed_partials = np.empty((0, 0), dtype=dtype)  # the embedding rows' per-block sums
+        self._empty_rows = {}
+        self._row_loss = np.empty(0, dtype=np.float64)
+        self._zeros = np.empty(0, dtype=self.dtype)
+        self._counts = np.empty(0, dtype=np.int64)  # embed_group's per-word counts
+        self._ids = np.empty(0, dtype=np.int64)
+        self._rows = np.empty((0, 0), dtype=self.dtype)
+
+    # -- the cells' steps ---------------------------------------------------------------
+
+    def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias, h_next=None):
+        """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added) and
+        ``r`` h Wh, or ``r`` is None and ``a`` holds both (``gemm_accumulate`` added the
+        recurrent product to it: ``forward_accumulates``). ``h_next``, when given (k <= n
+        rows), also receives h's first k rows: the next step's block of prev_h
+        (``forward_copies_prev_h``)."""
+        n = a.shape[0]
+        if not self.fast32:
+            if r is None:
+                raise ValueError("lstm_step_forward: r=None (a accumulated) is for float32 only")
+            a += bias
+            cells.lstm_fwd(a, r, prev_c[:n], c, tc, h)
+            if h_next is not None:
+                h_next[...] = h[: h_next.shape[0]]
+            return
+        if h_next is None:
+            h_next = self._no_rows(h)
+        if r is None:
+            dispatch.run(a.size, cells.lstm_fwd32_acc, cells.lstm_fwd32_acc_split,
+                         a, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
+        else:
+            dispatch.run(a.size, cells.lstm_fwd32, cells.lstm_fwd32_split, a, r, bias, prev_c[:n], c, tc, h,
+                         h_next, h_next.shape[0], self._zero_bias(a.shape[1]))
+
+    def _no_rows(self, like):
+        """An empty (0, H) array of ``like``'s dtype (kept: the hot path allocates nothing)."""
+        key = (like.shape[1], like.dtype)
+        empty = self._empty_rows.get(key)
+        if empty is None:
+            empty = self._empty_rows[key] = np.empty((0, like.shape[1]), like.dtype)
+        return empty
+
+    def exp32(self, x, out=None):
+        """The float32 kernels' exp of a 1-D float32 array, x in [-87, 88]."""
+        out = np.empty_like(x) if out is None else out
+        jit.exp32_into(x, out)
+        return out
+
+    def lstm_step_backward(self, d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc, dh_rec_T=None):
+        """One LSTM step back into ``d``, which may be ``a`` itself (the training step's case:
+        the gate gradients replace the gates); otherwise ``a`` is copied there first.
+        ``dh_rec_T`` (H, n_next), when given, is the transpose of the dh_rec rows the step
+        reads: each thread copies its own rows first (``backward_reads_transposed``)."""
+        if d is not a:
+            np.copyto(d, a)
+        if dh_rec_T is not None:
+            address = blas.ffi().addresses.get(d.dtype)
+            if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
+                    or not (dh_rec_T.flags.c_contiguous and dh_rec.flags.c_contiguous):
+                dh_rec[:n_next] = dh_rec_T.T
+            else:
+                compiled = _loops()
+                dispatch.run(d.size, compiled.lstm_bwd_T, compiled.lstm_bwd_T_split, address, dh_rec_T, d, dh_up,
+                             dh_rec, dc_rec, n_next, prev_c, tc)
+                return
+        dispatch.run(d.size, cells.lstm_bwd_in_place, cells.lstm_bwd_split, d, dh_up, dh_rec, dc_rec, n_next,
+                     prev_c, tc)
+
+    def rnn_step_forward(self, a, r):
+        (cells.rnn_fwd32 if self.fast32 else cells.rnn_fwd)(a, r)
+
+    def rnn_step_backward(self, d, dh_up, dh_rec, n_next, h):
+        cells.rnn_bwd(d, dh_up, dh_rec, n_next, h)
+
+    def gru_step_forward(self, a, r, prev_h, hn, h):
+        (cells.gru_fwd32 if self.fast32 else cells.gru_fwd)(a, r, prev_h, hn, h)
+
+    def gru_step_backward(self, dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h):
+        cells.gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h)
+
+    # -- loss, embedding, rows --------------------------------------------------------------
+
+    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None, bias_grad=None):
+        """Loss (float) and, in place in ``scores``, its gradient; ``bias`` (V,), when
+        given, is added to every row of ``scores`` first; ``bias_grad`` (V,), when given,
+        receives the gradient's column sums (the gradient of ``bias``)."""
+        M = scores.shape[0]
+        if self._row_loss.size < M:
+            self._row_loss = alloc.empty(M, np.float64)
+        row_loss = self._row_loss[:M]
+        if not self.fast32:
+            if bias is not None:
+                scores += bias
+            softmax.softmax_xent(scores, targets, 1.0 / normalizer, row_loss)
+            if bias_grad is not None:
+                scores.sum(axis=0, out=bias_grad)
+            return float(row_loss.sum()) / normalizer
+        V = scores.shape[1]
+        if bias is None:
+            bias = self._zero_bias(V)
+        blocks = 0 if bias_grad is None else -(-M // PARTIAL_ROWS)
+        if self._partials.size < blocks * V:
+            self._partials = alloc.empty(blocks * V, self.dtype)
+        partials = self._partials[: blocks * V].reshape(blocks, V)
+        dispatch.run(scores.size, softmax.softmax_xent32, softmax.softmax_xent32_split, scores, bias, targets,
+                     1.0 / normalizer, row_loss, partials)
+        if bias_grad is not None:
+            softmax.sum_partials(partials, bias_grad)
+        return float(row_loss.sum()) / normalizer
+
+    def _zero_bias(self, V):
+        if self._zeros.size < V:
+            self._zeros = alloc.zeros(V, self.dtype)
+        return self._zeros[:V]
+
+    def embedding_grad_sparse(self, words, dx, vocab_size, col_sum=None):
+        """(ids, rows) as ``layers.embedding_grad_sparse``, in this object's buffers (views);
+        ``col_sum`` (W,), when given, receives dx's column sums from the same pass (as the
+        sums of the rows, in blocks of PARTIAL_ROWS words)."""
+        M, W = dx.shape
+        if self._counts.size < vocab_size + 1:
+            self._counts = alloc.empty(vocab_size + 1, np.int64)
+        if self._ids.size < M or self._rows.shape[1] != W:
+            self._ids = alloc.empty(max(M, 1), np.int64)
+            self._rows = alloc.empty((max(M, 1), W), self.dtype)
+        if self._order.size < M:
+            self._order = alloc.empty(M, np.int64)
+            self._starts = alloc.empty(M + 1, np.int64)
+        count = embedding.embed_group(words, self._counts[: vocab_size + 1], self._ids, self._starts, self._order)
+        blocks = -(-count // PARTIAL_ROWS) if col_sum is not None else 0
+        if self._embed_partials.shape[0] < blocks or self._embed_partials.shape[1] != W:
+            self._embed_partials = alloc.empty((max(blocks, 1), W), self.dtype)
+        partials = self._embed_partials[:blocks]
+        dispatch.run(dx.size, embedding.embed_rows, embedding.embed_rows_split, dx, self._order, self._starts,
+                     self._rows, partials, serial_tail=(0, count), split_tail=(count,))
+        if col_sum is not None:
+            softmax.sum_partials(partials, col_sum)
+        return self._ids[:count], self._rows[:count]
+
+    def all_finite(self, a):
+        """True when no entry of the contiguous float array ``a`` is inf or nan."""
+        if a.dtype == np.float32:
+            bits, exponent = a.reshape(-1).view(np.int32), np.int32(0x7F800000)
+        elif a.dtype == np.float64:
+            bits, exponent = a.reshape(-1).view(np.int64), np.int64(0x7FF0000000000000)
+        else:
+            return bool(np.isfinite(a).all())
+        return dispatch.run(bits.size, fixedpoint.count_nonfinite, fixedpoint.count_nonfinite_split, bits,
+                            exponent) == 0
+
+    def gather_rows(self, src, idx, out):
+        """out[i] = src[idx[i]]: ``np.take(src, idx, axis=0, out=out)`` (2-D, C-contiguous)."""
+        bad = dispatch.run(out.size, rows.gather_rows, rows.gather_rows_split, src, idx, out,
+                           serial_tail=(0, out.shape[0]))
+        if bad:
+            wrong = idx[(idx < 0) | (idx >= src.shape[0])]
+            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size {src.shape[0]}")
+        return out
+
+    def scatter_rows(self, src, pos, out):
+        """``out.fill(0); out[pos] = src`` in one pass (``pos`` ascending, distinct)."""
+        dispatch.run(out.size, rows.scatter_rows, rows.scatter_rows_split, src, pos, out,
+                     serial_tail=(0, out.shape[0]))
+        return out
+
+    def pack_captions(self, captions, null_idx):
+        """``model.pack_captions``'s (order, batch_sizes, words_in, targets, is_real, num_tokens)
+        for (N, T+1) integer captions (host NumPy), in one compiled call."""
+        captions = np.ascontiguousarray(captions)
+        return rows.pack_captions(captions, captions.dtype.type(null_idx))
+
+    def scatter_ids(self, rows_, ids, out):
+        """``out.fill(0); out[ids] = rows_`` in one call (``ids`` distinct; 2-D, C-contiguous):
+        the dense W_embed gradient from its sparse rows."""
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= out.shape[0]):
+            wrong = ids[(ids < 0) | (ids >= out.shape[0])]
+            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size {out.shape[0]}")
+        dispatch.run(out.size, rows.scatter_ids, rows.scatter_ids_split, rows_, ids, out,
+                     serial_tail=(0, out.shape[0]))
+        return out
+
+    def prev_h_rows(self, Hp, h0, offsets, out):
+        """``layers.prev_h_packed`` in one pass: ``offsets`` the packed block starts (T+1)."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        dispatch.run(out.size, rows.prev_h_rows, rows.prev_h_rows_split, Hp, h0, offsets, out,
+                     serial_tail=(0, out.shape[0]))
+        return out
+
+    # -- the BLAS FFI and the compiled time loops ---------------------------------------------
+
+    def copy_transposed(self, src, out):
+        """``out[...] = src.T`` (2-D, C-contiguous): OpenBLAS's omatcopy where it is found."""
+        ffi = blas.ffi()
+        address = ffi.addresses.get(src.dtype)
+        if address is None or out.dtype != src.dtype or out.shape != src.shape[::-1] \
+                or not (src.flags.c_contiguous and out.flags.c_contiguous):
+            out[...] = src.T
+        else:
+            ffi.omatcopy(address, src, out)
+        return out
+
+    @property
+    def forward_accumulates(self):
+        """True when ``gemm_accumulate`` runs OpenBLAS's sgemm with beta = 1 (float32): the
+        LSTM's recurrent GEMM then adds h Wh to the step's gate rows, and the forward step
+        reads one operand instead of two."""
+        return self.fast32 and self.dtype in blas.ffi().gemm_addresses
+
+    def gemm_accumulate(self, a, b, out):
+        """``out += a @ b`` by one GEMM (beta = 1) where ``forward_accumulates``; 2-D, C-contiguous."""
+        ffi = blas.ffi()
+        address = ffi.gemm_addresses.get(out.dtype)
+        if address is None or not (a.dtype == b.dtype == out.dtype) or a.shape[1] != b.shape[0] \
+                or out.shape != (a.shape[0], b.shape[1]) \
+                or not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
+            out += a @ b
+        elif out.size:
+            ffi.gemm_acc(address, a, b, out)
+        return out
+
+    def _log(self, T):
+        if self._gemm_log.shape[0] != T:
+            self._gemm_log = np.zeros((T, loops.LOG_FIELDS), dtype=np.int64)
+        return self._gemm_log
+
+    def lstm_forward_loop(self, gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets):
+        """The LSTM's packed forward time loop in one compiled call (``forward_accumulates``;
+        PH[:n0] already holds h0's rows): per step ``gemm_accumulate(prev_h, Wh, gate rows)``
+        and ``lstm_step_forward(..., r=None, h_next=...)``, with no Python between them.
+        ``last_gemm_ticks``: the time-stamp ticks its GEMMs took (``ticks_to_seconds``)."""
+        compiled = _loops()
+        sizes = np.asarray(batch_sizes, dtype=np.int64)
+        starts = np.asarray(offsets, dtype=np.int64)
+        log = self._log(sizes.size)
+        address = blas.ffi().gemm_addresses[np.dtype(np.float32)]
+        parts = dispatch.pool.threads()
+        if parts > 1:
+            compiled.lstm_forward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, address, gates, C, TC, Hp, PH,
+                                             h0, c0, Wh, b, sizes, starts, log)
+        else:
+            compiled.lstm_forward_loop(address, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, starts, log)
+        self.last_gemm_ticks = int(log[:, 1].sum())
+
+    def gemm_transposed(self, a, b, out):
+        """``out = a @ b.T`` (2-D; a, b and out with unit column strides): for float32, the
+        sgemm numpy.matmul calls for these layouts, through its address, also for one row
+        or column (where matmul calls gemv), so that the compiled backward loop and the
+        cell's Python loop make the same calls; NumPy otherwise."""
+        ffi = blas.ffi()
+        address = ffi.gemm_addresses.get(out.dtype)
+        if address is None or not (a.dtype == b.dtype == out.dtype) or a.shape[1] != b.shape[1] \
+                or out.shape != (a.shape[0], b.shape[0]) or 0 in out.shape \
+                or not (a.strides[1] == b.strides[1] == out.strides[1] == out.itemsize):
+            return np.matmul(a, b.T, out=out)
+        ffi.gemm_bt(address, a, b, out)
+        return out
+
+    def lstm_backward_loop(self, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets,
+                           max_transposed_rows):
+        """The LSTM's packed backward time loop in one compiled call (float32, in place, with
+        ``backward_reads_transposed``): the cell's loop over ``lstm_step_backward`` and the
+        recurrent GEMMs (``gemm_transposed``; (Wh d^T) for at most ``max_transposed_rows``
+        rows), with no Python per step. ``last_gemm_ticks``: the time-stamp ticks its GEMMs
+        took."""
+        compiled, ffi = _loops(), blas.ffi()
+        sizes = np.asarray(batch_sizes, dtype=np.int64)
+        starts = np.asarray(offsets, dtype=np.int64)
+        log = self._log(sizes.size)
+        fn, omat = ffi.gemm_addresses[np.dtype(np.float32)], ffi.addresses[np.dtype(np.float32)]
+        rows_T = max_transposed_rows
+        parts = dispatch.pool.threads()
+        if parts > 1:
+            compiled.lstm_backward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, fn, omat, gates, dH, dh_rec,
+                                              dc_rec, C, c0, TC, Wh, dh0, scratch, sizes, starts, rows_T, log)
+        else:
+            compiled.lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, sizes,
+                                        starts, rows_T, log)
+        self.last_gemm_ticks = int(log[:, 1].sum())
+
+    @staticmethod
+    def ticks_to_seconds(ticks):
+        """Seconds of ``ticks`` of the time-stamp counter the compiled loops read (its rate
+        measured once per process against ``time.perf_counter``, over 20 ms)."""
+        global _TICK_HZ
+        if _TICK_HZ is None:
+            now = blas.ticks_now
+            now()
+            t0, k0 = time.perf_counter(), now()
+            while time.perf_counter() - t0 < 0.02:
+                pass
+            _TICK_HZ = (now() - k0) / (time.perf_counter() - t0)
+        return ticks / _TICK_HZ
+
+    @property
+    def backward_reads_transposed(self):
+        """True when ``lstm_step_backward`` copies its dh_rec rows itself from ``dh_rec_T``
+        (omatcopy found): the cells then leave the recurrent GEMM's result transposed."""
+        return self.dtype in blas.ffi().addresses
+
+    # -- optimizer and reducer ----------------------------------------------------------------
+
+    def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
+        dispatch.run(p.size, adam.adam, adam.adam_split, p, g, m, v, lr, b1, b2, eps, bias1, bias2)
+
+    def quantize_add(self, acc, g, scale):
+        """acc (int64) += rint(g * scale); returns max |g| (float)."""
+        return float(fixedpoint.quantize_add(acc, g, scale))
+
+    def quantize_add_rows(self, acc, ids, rows_, scale):
+        """acc[ids[i]] (int64 rows) += rint(rows_[i] * scale), ids unique; returns max |rows_|."""
+        return float(fixedpoint.quantize_add_rows(acc, ids, rows_, scale))
