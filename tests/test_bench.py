@@ -1,8 +1,8 @@
 """`dtrain bench`: what it reports and how it measures (never how fast: speed is not tested).
 
 The bench's step must be the trainer's step (the same batches, assembled every
-step), its GEMM floor must replay the step's own GEMMs, its breakdown must add
-up, and comparisons must run every contender in a process of its own.
+step), its GEMM floor must replay the step's own GEMMs, and its breakdown must add
+up. The comparisons (benchmarks/) are tested in test_benchmarks.py.
 """
 
 import json
