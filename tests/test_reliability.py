@@ -5,8 +5,11 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 
 from dtrain.checkpoint import latest_checkpoint, load_checkpoint
 from dtrain_run import dtrain_cmd, run_dtrain
@@ -203,3 +206,105 @@ def test_disk_full_while_checkpointing_is_one_line(tiny_data, tmp_path):
         assert kept is not None and int(load_checkpoint(kept)["step"]) >= 1
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ------------------------------------------------------------------ stop signals at any moment
+def _rank_pids(launcher_pid, n, deadline):
+    """{rank: pid} of this mpiexec job's ranks: the launcher's grandchildren, by PMI_RANK."""
+    found = {}
+    while len(found) < n and time.monotonic() < deadline:
+        parents = {}
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                parents[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        proxies = {p for p, pp in parents.items() if pp == launcher_pid}
+        for pid in (p for p, pp in parents.items() if pp in proxies):
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            ranks = [e[9:] for e in env if e.startswith(b"PMI_RANK=")]
+            if ranks:
+                found[int(ranks[0])] = pid
+        time.sleep(0.01)
+    return found
+
+
+def _stop_at(tmp_path, ranks, delay, sig, to_rank=None, steps=100000):
+    """Start a run, send ``sig`` ``delay`` s after start (to mpiexec, or to rank ``to_rank``),
+    return (returncode, stdout, stderr)."""
+    args = ["train", "--data", str(tmp_path.parent / "data"), "--checkpoint-dir", str(tmp_path / "ck"),
+            *SMALL, "--steps", str(steps)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(dtrain_cmd(ranks, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        target = proc.pid
+        if to_rank is not None:
+            target = _rank_pids(proc.pid, ranks, t0 + 30)[to_rank]
+        time.sleep(max(0.0, delay - (time.monotonic() - t0)))
+        os.kill(target, sig)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def sig_data(tmp_path_factory):
+    from dtrain.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("sig")
+    write_synthetic(root / "data", train_images=60, val_images=8, seed=3)
+    return root
+
+
+# (ranks, seconds after the start, signal, sent to: None = the launched process, or a rank)
+# The early offsets fall before MPI_Init (imports), in it, and in data loading or the first
+# step's compilation; the late ones in training.
+STOP_CASES = [
+    (None, 0.2, signal.SIGUSR1, None), (None, 0.5, signal.SIGHUP, None),
+    (None, 0.9, signal.SIGTERM, None), (None, 1.6, signal.SIGUSR1, None),
+    (None, 3.0, signal.SIGHUP, None),
+    (2, 0.3, signal.SIGUSR1, 1), (2, 0.7, signal.SIGHUP, 0), (2, 1.2, signal.SIGUSR1, 0),
+    (2, 2.0, signal.SIGTERM, None), (2, 3.5, signal.SIGUSR1, 1),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks,delay,sig,to_rank", STOP_CASES,
+                         ids=[f"{r or 1}r-{d}s-{s.name}-to{'' if t is None else t}"
+                              for r, d, s, t in STOP_CASES])
+def test_stop_signal_at_any_moment_checkpoints_and_exits_75(sig_data, tmp_path, ranks, delay, sig, to_rank):
+    """SIGUSR1/SIGTERM/SIGHUP at any moment, MPI_Init and data loading included: exit 75, one
+    line, and a checkpoint that loads (a signal before the first step: after step 1)."""
+    tmp = sig_data / f"case-{ranks}-{delay}-{sig.name}-{to_rank}"
+    tmp.mkdir()
+    rc, out, err = _stop_at(tmp, ranks, delay, sig, to_rank)
+    assert rc == 75, (rc, err[-2000:])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dtrain: received ") and "exiting with code 75" in lines[0], err
+    if to_rank in (None, 0):
+        assert f"received {sig.name}:" in lines[0], lines
+    ck = load_checkpoint(latest_checkpoint(tmp / "ck"))
+    assert int(ck["step"]) >= 1 and f"ckpt-{int(ck['step']):08d}.h5" in lines[0]
+
+
+def test_closed_stdout_does_not_stop_training(sig_data, tmp_path):
+    """`dtrain train ... | head -1`: training runs to its end, the same as without the pipe."""
+    args = " ".join(map(str, ["train", "--data", sig_data / "data", "--checkpoint-dir", tmp_path,
+                              *SMALL, "--steps", 60, "--log-every", 1]))
+    cmd = f"set -o pipefail; {sys.executable} -m dtrain {args} | head -1"
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(p.stdout.splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "standard output was closed" in p.stderr
+    assert int(load_checkpoint(latest_checkpoint(tmp_path))["step"]) == 60
+    assert [r["step"] for r in records(tmp_path, "train")][-1] == 60
+    assert [r for r in records(tmp_path, "eval") if r["final"]]
