@@ -14,6 +14,7 @@ import pytest
 from benchmarks import compare_torch
 from benchmarks.harness import NOT_FORWARDED, child_argv, comparison_parser
 from dtrain.cli import build_parser
+from dtrain.commands.bench import moved_flag_error
 from dtrain_run import run_dtrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,13 +70,16 @@ def test_the_import_check_sees_imports_inside_functions(tmp_path):
 
 
 def test_dtrain_bench_names_the_commands_that_replaced_its_comparison_flags():
-    for flag, module in (("--compare-torch", "compare_torch"),
-                         ("--strong-scaling", "strong_scaling"),
-                         ("--compare-trainer", "compare_trainer")):
-        p = run_dtrain(None, "bench", flag, check=False, timeout=60)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1, p.stderr
-        assert flag in lines[0] and f"python -m benchmarks.{module}" in lines[0]
+    p = run_dtrain(None, "bench", "--compare-torch", "--rounds", 3, check=False, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "--compare-torch" in lines[0] and "python -m benchmarks.compare_torch" in lines[0]
+    for argv, module in ((["--strong-scaling", "2"], "strong_scaling"),
+                         (["--compare-trainer"], "compare_trainer"),
+                         (["--fresh-processes"], "compare_torch")):
+        line = moved_flag_error(build_parser().parse_args(["bench", *argv]))
+        assert argv[0] in line and f"python -m benchmarks.{module}" in line
+    assert moved_flag_error(build_parser().parse_args(["bench"])) is None
 
 
 # ---------------------------------------------------------------------------
@@ -173,8 +177,11 @@ def test_strong_scaling_compares_one_rank_with_several(tmp_path, tiny_data):
     ("strong_scaling", ["--ranks", 3, "--threads", 2], "--ranks 3"),
     ("strong_scaling", ["--ranks", 2, "--threads", 2, "-N", 7], "--batch-size 7"),
 ])
-def test_comparison_flag_errors_are_one_line(module, argv, words):
-    p = run_module(module, *argv, check=False, timeout=60)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0] and f"benchmarks.{module}" in lines[0], p.stderr
+def test_comparison_flag_errors_are_one_line(module, argv, words, capsys):
+    """Refused before any process starts: exit 2 and one line naming the command and flag."""
+    main = importlib.import_module(f"benchmarks.{module}").main
+    assert main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and f"benchmarks.{module}" in lines[0], lines
+    assert captured.out == ""
