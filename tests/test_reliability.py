@@ -3,6 +3,7 @@ errors (real processes; the checkpoint, lock and flag checks have their own test
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -308,3 +309,27 @@ def test_closed_stdout_does_not_stop_training(sig_data, tmp_path):
     assert int(load_checkpoint(latest_checkpoint(tmp_path))["step"]) == 60
     assert [r["step"] for r in records(tmp_path, "train")][-1] == 60
     assert [r for r in records(tmp_path, "eval") if r["final"]]
+
+
+@pytest.mark.timeout(400)
+def test_scancel_signal_term_checkpoints_and_ends_without_requeue(slurm_cluster, synth_data, tmp_path):
+    """The README's `scancel --signal=TERM <id>` (it signals the job step, not the batch
+    script): the ranks checkpoint and exit 75, and train.sbatch does not requeue."""
+    from test_slurm import _read, _submit, _wait_job
+
+    ckpt = tmp_path / "ck"
+    job_id, out = _submit(slurm_cluster, tmp_path, synth_data, ckpt, 100000,
+                          extra=["--checkpoint-every", "20"])
+    deadline = time.monotonic() + 120
+    while not list(ckpt.glob("ckpt-*.h5")):
+        assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), _read(out)
+        assert time.monotonic() < deadline, f"no checkpoint after 120 s\n{_read(out)}"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=TERM", job_id)
+    info = _wait_job(slurm_cluster, job_id, out, timeout=120)
+    text = _read(out)
+    assert info["Restarts"] == "0" and "requeueing job" not in text, text
+    assert "not requeueing after SIGTERM" in text, text
+    m = re.search(r"received SIGTERM: checkpoint \S+ written at step (\d+); exiting with code 75", text)
+    assert m, text
+    assert int(load_checkpoint(latest_checkpoint(ckpt))["step"]) == int(m.group(1))
