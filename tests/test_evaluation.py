@@ -66,7 +66,8 @@ def test_evaluate_same_on_two_ranks_and_score_agrees(trained):
     for ranks in (None, 2):
         for k in (1, 3):
             out = tmp / f"results_{ranks}_{k}.json"
-            reports[ranks, k] = _evaluate(ranks, ck, "--beam-size", k, "--results-out", out)
+            reports[ranks, k] = _evaluate(ranks, ck, "--beam-size", k, "--results-out", out,
+                                          "--html-out", tmp / f"page_{ranks}_{k}.html")
             assert reports[ranks, k]["beam_size"] == k
     for k in (1, 3):
         one, two = reports[None, k], reports[2, k]
@@ -89,6 +90,41 @@ def test_evaluate_same_on_two_ranks_and_score_agrees(trained):
         for m in METRICS:
             assert scored[m] == pytest.approx(reports[None, k][m], rel=1e-12, abs=1e-15), m
     assert reports[None, 1]["cider_d"] > 0
+    page = (tmp / "page_2_3.html").read_text()
+    assert page.count('<td class="hyp">') == 8 and "CIDEr-D" in page
+    assert f"{reports[2, 3]['cider_d']:.4f}" in page and "beam search, 3 beams" in page
+    assert '<a href="http://x/1001.jpg">1001</a>' in page
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_html_page_in_headless_chromium(trained, tmp_path):
+    """The page as a real browser parses it: the DOM has the table rows, and a screenshot
+    is drawn (docs/images/evaluate-html.png is one, looked at)."""
+    import subprocess
+
+    if _chromium() is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+    from dtrain.captions_html import write_captions_page
+
+    page = write_captions_page(tmp_path / "p.html", "t <&>", {"bleu4": 0.5, "cider_d": 1.25},
+                               [(7, "a man <b>on</b> a horse", ["a man", "a horse"], None),
+                                (8, "", ["two dogs"], "http://x/8.jpg")], {"images": 2})
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=120).stdout
+    # parsed by the browser: it adds the <tbody> our text leaves out; 2 + 3 rows
+    assert dom.count("<tbody>") == 2 and dom.count("<tr>") == 5, dom[-2000:]
+    assert "a man &lt;b&gt;on&lt;/b&gt; a horse" in dom
+    assert "<td class=\"num\">1.2500</td>" in dom and "(empty)" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=900,400",
+                    page.as_uri()], capture_output=True, timeout=120)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 2000
 
 
 def test_score_agrees_with_pycocoevalcap_on_raw_text(trained, tmp_path):

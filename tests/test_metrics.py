@@ -219,3 +219,20 @@ def test_caption_metrics_keys_and_values():
     m = caption_metrics(hyps, refs)
     assert tuple(m) == OWN_METRICS
     assert m["bleu1"] == pytest.approx(1.0, abs=1e-8) and m["rouge_l"] == pytest.approx(1.0)
+
+
+def test_meteor_from_pycocoevalcap_or_one_line_why(monkeypatch):
+    from dtrain.data import metrics
+
+    hyps = [t("a man on a horse"), []]
+    refs = [[t("a man riding a horse"), t("a person on a horse")], [t("two dogs")]]
+    if metrics._java_missing() is None:
+        # one Java start (METEOR loads its paraphrase table: seconds); the value is
+        # pycocoevalcap's own, so only the plumbing is checked here
+        scores, missing = metrics.extra_metrics(hyps, refs, which=("meteor",))
+        assert missing == {} and 0 < scores["meteor"] < 1
+    monkeypatch.setenv("PATH", "")  # no java
+    scores, missing = metrics.extra_metrics(hyps, refs)
+    assert scores == {} and set(missing) == {"meteor", "spice"}
+    line = metrics.missing_line(missing)
+    assert "\n" not in line and "METEOR" in line and "java" in line

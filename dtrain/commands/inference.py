@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import backend, checkpoint
+from ..captions_html import write_captions_page
 from ..config import TrainConfig
 from ..data.coco import decode_captions
 from ..data.coco_results import split_image_ids, write_results
@@ -46,9 +47,12 @@ def add_parsers(sub):
             q.add_argument("--eval-captions", type=int, default=5000)
             q.add_argument("--results-out", default=None,
                            help='write the captions as a COCO results file [{"image_id", "caption"}]')
-            q.add_argument("--extra-metrics", choices=("auto", "off"), default="auto",
-                           help="METEOR and SPICE from pycocoevalcap when it and Java are present "
-                                "(auto, the default), or not at all (off)")
+            q.add_argument("--html-out", default=None,
+                           help="write an HTML page of the first 100 sampled captions beside "
+                                "their references, with the metrics")
+            q.add_argument("--extra-metrics", choices=("auto", "off"), default="off",
+                           help="auto: also METEOR and SPICE from pycocoevalcap when it and Java "
+                                "are present (a Java start: seconds); off (default): not")
         q.set_defaults(func=cmd_sample if name == "sample" else cmd_evaluate)
 
 
@@ -65,13 +69,15 @@ def validate_args(args):
             raise UserError(f"{flag}: expected an integer >= {lowest}, got {value}")
     if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
         raise UserError(f"--length-penalty: expected a finite number >= 0, got {args.length_penalty}")
-    out = getattr(args, "results_out", None)
-    if out is not None:
+    for flag in ("--results-out", "--html-out"):
+        out = getattr(args, flag[2:].replace("-", "_"), None)
+        if out is None:
+            continue
         path = Path(out)
         if path.is_dir():
-            raise UserError(f"--results-out: expected a file name, got the directory {out}")
+            raise UserError(f"{flag}: expected a file name, got the directory {out}")
         if not path.resolve().parent.is_dir():
-            raise UserError(f"--results-out: expected a file in an existing directory, got {out}")
+            raise UserError(f"{flag}: expected a file in an existing directory, got {out}")
 
 
 def _resolve_checkpoint(args):
@@ -156,7 +162,7 @@ def cmd_evaluate(args):
         if comm.is_root:
             report = _evaluation_report(args, run, comm, split, res)
             print(json.dumps(report), flush=True)
-            if report["missing"]:
+            if report["missing"] and args.extra_metrics == "auto":
                 print(missing_line(report["missing"]), file=sys.stderr, flush=True)
         return 0
 
@@ -170,16 +176,26 @@ def _evaluation_report(args, run, comm, split, res):
         more, missing = extra_metrics(res["hypotheses"], res["references"])
         metrics.update(more)
     else:
-        missing = {"meteor": "--extra-metrics off", "spice": "--extra-metrics off"}
+        missing = {"meteor": "not asked for (--extra-metrics auto)",
+                   "spice": "not asked for (--extra-metrics auto)"}
     report = {"checkpoint": run.path, "split": args.split, "ranks": comm.size,
               "val_loss": res["val_loss"], "val_loss_per_token": res["val_loss_per_token"],
               **metrics, "images": res["images"], "beam_size": args.beam_size,
               "length_penalty": args.length_penalty,
               "decode_ms_per_image": res["decode_ms_per_image"],
               "tokens": "the vocabulary's words (no re-tokenisation)", "missing": missing}
+    ids, source = split_image_ids(split, res["image_ids"])
+    captions = [" ".join(h) for h in res["hypotheses"]]
     if args.results_out:
-        ids, source = split_image_ids(split, res["image_ids"])
-        captions = [" ".join(h) for h in res["hypotheses"]]
         report["results_out"] = str(write_results(args.results_out, ids, captions))
         report["image_ids"] = source
+    if args.html_out:
+        urls = split.urls or [None] * split.num_images
+        rows = [(ids[i], captions[i], [" ".join(r) for r in res["references"][i]],
+                 urls[int(res["image_ids"][i])]) for i in range(min(100, len(ids)))]
+        how = "greedy" if args.beam_size == 1 else f"beam search, {args.beam_size} beams"
+        details = {"checkpoint": run.path, "split": args.split, "images": res["images"],
+                   "decoding": how, "val loss": f"{res['val_loss']:.4f}"}
+        report["html_out"] = str(write_captions_page(args.html_out, "dtrain evaluate",
+                                                     metrics, rows, details))
     return report

@@ -17,6 +17,7 @@ when they cannot run, :func:`extra_metrics_missing` says why in one line.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import shutil
@@ -79,13 +80,14 @@ def _java_missing():
 
 
 def _spice_missing():
-    import pycocoevalcap
-
-    lib = Path(pycocoevalcap.__file__).parent / "spice" / "lib"
+    spec = importlib.util.find_spec("pycocoevalcap.spice")
+    if spec is None or not spec.submodule_search_locations:
+        return "pycocoevalcap has no spice module"
+    lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
     jar = lib / "stanford-corenlp-3.6.0.jar"
     if not jar.is_file():
-        return (f"SPICE needs {jar} (Stanford CoreNLP 3.6.0 and its -models jar; "
-                "pycocoevalcap's get_stanford_models downloads them)")
+        return (f"needs {jar} and its -models jar, Stanford CoreNLP 3.6.0, which "
+                "pycocoevalcap's get_stanford_models downloads")
     return None
 
 
