@@ -90,6 +90,12 @@ def test_evaluate_same_on_two_ranks_and_score_agrees(trained):
         for m in METRICS:
             assert scored[m] == pytest.approx(reports[None, k][m], rel=1e-12, abs=1e-15), m
     assert reports[None, 1]["cider_d"] > 0
+    # sample decodes with the same beam search, sharded over 2 ranks: the same captions
+    s = run_dtrain(2, "sample", "--checkpoint", ck, "-n", 8, "--max-length", 10,
+                   "--beam-size", 3).stdout
+    assert "beam search, 3 beams" in s
+    sampled = [line.split(":", 1)[1].strip() for line in s.splitlines() if "sampled :" in line]
+    assert sorted(sampled) == sorted(r["caption"] for r in results)
     page = (tmp / "page_2_3.html").read_text()
     assert page.count('<td class="hyp">') == 8 and "CIDEr-D" in page
     assert f"{reports[2, 3]['cider_d']:.4f}" in page and "beam search, 3 beams" in page
