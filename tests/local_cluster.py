@@ -63,12 +63,16 @@ def namespaces_unavailable() -> str | None:
     for tool in ("ip", "unshare", "nsenter", "tc"):
         if shutil.which(tool) is None:
             return f"namespace hosts need `{tool}` (iproute2, util-linux), which is missing"
+    # In a throwaway network namespace: what the hosts are made of (a bridge, a veth
+    # pair) and how the tests shape a link (tbf). Nothing of this machine's is touched.
+    probe = ("ip link add b0 type bridge && ip link add v0 type veth peer name v1 && "
+             "ip link set lo up && tc qdisc add dev lo root tbf rate 1mbit burst 16kb limit 64kb")
     r = subprocess.run(
-        ["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True,
-        timeout=30,
+        ["unshare", "--net", "--uts", "--mount", "sh", "-c", probe], capture_output=True,
+        text=True, timeout=30,
     )  # fmt: skip
     if r.returncode != 0:
-        return f"cannot make namespaces here (unshare: {r.stderr.strip()})"
+        return f"cannot make namespace hosts here ({probe}: {r.stderr.strip()})"
     return None
 
 

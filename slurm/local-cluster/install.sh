@@ -1,10 +1,12 @@
 #!/bin/bash
-# Install the Debian packages for the one-node local Slurm cluster (start.sh).
+# Install the Debian packages for the local Slurm cluster (start.sh), one node or several.
 # Idempotent: installs only what is missing. Needs apt-get and root (or sudo).
 # libpmix-dev is not optional: Slurm's mpi/pmix plugin dlopens the unversioned
 # libpmix.so, and it must be present before slurmd starts.
 set -euo pipefail
 PKGS=(slurmd slurmctld slurm-client munge libpmix-dev)
+# namespace hosts (NODES > 1): ip and tc, unshare and nsenter, mount
+PKGS+=(iproute2 util-linux mount)
 
 missing=()
 for p in "${PKGS[@]}"; do
