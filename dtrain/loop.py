@@ -237,8 +237,11 @@ class Trainer:
                 result = self.step_fn(features, captions, B, lr, stop=self._stop_requested(), check=check)
             except NonFiniteError as exc:  # not applied: parameters are still those of self.step
                 last = checkpoint.latest_checkpoint(self.ckpt_dir) if comm.is_root else None
+                # no update yet: the learning rate cannot be the cause, the data (or init) are
+                hint = ("check the data: no update had been applied yet" if self.step == 0
+                        else "lower --lr?")
                 raise UserError(f"step {self.step + 1}: {exc}; the step was not applied and training "
-                                f"stopped; last good checkpoint: {last or 'none'} (lower --lr?)") from None
+                                f"stopped; last good checkpoint: {last or 'none'} ({hint})") from None
             self.step += 1
             self.progress.completed(self.step, self._resume_point())  # diagnostics: what a stall saves
             if self.tracer is not None:

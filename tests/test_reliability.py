@@ -333,3 +333,77 @@ def test_scancel_signal_term_checkpoints_and_ends_without_requeue(slurm_cluster,
     m = re.search(r"received SIGTERM: checkpoint \S+ written at step (\d+); exiting with code 75", text)
     assert m, text
     assert int(load_checkpoint(latest_checkpoint(ckpt))["step"]) == int(m.group(1))
+
+
+# ------------------------------------------------------------------ misleading or degenerate data
+def _variant(src, dst, features=None, train_captions=None, val_rows=None):
+    """A copy of the data set ``src`` with one thing changed."""
+    import shutil
+
+    import h5py
+
+    shutil.copytree(src, dst)
+    if features is not None:
+        for split in ("train", "val"):
+            with h5py.File(dst / f"{split}2014_vgg16_fc7_pca.h5", "r+") as f:
+                old = f["features"][...]
+                del f["features"]
+                f["features"] = features(old)
+    with h5py.File(dst / "coco2014_captions.h5", "r+") as f:
+        if train_captions is not None:
+            caps = f["train_captions"][...]
+            f["train_captions"][...] = train_captions(caps)
+        if val_rows is not None:
+            for key in ("val_captions", "val_image_idxs"):
+                kept = f[key][...][:val_rows]
+                del f[key]
+                f[key] = kept
+    return dst
+
+
+def _beyond_float32(old):
+    new = old.astype(np.float64)
+    new[3, 5] = 1e300
+    return new
+
+
+def test_features_beyond_float32_are_refused_by_data_check_and_train(tiny_data, tmp_path):
+    data = _variant(tiny_data, tmp_path / "big", features=_beyond_float32)
+    where = f"{data / 'train2014_vgg16_fc7_pca.h5'}: features: expected finite values, got 1e+300 at row 3, column 5"
+    for argv in (["data", "check", data], ["train", "--data", data, "--checkpoint-dir", tmp_path / "ck",
+                                           *SMALL, "--steps", 3]):
+        p = run_dtrain(None, *argv, check=False, timeout=60)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+        assert where in lines[0] and "float32" in lines[0], lines
+    assert not list((tmp_path / "ck").glob("ckpt-*"))
+
+
+def test_non_finite_first_step_blames_the_data_not_the_lr(tiny_data, tmp_path):
+    """Features of 3e38 are float32, but overflow in the first step: "check the data"."""
+    data = _variant(tiny_data, tmp_path / "huge", features=lambda old: np.full_like(old, 3e38))
+    p = run_dtrain(None, "train", "--data", data, "--checkpoint-dir", tmp_path / "ck", *SMALL,
+                   "--steps", 3, check=False, timeout=60)
+    assert p.returncode == 2 and "step 1:" in p.stderr, p.stderr[-2000:]
+    assert "check the data" in p.stderr and "--lr" not in p.stderr, p.stderr
+
+
+def _no_words(caps):
+    caps[:, 1:] = 0  # <START> then <NULL>: nothing to predict
+    return caps
+
+
+@pytest.mark.parametrize("change,key", [
+    (dict(train_captions=_no_words), "train_captions: expected captions with words"),
+    (dict(val_rows=0), "val_captions: expected at least one validation caption"),
+    (dict(features=lambda old: old[:, :0]), "features: expected at least one feature per image"),
+], ids=["no-training-tokens", "no-val-captions", "zero-width-features"])
+def test_degenerate_data_is_refused_in_one_line(tiny_data, tmp_path, change, key):
+    from dtrain.data.coco import CocoData, DataError
+
+    data = _variant(tiny_data, tmp_path / "d", **change)
+    with pytest.raises(DataError) as err:
+        CocoData(data)
+    assert key in str(err.value) and "\n" not in str(err.value), err.value
+    p = run_dtrain(None, "data", "check", data, check=False, timeout=60)
+    assert p.returncode == 2 and key in p.stderr and "ok" not in p.stdout, (p.stdout, p.stderr)

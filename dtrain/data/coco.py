@@ -28,6 +28,7 @@ SPECIAL_TOKENS = ("<NULL>", "<START>", "<END>", "<UNK>")
 CAPTIONS_FILE = "coco2014_captions.h5"
 VOCAB_FILE = "coco2014_vocab.json"
 SPLITS = ("train", "val")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def feature_file(split: str, pca_features: bool = True) -> str:
@@ -205,16 +206,24 @@ class Split:
             self._file = self._ds = None
 
     def _scan_features(self, keep: bool):
-        """Check every feature is finite, reading ~32 MiB at a time; keep them if asked."""
+        """Check every feature is finite in float32 (what training computes in), reading ~32 MiB
+        at a time; keep them if asked. A float64 value beyond float32's range would become inf."""
         ds, path = self._ds, self._features_path
+        if self.feature_dim == 0:
+            raise _fail(path, "features", "at least one feature per image",
+                        f"shape {ds.shape} (zero-width features: the model would train without images)")
         rows = max(1, (32 << 20) // max(1, 4 * self.feature_dim))
         out = np.empty((self.num_images, self.feature_dim), np.float32) if keep else None
         for start in range(0, self.num_images, rows):
             block = _read(ds, path, "features", np.s_[start:start + rows])
-            if not np.isfinite(block).all():
-                bad = np.argwhere(~np.isfinite(block))[0]
+            bad = ~(np.abs(block) <= FLOAT32_MAX)  # NaN, inf, or beyond float32 (also NaN-safe)
+            if bad.any():
+                r, c = (int(i) for i in np.argwhere(bad)[0])
+                value = float(block[r, c])
+                beyond = (f" (beyond float32's range, |x| <= {FLOAT32_MAX:.3g}: it would be inf "
+                          "in training)") if np.isfinite(value) else ""
                 raise _fail(path, "features", "finite values",
-                            f"{block[tuple(bad)]} at row {start + int(bad[0])}")
+                            f"{value!r} at row {start + r}, column {c}{beyond}")
             if keep:
                 out[start:start + len(block)] = block
         return out
@@ -301,6 +310,7 @@ class CocoData:
                             self._splits["val"].feature_dim)
             if max_train is not None:
                 self._subsample_train(int(max_train), max_train_seed)
+            self._check_not_degenerate()
         except BaseException:
             self.close()
             raise
@@ -338,6 +348,20 @@ class CocoData:
         if split.urls is not None and len(split.urls) != split.num_images:
             raise _fail(self.data_dir / urls_file(split.name), "(lines)",
                         f"{split.num_images} URLs (one per feature row)", len(split.urls))
+
+    def _check_not_degenerate(self):
+        """Data that would train or evaluate on nothing, and report it as success, is refused:
+        no target token in any training caption (loss 0.0000, 0 tok/s) or no validation
+        caption (a val loss over nothing)."""
+        path = self.data_dir / CAPTIONS_FILE
+        null = self.word_to_idx["<NULL>"]
+        train, val = self._splits["train"], self._splits["val"]
+        if not (train.captions[:, 1:] != null).any():
+            raise _fail(path, "train_captions", "captions with words to predict after <START>",
+                        f"{train.num_captions} captions, none with a word or <END> after <START>")
+        if val.num_captions == 0 or not (val.captions[:, 1:] != null).any():
+            raise _fail(path, "val_captions", "at least one validation caption with words "
+                        "(val loss and BLEU need them)", f"{val.num_captions} captions without any")
 
     def _read_urls(self, name):
         path = self.data_dir / urls_file(name)
