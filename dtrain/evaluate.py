@@ -20,8 +20,8 @@ def _chunks(rows):
     return [c for c in np.array_split(rows, max(1, math.ceil(len(rows) / CHUNK))) if c.size]
 
 
-def evaluate(model, comm, split, idx_to_word, eval_captions, eval_images, max_length, should_stop=None,
-             beam_size=1, length_penalty=0.0):
+def evaluate(model, comm, split, idx_to_word, eval_captions, eval_images, max_length,
+             should_stop=None, beam_size=1, length_penalty=0.0):
     """Val loss and the caption metrics with the val set sharded across ranks.
 
     Each rank computes the loss of its block of captions and decodes captions

@@ -154,8 +154,8 @@ class RunLog:
                  + (" [stopped early by a signal]" if res.get("stopped") else ""))
         self.record({"kind": "eval", "step": step, "val_loss": res["val_loss"],
                      "val_loss_per_token": res["val_loss_per_token"], "bleu1": b[0], "bleu2": b[1],
-                     "bleu3": b[2], "bleu4": b[3], **{k: v for k, v in more.items() if v is not None},
-                     "final": final, "stopped": bool(res.get("stopped"))})
+                     "bleu3": b[2], "bleu4": b[3],
+                     **{k: v for k, v in more.items() if v is not None}, "final": final, "stopped": bool(res.get("stopped"))})
         if self.tensorboard is not None and not res.get("stopped"):
             self._tensorboard_eval(res, step, more)
         if final:

@@ -1,5 +1,6 @@
-"""`dtrain sample` and `dtrain evaluate`: a checkpoint's captions (greedy or beam search), loss and
-the COCO caption metrics, on any number of ranks; `evaluate --results-out` writes a COCO results file."""
+"""`dtrain sample` and `dtrain evaluate`: a checkpoint's captions (greedy or beam search), loss
+and the COCO caption metrics, on any number of ranks; `evaluate --results-out` writes a COCO
+results file, `--html-out` a page of captions beside their references."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def add_parsers(sub):
             q.add_argument("--eval-images", type=int, default=1000)
             q.add_argument("--eval-captions", type=int, default=5000)
             q.add_argument("--results-out", default=None,
-                           help='write the captions as a COCO results file [{"image_id", "caption"}]')
+                           help="write the captions as a COCO results file "
+                                '[{"image_id", "caption"}]')
             q.add_argument("--html-out", default=None,
                            help="write an HTML page of the first 100 sampled captions beside "
                                 "their references, with the metrics")
@@ -58,8 +60,8 @@ def add_parsers(sub):
 
 def validate_args(args):
     """Every flag checked before any work: one line naming the flag."""
-    checks = [("--max-length", args.max_length, 1), ("--threads-per-rank", args.threads_per_rank, 1),
-              ("--beam-size", args.beam_size, 1)]
+    checks = [("--max-length", args.max_length, 1),
+              ("--threads-per-rank", args.threads_per_rank, 1), ("--beam-size", args.beam_size, 1)]
     if args.command == "sample":
         checks.append(("-n/--num", args.num, 1))
     else:
@@ -68,7 +70,8 @@ def validate_args(args):
         if value is not None and value < lowest:
             raise UserError(f"{flag}: expected an integer >= {lowest}, got {value}")
     if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
-        raise UserError(f"--length-penalty: expected a finite number >= 0, got {args.length_penalty}")
+        raise UserError(f"--length-penalty: expected a finite number >= 0, "
+                        f"got {args.length_penalty}")
     for flag in ("--results-out", "--html-out"):
         out = getattr(args, flag[2:].replace("-", "_"), None)
         if out is None:
