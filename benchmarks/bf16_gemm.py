@@ -45,6 +45,11 @@ SHAPES = [
     ("dWh = h^T d", 512, 2048, 2048, True, False, 0.0),
     ("dWvocab = h^T dscores", 512, 1600, 1004, True, False, 0.0),
 ]
+# calls of each shape in one training step (T = 16: the recurrent GEMMs once per time step,
+# each at all 128 rows, though captions that have ended drop out: an upper estimate)
+STEP_CALLS = {"input proj x Wx": 1, "recurrent h Wh (+=)": 16, "vocab scores": 1,
+              "recurrent bwd d Wh^T": 16, "dx = d Wx^T": 1, "dh = dscores Wv^T": 1,
+              "dWx = x^T d": 1, "dWh = h^T d": 1, "dWvocab = h^T dscores": 1}
 LIBRARIES = ["openblas-sgemm", "mkl-sgemm", "mkl-bf16", "onednn-gemm-bf16", "onednn-matmul-bf16"]
 ISA_CAPS = {  # --isa: (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, OPENBLAS_CORETYPE)
     "avx512_bf16": ("AVX512_E3", "AVX512_CORE_BF16", "COOPERLAKE"),
@@ -184,15 +189,18 @@ class OneDnn:
 
 
 def median_call_s(run, budget_s):
-    """Median seconds of one call: two calls to warm up, then calls until budget_s (5 at least)."""
+    """Median seconds of one call, wall-clock and CPU time of this process (all its threads):
+    two calls to warm up, then calls until budget_s (5 at least). On one pinned core shared
+    with other people's work, the CPU time leaves out the time they had the core."""
     run()
     run()
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
+    wall, cpu, start = [], [], time.perf_counter()
+    while len(wall) < 5 or time.perf_counter() - start < budget_s:
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def worker(library, budget_s):
@@ -224,8 +232,10 @@ def worker(library, budget_s):
             run = functools.partial(dnn.gemm, a, b, c, ta, tb, beta)
         else:
             run = dnn.matmul(a, b, c, ta, tb, beta)
-        s = median_call_s(run, budget_s)
-        out["results"][label] = {"s": s, "gflops": 2.0 * M * K * N / s / 1e9}
+        s, cpu_s = median_call_s(run, budget_s)
+        flop = 2.0 * M * K * N
+        out["results"][label] = {"s": s, "gflops": flop / s / 1e9, "cpu_s": cpu_s,
+                                 "cpu_gflops": flop / max(cpu_s, 1e-9) / 1e9}
     if library == "onednn-matmul-bf16":
         out["impl"] = sorted(set(dnn.impl.values()))
     print(json.dumps(out), flush=True)
@@ -274,18 +284,24 @@ def run_rounds(libraries, threads, rounds, budget_s, env):
     return {lib: r for lib, r in runs.items() if r}
 
 
-def table(runs, threads):
-    """Markdown: GFLOP/s per shape and library (median over rounds, [lowest-highest])."""
+def table(runs, threads, metric="gflops"):
+    """Markdown: GFLOP/s per shape and library (median over rounds, [lowest-highest]), and
+    the milliseconds of one step's GEMMs (STEP_CALLS of each shape, medians)."""
     libs = list(runs)
-    lines = [f"| M x K x N ({threads} thread{'s' * (threads > 1)}) | " + " | ".join(libs) + " |",
-             "|---" * (len(libs) + 1) + "|"]
+    clock = "CPU time" if metric == "cpu_gflops" else "wall clock"
+    lines = [f"| M x K x N ({threads} thread{'s' * (threads > 1)}, {clock}) | "
+             + " | ".join(libs) + " |", "|---" * (len(libs) + 1) + "|"]
+    step_ms = dict.fromkeys(libs, 0.0)
     for label, M, K, N, ta, tb, beta in SHAPES:
         cells = []
         for lib in libs:
-            g = sorted(r["results"][label]["gflops"] for r in runs[lib])
+            g = sorted(r["results"][label][metric] for r in runs[lib])
             cells.append(f"{statistics.median(g):.0f} [{g[0]:.0f}-{g[-1]:.0f}]")
+            step_ms[lib] += STEP_CALLS.get(label, 0) * 2e-6 * M * K * N / statistics.median(g)
         op = f"{'T' if ta else 'N'}{'T' if tb else 'N'}{', beta=1' if beta else ''}"
         lines.append(f"| {M}x{K}x{N} {op} ({label}) | " + " | ".join(cells) + " |")
+    lines.append("| one step's GEMMs, ms (x16 recurrent, all 128 rows: an upper estimate) | "
+                 + " | ".join(f"{step_ms[lib]:.1f}" for lib in libs) + " |")
     return "\n".join(lines)
 
 
@@ -298,9 +314,19 @@ def main(argv=None):
     ap.add_argument("--libraries", nargs="+", default=LIBRARIES, choices=LIBRARIES)
     ap.add_argument("--isa", choices=sorted(ISA_CAPS), help="cap the dispatched instruction set")
     ap.add_argument("--json", help="write every round's numbers here")
+    ap.add_argument("--render", help="print the tables of a --json file made before")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.budget)
+    if args.render:
+        with open(args.render) as f:
+            report = json.load(f)
+        for t, runs in report["threads"].items():
+            print(table(runs, int(t)))
+            first = next(iter(runs.values()))[0]["results"][SHAPES[0][0]]
+            if int(t) == 1 and "cpu_gflops" in first:
+                print(table(runs, 1, "cpu_gflops"))
+        return None
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if args.isa:
@@ -324,6 +350,8 @@ def main(argv=None):
             loads = [f"{r['load_before']:.2f}" for r in rs]
             print(f"# {lib}: {rs[0]['version']}{extra}; 1-min load before each round {loads}")
         print(table(runs, t), flush=True)
+        if t == 1:
+            print(table(runs, t, "cpu_gflops"), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
