@@ -84,8 +84,10 @@ def evaluate(model, comm, split, idx_to_word, eval_captions, eval_images, max_le
     bleu = [metrics[f"bleu{k}"] for k in range(1, 5)]
     examples = [(decode_captions(all_sampled[i], idx_to_word), [" ".join(r) for r in refs[i]])
                 for i in range(0 if stopped else min(5, n_done))]
-    return {"val_loss": float(totals[0]) / max(n_caps, 1),
-            "val_loss_per_token": float(totals[0]) / max(float(totals[1]), 1.0),
+    # a loss over zero tokens, or over the part a stop left done, is no val loss (None), never 0
+    known = not stopped and totals[1] > 0
+    return {"val_loss": float(totals[0]) / n_caps if known else None,
+            "val_loss_per_token": float(totals[0]) / float(totals[1]) if known else None,
             "bleu": [float(b) for b in bleu], "metrics": metrics, "images": n_done,
             "examples": examples, "sampled": all_sampled, "image_ids": image_ids[:n_done],
             "references": refs[:n_done], "hypotheses": hyps, "stopped": stopped,

@@ -108,7 +108,8 @@ def loss_svg(history, width=760, panel_h=250) -> str:
     x_range = (min(steps, default=0), max(steps, default=1))
     loss_series = [("train loss", train, False)]
     if evals:
-        loss_series.append(("val loss", [(e["step"], e["val_loss"]) for e in evals], True))
+        loss_series.append(("val loss", [(e["step"], e["val_loss"]) for e in evals
+                                         if "val_loss" in e], True))  # none when stopped
     parts = _panel(70, 30, width - 100, panel_h, loss_series, resumes, x_range,
                    "loss", "loss (sum over tokens / captions)")
     metric_series = [(name, [(e["step"], e[key]) for e in evals if key in e], True)

@@ -141,19 +141,21 @@ class RunLog:
         return loss
 
     def evaluation(self, res, step, final):
-        self.history["val_step"].append(step)
-        self.history["val_loss"].append(res["val_loss"])
+        if res["val_loss"] is not None:  # None: stopped early, or no tokens (dtrain.evaluate)
+            self.history["val_step"].append(step)
+            self.history["val_loss"].append(res["val_loss"])
         b = res["bleu"]
         more = {k: res.get("metrics", {}).get(k) for k in ("rouge_l", "cider_d")}
         shown = "".join(f" {name} {more[k]:.3f}" for k, name in (("rouge_l", "ROUGE-L"),
                                                                  ("cider_d", "CIDEr-D"))
                         if more[k] is not None)
-        self.say(f"eval @ step {step}: val loss {res['val_loss']:.4f} "
-                 f"({res['val_loss_per_token']:.4f}/token) | BLEU-1 {b[0]:.3f} BLEU-2 {b[1]:.3f} "
+        loss = ("n/a" if res["val_loss"] is None
+                else f"{res['val_loss']:.4f} ({res['val_loss_per_token']:.4f}/token)")
+        self.say(f"eval @ step {step}: val loss {loss} | BLEU-1 {b[0]:.3f} BLEU-2 {b[1]:.3f} "
                  f"BLEU-3 {b[2]:.3f} BLEU-4 {b[3]:.3f}{shown} ({res['images']} images)"
                  + (" [stopped early by a signal]" if res.get("stopped") else ""))
-        self.record({"kind": "eval", "step": step, "val_loss": res["val_loss"],
-                     "val_loss_per_token": res["val_loss_per_token"], "bleu1": b[0], "bleu2": b[1],
+        losses = {k: res[k] for k in ("val_loss", "val_loss_per_token") if res[k] is not None}
+        self.record({"kind": "eval", "step": step, **losses, "bleu1": b[0], "bleu2": b[1],
                      "bleu3": b[2], "bleu4": b[3],
                      **{k: v for k, v in more.items() if v is not None}, "final": final, "stopped": bool(res.get("stopped"))})
         if self.tensorboard is not None and not res.get("stopped"):
@@ -164,8 +166,8 @@ class RunLog:
 
     def _tensorboard_eval(self, res, step, more):
         b = res["bleu"]
-        self.tensorboard.scalars(step, {"val/loss": res["val_loss"],
-                                        "val/loss_per_token": res["val_loss_per_token"],
+        losses = {"val/loss": res["val_loss"], "val/loss_per_token": res["val_loss_per_token"]}
+        self.tensorboard.scalars(step, {**{k: v for k, v in losses.items() if v is not None},
                                         **{f"val/bleu{k + 1}": b[k] for k in range(4)},
                                         **{f"val/{k}": v for k, v in more.items()}})
         rows = [f"| {hyp} | {' / '.join(refs[:3])} |" for hyp, refs in res["examples"][:5]]

@@ -85,9 +85,10 @@ def test_sigterm_during_final_evaluation_stops_it(tiny_data, tmp_path):
     p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 5,
                    env={"DTRAIN_FAULT": "signal@1:eval"}, check=False, timeout=120)
     assert p.returncode == 75, p.stderr[-2000:]
-    assert "during the final evaluation" in p.stdout
+    assert "during the final evaluation" in p.stderr
     final = [r for r in records(tmp_path, "eval") if r["final"]]
     assert final and final[-1]["stopped"]
+    assert "val_loss" not in final[-1] and "val_loss_per_token" not in final[-1]  # a partial sum
     assert int(load_checkpoint(latest_checkpoint(tmp_path))["step"]) == 5
 
 
@@ -407,3 +408,11 @@ def test_degenerate_data_is_refused_in_one_line(tiny_data, tmp_path, change, key
     assert key in str(err.value) and "\n" not in str(err.value), err.value
     p = run_dtrain(None, "data", "check", data, check=False, timeout=60)
     assert p.returncode == 2 and key in p.stderr and "ok" not in p.stdout, (p.stdout, p.stderr)
+
+
+def test_val_loss_over_no_captions_is_not_available_never_zero(tiny_data, tmp_path):
+    p = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 2,
+                   "--eval-captions", 0, "--eval-images", 0, timeout=120)
+    assert "val loss n/a" in p.stdout and "val loss 0.0000" not in p.stdout, p.stdout[-2000:]
+    final = records(tmp_path, "eval")[-1]
+    assert final["final"] and "val_loss" not in final
