@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -344,3 +346,44 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
     assert "[node1: ranks 0 local 0 x 1 thread(s); node3: ranks 1 local 0" in text2, text2
     assert re.search(rf"resumed from \S+ at step {stalled_at}\b", text2), text2
     _assert_bitwise(_state(ckpt), reference)
+
+
+# ---------------------------------------------------------------- stop.sh after a crash
+
+
+def test_stop_removes_hosts_links_and_processes_after_a_crash(hosts, tmp_path_factory):
+    """A second, small cluster: a job-like process left on node2, slurmd and munged
+    killed (-9) as in a crash; stop.sh still removes every daemon, process, link and
+    host it made."""
+    import local_cluster
+
+    root = Path(tempfile.mkdtemp(prefix="dtrain-slurm-crash-"))
+    root.chmod(0o755)
+    cluster = local_cluster.Cluster(root, 2)
+    try:
+        cluster.start()
+        net_id = re.search(r"NET_ID=(\d+)", (root / "hosts" / "state").read_text()).group(1)
+        holders = [int((root / "hosts" / f"node{i}.pid").read_text()) for i in (1, 2)]
+        left = subprocess.Popen([str(local_cluster.CLUSTER / "on-node.sh"), "node2", "sleep", "600"],
+                                env=dict(cluster.env, SLURM_ROOT=str(root)))
+        daemons = [int((root / f).read_text()) for f in ("slurmd-node1.pid", "munge/munged.pid")]
+        for pid in daemons:
+            os.kill(pid, 9)
+        cluster.stop()
+        left.wait(timeout=30)  # ended by stop.sh, inside node2
+        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+        assert f"dt{net_id}" not in links, links
+        for pid in holders + daemons:
+            assert not Path(f"/proc/{pid}").exists() or _zombie(pid), pid
+        assert not (root / "hosts" / "state").exists()
+        assert not list(root.glob("*.pid"))
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _zombie(pid) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
