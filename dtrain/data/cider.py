@@ -13,14 +13,14 @@ references, not from a fixed corpus. For a hypothesis c and reference s:
 is the number of *bigrams* of the caption, as in the COCO code (its ``length`` counts the
 n-grams with n == 2). An image scores 10 * mean_n(sum_s sim_n(c, s)) / (number of its
 references); the corpus score is the mean over images. The arithmetic is done in the same
-order as there, so the results agree to rounding.
+order as there (with Python's math in place of NumPy's scalar functions), so the results
+agree to rounding.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-
-import numpy as np
 
 from .bleu import ngram_counts
 
@@ -36,33 +36,36 @@ def document_frequency(references, max_n=MAX_N) -> Counter:
     return df
 
 
-def tfidf_vector(counts, df, log_m, max_n=MAX_N):
-    """(weights per n: [{gram: tf * idf}], norms per n, number of bigrams)."""
+def tfidf_vector(counts, log_df, log_m, max_n=MAX_N):
+    """(weights per n: [{gram: tf * idf}], norms per n, number of bigrams); ``log_df(gram)``
+    is log(max(1, df(gram)))."""
     vec = [{} for _ in range(max_n)]
     norm = [0.0] * max_n
     length = 0
     for gram, tf in counts.items():
         n = len(gram) - 1
-        weight = float(tf) * (log_m - np.log(max(1.0, df.get(gram, 0.0))))
+        weight = float(tf) * (log_m - log_df(gram))
         vec[n][gram] = weight
-        norm[n] += pow(weight, 2)
+        norm[n] += weight * weight
         if n == 1:
             length += tf
-    return vec, [np.sqrt(v) for v in norm], length
+    return vec, [math.sqrt(v) for v in norm], length
 
 
 def similarity(hyp, ref, sigma=SIGMA):
-    """sim_n of two tfidf_vector results, n = 1..max_n (a numpy array)."""
+    """[sim_n for n = 1..max_n] of two tfidf_vector results."""
     (vec_h, norm_h, len_h), (vec_r, norm_r, len_r) = hyp, ref
     delta = float(len_h - len_r)
-    val = np.zeros(len(vec_h))
+    penalty = math.exp(-(delta ** 2) / (2 * sigma ** 2))
+    val = [0.0] * len(vec_h)
     for n in range(len(vec_h)):
+        ref_n = vec_r[n]
         for gram, weight in vec_h[n].items():
-            ref_weight = vec_r[n].get(gram, 0.0)
+            ref_weight = ref_n.get(gram, 0.0)
             val[n] += min(weight, ref_weight) * ref_weight
         if norm_h[n] != 0 and norm_r[n] != 0:
             val[n] /= norm_h[n] * norm_r[n]
-        val[n] *= np.e ** (-(delta ** 2) / (2 * sigma ** 2))
+        val[n] *= penalty
     return val
 
 
@@ -75,13 +78,22 @@ def corpus_cider_d(hypotheses, references, max_n=MAX_N, sigma=SIGMA):
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
     df = document_frequency(references, max_n)
-    log_m = np.log(float(len(references)))
+    log_df_cache = {}
+
+    def log_df(gram):
+        value = log_df_cache.get(gram)
+        if value is None:
+            value = log_df_cache[gram] = math.log(max(1.0, df.get(gram, 0.0)))
+        return value
+
+    log_m = math.log(float(len(references)))
     scores = []
     for hyp, refs in zip(hypotheses, references):
-        h = tfidf_vector(ngram_counts(hyp, max_n), df, log_m, max_n)
-        total = np.zeros(max_n)
+        h = tfidf_vector(ngram_counts(hyp, max_n), log_df, log_m, max_n)
+        total = [0.0] * max_n
         for ref in refs:
-            total += similarity(h, tfidf_vector(ngram_counts(ref, max_n), df, log_m, max_n),
-                                sigma)
-        scores.append(float(np.mean(total) / len(refs) * 10.0))
-    return float(np.mean(np.array(scores))), scores
+            sim = similarity(h, tfidf_vector(ngram_counts(ref, max_n), log_df, log_m, max_n),
+                             sigma)
+            total = [t + v for t, v in zip(total, sim)]
+        scores.append(sum(total) / max_n / len(refs) * 10.0)
+    return sum(scores) / len(scores), scores
