@@ -1,11 +1,12 @@
 """Every training flag is checked before any work: one ValueError line naming the flag."""
 
+import argparse
 import dataclasses
 import math
 
 import pytest
 
-from dtrain.cli import build_parser
+from dtrain.cli import LIMITS, build_parser, check_numbers, numeric_flags
 from dtrain.config import TrainConfig, config_from_args
 
 
@@ -121,3 +122,70 @@ def test_direct_construction_is_validated_too():
         TrainConfig(lr=math.nan).validate()
     with pytest.raises(ValueError, match="^--keep-checkpoints: "):
         TrainConfig(keep_checkpoints=2.5).validate()
+
+
+# ------------------------------------------------------------------ every flag of every subcommand
+TREE = build_parser()
+FLAGS = numeric_flags(TREE)
+
+
+def test_every_numeric_flag_of_every_subcommand_has_a_range():
+    """A new numeric flag anywhere in the parser tree must get a range in cli.LIMITS."""
+    table = {(where, flag) for where, flags in LIMITS.items() for flag in flags}
+    assert set(FLAGS) == table, (set(FLAGS) - table, table - set(FLAGS))
+
+
+def _required_argv(path):
+    """The subcommand's argv with a placeholder for every required option and positional."""
+    parser = TREE
+    for name in path.split():
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subparsers.choices[name]
+    argv = path.split()
+    for action in parser._actions:
+        if action.option_strings and action.required:
+            argv += [action.option_strings[-1], "x"]
+        elif not action.option_strings and action.nargs is None:
+            argv.append("x")
+    return argv
+
+
+def _hostile_values(low, high, kind):
+    """Values just outside the range (and non-finite ones for floats)."""
+    if kind is float:
+        out = ["nan", "inf", "-inf", repr(low - 1.0) if (low, high) != (0.0, None) else "0"]
+        return out + ([repr(high * 10)] if high is not None else [])
+    return [str(low - 1)] + ([str(high + 1), "1000000000000000000000"] if high is not None else [])
+
+
+CASES = [(where, flag, value) for (where, flag), action in FLAGS.items()
+         for value in _hostile_values(*LIMITS[where][flag], action.type)]
+
+
+@pytest.mark.parametrize("where,flag,value", CASES, ids=[f"{w}:{f}={v}" for w, f, v in CASES])
+def test_every_flag_refuses_values_out_of_range_before_work(where, flag, value):
+    args = TREE.parse_args([*_required_argv(where), f"{flag}={value}"])
+    text = check_numbers(TREE, args)
+    assert text is not None and "\n" not in text, (flag, value, text)
+    assert flag in text.split(":")[0] and "expected" in text, text
+
+
+@pytest.mark.parametrize("where,flag", sorted(FLAGS), ids=[f"{w}:{f}" for w, f in sorted(FLAGS)])
+def test_every_flag_accepts_its_bounds(where, flag):
+    low, high = LIMITS[where][flag]
+    kind = FLAGS[(where, flag)].type
+    for value in ([low + 0.5] if (kind is float and (low, high) == (0.0, None)) else [low]) + (
+            [high] if high is not None else []):
+        args = TREE.parse_args([*_required_argv(where), f"{flag}={value}"])
+        assert check_numbers(TREE, args) is None, (flag, value)
+
+
+def test_huge_max_length_is_one_line_before_any_work(tmp_path):
+    from dtrain_run import run_dtrain
+
+    for argv in (["sample", "--checkpoint", tmp_path / "x.h5"],
+                 ["train", "--checkpoint-dir", tmp_path / "ck", "--steps", 1]):
+        p = run_dtrain(None, *argv, "--max-length", 10**12, check=False, timeout=60)
+        assert p.returncode == 2 and p.stderr.strip() == (
+            "dtrain: error: --max-length: expected an integer in [1, 4096], got 1000000000000"), p.stderr
+    assert not (tmp_path / "ck").exists()
