@@ -9,9 +9,12 @@ place across ``MPI_Init``:
 * :func:`install` (the first thing ``dtrain train`` does) records the first
   signal here instead of letting it kill the process;
 * MPICH's ``MPI_Init`` installs its own SIGUSR1 handler, and UCX one for
-  SIGHUP (its debug signal), which would swallow the signal. :func:`mpi_init`
-  blocks the stop signals while MPI starts, puts Python's handlers back and
-  unblocks them: a signal that came meanwhile is delivered then, to us.
+  SIGHUP (its debug signal), which would swallow the signal. So ``install``
+  also blocks the stop signals, before any thread exists: every thread
+  started later (OpenBLAS's, Numba's, MPI's) inherits the mask and never takes
+  one. :func:`mpi_init` puts Python's handlers back after MPI has started and
+  unblocks them in the main thread only: a signal that came meanwhile is
+  delivered then, to us, and every later one reaches the main thread.
   MPICH's and UCX's uses of these signals are given up (dtrain owns them);
 * the training loop registers with :func:`on_stop` once it can act on a
   signal; one that came earlier (while data loaded, say) is handed over then;
@@ -76,9 +79,11 @@ def request_stop(name: str, signum: int = signal.SIGHUP, why: str | None = None)
 
 
 def install() -> None:
-    """Handlers for every stop signal, and output guards (idempotent; main thread only)."""
+    """Handlers for every stop signal, blocked until :func:`mpi_init` (a signal meanwhile
+    waits, pending), and output guards. Call it before any thread starts (main thread)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handle)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     _state["installed"] = True
     guard_output()
 
@@ -87,20 +92,20 @@ def install() -> None:
 def mpi_init():
     """Around the code that starts MPI: no stop signal is lost to MPI's own handlers.
 
-    The stop signals are blocked (threads that MPI starts inherit the mask, so they never
-    take one), Python's handlers are re-installed afterwards, and then a pending signal is
-    delivered to them.
+    The stop signals stay blocked while MPI starts (threads it starts inherit the mask, so
+    they never take one); Python's handlers are re-installed afterwards, and then the main
+    thread unblocks them: a pending signal is delivered to our handler now.
     """
     if not _state["installed"] or threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         for sig in STOP_SIGNALS:
             signal.signal(sig, _handle)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def on_stop(callback) -> None:
