@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend, checkpoint, signals, testhooks
+from .checkpoint_readers import load_newest_verified
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import evaluate
@@ -114,8 +115,8 @@ class Trainer:
 
     def _init_from(self):
         """--init-from: a new run (fresh Adam state and sampler) from a checkpoint's parameters."""
-        path = checkpoint.resolve_resume(self.cfg.init_from, self.ckpt_dir)
-        ckpt = checkpoint.load_checkpoint(path, required=("params", "vocab"))
+        path, ckpt = load_newest_verified(self.cfg.init_from, self.ckpt_dir, "--init-from",
+                                          required=("params", "vocab"), say=self.log.say)
         checkpoint.check_compatible(ckpt, self.model.shapes, self.data.idx_to_word)
         for name in self.model.shapes:
             self.model.params[name] = np.asarray(ckpt["params"][name])

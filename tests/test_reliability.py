@@ -416,3 +416,55 @@ def test_val_loss_over_no_captions_is_not_available_never_zero(tiny_data, tmp_pa
     assert "val loss n/a" in p.stdout and "val loss 0.0000" not in p.stdout, p.stdout[-2000:]
     final = records(tmp_path, "eval")[-1]
     assert final["final"] and "val_loss" not in final
+
+
+# ------------------------------------------------------------------ checkpoint readers
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, tiny_data):
+    ck = tmp_path_factory.mktemp("readers") / "ck"
+    run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", ck, *SMALL, "--steps", 4,
+               "--checkpoint-every", 2, "--eval-images", 0, "--eval-captions", 0)
+    return ck
+
+
+def test_sample_and_evaluate_latest_skip_a_damaged_newest_checkpoint(two_checkpoints, tmp_path):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(two_checkpoints, ck)
+    newest = ck / "ckpt-00000004.h5"
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    for argv in (["sample", "-n", 2], ["evaluate", "--eval-images", 2, "--eval-captions", 8]):
+        p = run_dtrain(None, *argv, "--checkpoint", "latest", "--checkpoint-dir", ck, timeout=120)
+        assert f"--checkpoint latest: skipped {newest}" in p.stderr, p.stderr
+        assert "ckpt-00000002.h5" in p.stdout, p.stdout
+    assert newest.exists()  # a reader names it, and leaves the training's directory alone
+
+
+def test_checkpoint_deleted_while_read_is_chosen_again_not_called_damaged(two_checkpoints, tmp_path,
+                                                                          monkeypatch):
+    """The race of `sample --checkpoint latest` beside a training with --keep-checkpoints 1: the
+    newest file is pruned (and a newer one written) while it is read."""
+    import shutil
+
+    import dtrain.checkpoint_readers as readers
+
+    ck = tmp_path / "ck"
+    shutil.copytree(two_checkpoints, ck)
+    (ck / "ckpt-00000002.h5").unlink()
+    real = readers.checkpoint.load_checkpoint
+    seen = []
+
+    def pruned_during_load(path, required=()):
+        seen.append(path.name)
+        if path.name == "ckpt-00000004.h5":
+            shutil.copy(path, ck / "ckpt-00000006.h5")  # the training's next checkpoint
+            path.unlink()  # and its retention
+        return real(path, required)
+
+    monkeypatch.setattr(readers.checkpoint, "load_checkpoint", pruned_during_load)
+    path, state = readers.load_newest_verified("latest", ck, "--checkpoint", required=("params",))
+    assert path.name == "ckpt-00000006.h5" and seen == ["ckpt-00000004.h5", "ckpt-00000006.h5"]
+    assert "params" in state

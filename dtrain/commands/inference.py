@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import backend, checkpoint
 from ..captions_html import write_captions_page
+from ..checkpoint_readers import load_newest_verified
 from ..config import TrainConfig
 from ..data.coco import decode_captions
 from ..data.coco_results import split_image_ids, write_results
@@ -83,20 +84,16 @@ def validate_args(args):
             raise UserError(f"{flag}: expected a file in an existing directory, got {out}")
 
 
-def _resolve_checkpoint(args):
-    """The checkpoint file --checkpoint names; errors name --checkpoint (not --resume)."""
-    try:
-        return checkpoint.resolve_resume(args.checkpoint, Path(args.checkpoint_dir))
-    except checkpoint.CheckpointError as exc:
-        raise checkpoint.CheckpointError(str(exc).replace("--resume", "--checkpoint")) from None
+def _warn(line):
+    print(f"dtrain: warning: {line}", file=sys.stderr, flush=True)
 
 
 def load_for_inference(args, comm):
     info = None
     ckpt = None
     if comm.is_root:
-        path = _resolve_checkpoint(args)
-        ckpt = checkpoint.load_checkpoint(path, required=("params", "config", "vocab"))
+        path, ckpt = load_newest_verified(args.checkpoint, args.checkpoint_dir, "--checkpoint",
+                                          required=("params", "config", "vocab"), say=_warn)
         info = {"path": str(path), "config": dict(ckpt["config"])}
     info = comm.bcast_obj(info)
     saved = info["config"]
