@@ -1,5 +1,9 @@
 """--deterministic: bitwise identical training for any number of ranks (real mpiexec)."""
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +13,9 @@ from helpers import final_state
 BASE = ["--batch-size", "48", "--micro-batch", "4", "--deterministic", "--hidden-dim", "12",
         "--wordvec-dim", "8", "--eval-images", "8", "--eval-captions", "16", "--max-length", "6",
         "--lr", "5e-3", "--quiet"]
+
+
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "ckpt-pre-runstate-00000004.h5"
 
 
 def train(data, out, ranks, *extra, timeout=180):
@@ -42,11 +49,31 @@ def test_float32_bitwise_identical_on_1_to_4_ranks(tiny_data, tmp_path, cell):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_resume_on_other_world_size_bitwise(tiny_data, tmp_path, dtype):
-    """Checkpointed on 2 ranks after 8 steps, resumed on 3 to step 16 == 16 steps on 1 rank."""
+    """Checkpointed on 2 ranks after 8 steps, resumed on 3 to step 16 == 16 steps on 1 rank.
+    float32: also resumed from a checkpoint the code before RunState wrote (4 steps on 2 ranks,
+    see test_step.py), on 3 ranks: the same bits (the on-disk format did not change)."""
     train(tiny_data, tmp_path / "full", None, "--steps", 16, "--dtype", dtype)
     train(tiny_data, tmp_path / "split", 2, "--steps", 8, "--dtype", dtype)
     train(tiny_data, tmp_path / "split", 3, "--steps", 16, "--dtype", dtype, "--resume", "latest")
     assert_bitwise_equal(tmp_path / "full", tmp_path / "split")
+    if dtype == "float32":
+        (tmp_path / "old").mkdir()
+        shutil.copy(OLD_CHECKPOINT, tmp_path / "old" / "ckpt-00000004.h5")
+        train(tiny_data, tmp_path / "old", 3, "--steps", 16, "--resume", "latest")
+        starts = [json.loads(line) for line in open(tmp_path / "old" / "metrics.jsonl")]
+        starts = [r for r in starts if r["kind"] == "start"]
+        assert len(starts) == 1 and starts[0]["step"] == 4 and starts[0]["resumed_from"].endswith(
+            "ckpt-00000004.h5")
+        assert_bitwise_equal(tmp_path / "full", tmp_path / "old")
+
+
+def test_non_finite_gradient_names_its_rank(tiny_data, tmp_path):
+    """A NaN on rank 1 is never rounded into the integer sums: the step is not applied and
+    the error names rank 1 alone."""
+    p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *BASE, "--steps", 4,
+                   env={"DTRAIN_FAULT": "nan@1:3"}, check=False, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "step 3:" in p.stderr and "rank(s) [1]" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_float64_bitwise_identical(tiny_data, tmp_path):
