@@ -46,6 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end and on a signal
     keep_checkpoints: int = 3
     resume: str | None = None  # a path or "latest"
+    allow_changed_settings: bool = False  # resume with settings that alter results (resume_settings.py)
     init_from: str | None = None  # a checkpoint whose parameters start a new run
     # distributed
     threads_per_rank: int | None = None
@@ -173,6 +174,8 @@ def add_config_flags(parser: argparse.ArgumentParser):
         "stall_timeout": "seconds ranks may wait for the others in one collective before the job names "
                          "the missing ranks, checkpoints the last completed step and ends (exit 124); "
                          "0 turns it off (default 600)",
+        "allow_changed_settings": "with --resume: continue with settings that change the results "
+                                  "(seed, lr, ...; see dtrain/resume_settings.py), with a warning",
         "trace": "write a Chrome/Perfetto trace (JSON, one track per rank) to this file, and "
                  "timeline.png beside it; open in https://ui.perfetto.dev or chrome://tracing",
         "device": "cpu, gpu or auto",

@@ -33,6 +33,7 @@ from .evaluate import evaluate
 from .nn.gradcheck import finite_difference_check
 from .parallel.sampler import ShardedSampler
 from .parallel.watchdog import Progress, Watchdog
+from .resume_settings import check_resume_settings
 from .runlock import RunLock, check_writable_dir
 from .runlog import DivergenceWatch, Interval, RunLog, fmt_time
 from .runsetup import build_model, open_data
@@ -132,6 +133,8 @@ class Trainer:
         state = checkpoint.RunState.read(path)
         state.check_resumable(self.model.shapes, self.data.idx_to_word, self.fingerprint,
                               self.cfg.batch_size)
+        check_resume_settings(state.config, self.cfg.to_dict(), path, self.cfg.allow_changed_settings,
+                              self.log.say)
         for name in self.model.shapes:
             self.model.params[name] = state.params[name]
         self.adam.load_state_dict({"m": state.adam_m, "v": state.adam_v, "t": state.adam_t})

@@ -468,3 +468,40 @@ def test_checkpoint_deleted_while_read_is_chosen_again_not_called_damaged(two_ch
     path, state = readers.load_newest_verified("latest", ck, "--checkpoint", required=("params",))
     assert path.name == "ckpt-00000006.h5" and seen == ["ckpt-00000004.h5", "ckpt-00000006.h5"]
     assert "params" in state
+
+
+# ------------------------------------------------------------------ resume compares every setting
+def test_resume_with_result_changing_settings_is_refused_or_warned_once(two_checkpoints, tiny_data,
+                                                                         tmp_path):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(two_checkpoints, ck)
+    base = ["train", "--data", tiny_data, "--checkpoint-dir", ck, *SMALL, "--steps", 6, "--resume",
+            "latest", "--eval-images", 0, "--eval-captions", 0]
+    for extra, named in ((["--seed", 5], "--seed 0 -> 5"), (["--replacement"], "--replacement False -> True"),
+                         (["--lr", "0.01"], "--lr 0.002 -> 0.01")):
+        p = run_dtrain(None, *base, *extra, check=False, timeout=60)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and named in lines[0], p.stderr
+        assert "--allow-changed-settings" in lines[0]
+    p = run_dtrain(None, *base, "--seed", 5, "--allow-changed-settings", timeout=120)
+    warned = [ln for ln in p.stdout.splitlines() if "changed settings" in ln]
+    assert len(warned) == 1 and "--seed 0 -> 5" in warned[0], p.stdout[-2000:]
+    assert int(load_checkpoint(latest_checkpoint(ck))["step"]) == 6
+
+
+def test_deterministic_resume_compares_micro_batch_and_threads():
+    from dtrain.config import TrainConfig
+    from dtrain.resume_settings import changed_settings
+
+    saved = TrainConfig(deterministic=True, batch_size=16).to_dict()
+    assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16, steps=9).to_dict()) == []
+    assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16, micro_batch=8,
+                                               threads_per_rank=1).to_dict()) == []  # the defaults
+    assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16,
+                                               micro_batch=4).to_dict()) == ["--micro-batch 8 -> 4"]
+    assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16,
+                                               threads_per_rank=2).to_dict()) == ["--threads-per-rank 1 -> 2"]
+    # without --deterministic, a micro-batch or thread count changes only the rounding
+    assert changed_settings(TrainConfig().to_dict(), TrainConfig(micro_batch=8, threads_per_rank=2).to_dict()) == []
