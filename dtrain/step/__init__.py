@@ -174,12 +174,23 @@ class TrainStep:
 # the policy, once: threads, micro-shards, the accumulator, the pass
 
 
+def requested_threads(cfg) -> int | None:
+    """``threads_per_rank``; with ``deterministic`` one unless given, since BLAS results depend
+    on the thread count, which must then not follow the number of ranks; else None (the
+    node's cores over its ranks)."""
+    return cfg.threads_per_rank or (1 if cfg.deterministic else None)
+
+
+def micro_batch_rows(cfg) -> int | None:
+    """Rows per micro-shard, or None for one pass: ``micro_batch``; ``deterministic`` needs
+    micro-shards (their shapes must not depend on the number of ranks): 8 rows unless given."""
+    return cfg.micro_batch or (math.gcd(cfg.batch_size, 8) if cfg.deterministic else None)
+
+
 def rank_threads(cfg, comm) -> int:
-    """Set and return this rank's threads: ``threads_per_rank``, else the node's cores over
-    its ranks. ``deterministic``: one unless given, since BLAS results depend on the thread
-    count, which must then not follow the number of ranks. Call before building the model."""
-    requested = cfg.threads_per_rank or (1 if cfg.deterministic else None)
-    threads = backend.node_threads(comm.local_size, requested)
+    """Set and return this rank's threads (``requested_threads``, else the node's cores over
+    its ranks). Call before building the model: its kernels use the pool."""
+    threads = backend.node_threads(comm.local_size, requested_threads(cfg))
     backend.set_threads(threads, comm.local_size)
     return threads
 
@@ -187,12 +198,11 @@ def rank_threads(cfg, comm) -> int:
 def micro_shards(cfg, comm) -> tuple[int | None, int]:
     """(rows per micro-shard or None, micro-shards in the global batch).
 
-    Micro-shards are rows of the global batch by position. ``deterministic`` needs
-    them (their shapes must not depend on the number of ranks): 8 rows unless given.
+    Micro-shards are rows of the global batch by position (``micro_batch_rows``).
     UserError, one line naming --micro-batch, when the ranks cannot share them.
     """
     B, size = cfg.batch_size, comm.size
-    micro = cfg.micro_batch or (math.gcd(B, 8) if cfg.deterministic else None)
+    micro = micro_batch_rows(cfg)
     if micro and B % micro:
         raise UserError(f"--micro-batch {micro}: expected a divisor of --batch-size {B}")
     total = B // micro if micro else size
