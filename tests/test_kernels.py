@@ -315,7 +315,7 @@ def test_lstm_backward_kernel_in_place_bit_for_bit(dtype, H):
     # gates (d is a): the same bits as the step's formulas evaluated by NumPy (same
     # operation order, no contraction), and, into a separate d, the same again.
     k = CpuKernels(dtype)
-    assert k.backward_in_place
+    assert k.capabilities.backward_in_place
     rng = np.random.default_rng(H)
     n, n_next = 29, 17
     gates = rng.uniform(0.01, 0.99, (n, 4 * H)).astype(dtype)
@@ -338,3 +338,72 @@ def test_lstm_backward_kernel_in_place_bit_for_bit(dtype, H):
     d, a2, dh2, dc2 = np.full_like(gates, np.nan), gates.copy(), dh_rec.copy(), dc_rec.copy()
     k.lstm_step_backward(d, dh_up, dh2, dc2, n_next, a2, prev_c, tc)
     assert np.array_equal(d, want) and np.array_equal(a2, gates) and np.array_equal(dc2, dc1)
+
+
+def test_recurrence_plan_from_capabilities():
+    # one plan per shape from the kernel set's capabilities: the backward's variant is its
+    # own (a non-contiguous h0 stops the accumulating forward, not the compiled backward)
+    from dtrain.kernels.base import Capabilities, KernelSet, RecurrencePlan, plan_lstm
+
+    full = Capabilities(True, True, True, True, True)
+    assert plan_lstm(full, host=True, contiguous=True, parts=2) == RecurrencePlan(True, True, True, True, True,
+                                                                                   True, 2)
+    apart = plan_lstm(full, host=True, contiguous=False)
+    assert not apart.accumulate and not apart.compiled_forward and apart.compiled_backward
+    on_gpu = plan_lstm(full, host=False, contiguous=True)
+    assert on_gpu.compiled_forward and not on_gpu.reads_transposed and not on_gpu.compiled_backward
+    assert plan_lstm(Capabilities(), True, True) == RecurrencePlan()  # a set that declares nothing
+    for bad in ({"accumulate": True}, {"compiled_forward": True, "copies_prev_h": True},
+                {"reads_transposed": True}, {"compiled_backward": True, "in_place": True}):
+        with pytest.raises(ValueError, match="needs"):
+            RecurrencePlan(**bad)
+    k = CpuKernels(np.float32)
+    h0, Wh = np.zeros((3, 4), np.float32), np.zeros((4, 16), np.float32)
+    plan = k.lstm_plan(h0, Wh)
+    assert plan is k.lstm_plan(h0, Wh)  # built once per shape
+    assert plan.in_place and plan.copies_prev_h
+    assert k.lstm_plan(h0, np.asfortranarray(Wh)).accumulate is False
+    fixed = k.with_plan(RecurrencePlan())
+    assert fixed.lstm_plan(h0, Wh) == RecurrencePlan() and k.lstm_plan(h0, Wh) is plan
+    assert isinstance(k, KernelSet)
+
+
+def test_a_gemm_plugged_into_the_kernel_set_makes_every_gemm_of_the_step():
+    # the seam for another precision or library: a Gemm subclass given to the kernel set
+    # gets every GEMM of a training step (the compiled loops step aside, since their sgemm
+    # is not its arithmetic), and the step computes the same function
+    from dtrain.kernels.gemm import Gemm
+    from dtrain.nn.model import CaptioningModel
+
+    class CountingGemm(Gemm):
+        def __init__(self):
+            self.calls = []
+
+        def _matmul(self, a, b, out):
+            self.calls.append("matmul")
+            return super()._matmul(a, b, out)
+
+        def _transposed(self, a, b, out):
+            self.calls.append("transposed")
+            return super()._transposed(a, b, out)
+
+    w2i = {"<NULL>": 0, "<START>": 1, "<END>": 2, **{f"w{i}": i for i in range(3, 20)}}
+    caps = np.array([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 9, 2, 0, 0]], np.int32)
+    feats = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    results = []
+    for gemm in (None, CountingGemm()):
+        m = CaptioningModel(w2i, input_dim=6, wordvec_dim=4, hidden_dim=5, cell_type="lstm",
+                            dtype=np.float32, seed=0, use_kernels=True)
+        m.kernels = CpuKernels(np.float32, gemm=gemm)
+        assert m.gemm is m.kernels.gemm
+        plan = m.kernels.lstm_plan(np.zeros((3, 5), np.float32), np.zeros((5, 20), np.float32))
+        assert (plan.compiled_forward, plan.accumulate) == ((True, True) if gemm is None else (False, False))
+        results.append(m.loss(feats, caps))
+    T = 4  # time steps of the longest caption
+    # h0, T recurrent products, scores, dW_vocab, dscored, T recurrent backward ones, dWx, dWh,
+    # dW_proj and dx (loss() asks for the input gradient), the input projection
+    assert len(gemm.calls) == 2 * T + 9 and gemm.calls.count("transposed") == T
+    (loss0, grads0), (loss1, grads1) = results
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for name in grads0:
+        np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-4, atol=1e-6)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 numba = pytest.importorskip("numba")
 
 from dtrain.kernels import cpu, pool  # noqa: E402
+from dtrain.kernels.base import RecurrencePlan  # noqa: E402
 from dtrain.kernels.cpu import CpuKernels, dispatch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,16 +240,16 @@ def test_lstm_prev_h_written_forward_and_dh_rec_read_transposed_keep_the_bits(dt
     dH = rng.standard_normal((total, H)).astype(dtype)
     k = CpuKernels(dtype)
     results = []
-    monkeypatch.setattr(CpuKernels, "forward_accumulates", False)  # (another sum order: below)
+    # no accumulating GEMM (another sum order: below)
+    reads_T = k.lstm_plan(h0, Wh).reads_transposed
     for on in (True, False):
-        if not on:
-            monkeypatch.setattr(CpuKernels, "forward_copies_prev_h", False)
-            monkeypatch.setattr(CpuKernels, "backward_reads_transposed", False)
+        plan = RecurrencePlan(copies_prev_h=on, in_place=True, reads_transposed=on and reads_T)
+        kp = k.with_plan(plan)
         ws = layers.Workspace()
-        Hp, cache = lstm.lstm_packed_forward(x, h0, Wx, Wh, b, batch_sizes, ws, k)
+        Hp, cache = lstm.lstm_packed_forward(x, h0, Wx, Wh, b, batch_sizes, ws, kp)
         assert (cache[-1] is not None) == on
         out = (np.empty((W, 4 * H), dtype), np.empty((H, 4 * H), dtype), np.empty(4 * H, dtype))
-        grads = lstm.lstm_packed_backward(dH, cache, ws, k, out=out)
+        grads = lstm.lstm_packed_backward(dH, cache, ws, kp, out=out)
         results.append([Hp.copy()] + [np.array(g, copy=True) for g in grads])
     for x_on, x_off in zip(*results):
         assert np.array_equal(x_on, x_off)
@@ -260,8 +262,8 @@ def test_recurrent_gemm_adding_to_the_gates_matches_the_separate_product(monkeyp
     from dtrain.nn.cells import lstm
 
     k = CpuKernels(np.float32)
-    assert k.forward_accumulates == (np.dtype(np.float32) in _compiled().gemm_addresses)
-    if not k.forward_accumulates:
+    assert k.capabilities.gemm_accumulates == (np.dtype(np.float32) in _compiled().gemm_addresses)
+    if not k.capabilities.gemm_accumulates:
         pytest.skip("no OpenBLAS sgemm found: the accumulating path is not offered")
     rng = np.random.default_rng(2)
     batch_sizes, W, H = [40, 40, 33, 20, 1], 12, 24
@@ -273,8 +275,8 @@ def test_recurrent_gemm_adding_to_the_gates_matches_the_separate_product(monkeyp
     b = rng.standard_normal(4 * H).astype(np.float32)
     outs = []
     for on in (True, False):
-        monkeypatch.setattr(CpuKernels, "forward_accumulates", on)
-        Hp, cache = lstm.lstm_packed_forward(x, h0, Wx, Wh, b, batch_sizes, layers.Workspace(), k)
+        kp = k.with_plan(RecurrencePlan(copies_prev_h=True, accumulate=on, in_place=True))
+        Hp, cache = lstm.lstm_packed_forward(x, h0, Wx, Wh, b, batch_sizes, layers.Workspace(), kp)
         outs.append((Hp.copy(), cache[4].copy(), cache[5].copy()))  # h, activated gates, c
     for acc, sep in zip(*outs):
         np.testing.assert_allclose(acc, sep, rtol=1e-5, atol=1e-6)
@@ -285,10 +287,10 @@ def test_recurrent_gemm_adding_to_the_gates_matches_the_separate_product(monkeyp
     a, bm = x[:7], Wx
     out = rng.standard_normal((7, 4 * H)).astype(np.float32)
     expect = out.astype(np.float64) + a.astype(np.float64) @ bm.astype(np.float64)
-    got = k.gemm_accumulate(a, bm, out.copy())
+    got = k.gemm.accumulate(a, bm, out.copy())
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
     strided = np.asfortranarray(out)
-    assert k.gemm_accumulate(a, bm, strided) is strided
+    assert k.gemm.accumulate(a, bm, strided) is strided
     np.testing.assert_allclose(strided, expect, rtol=1e-5, atol=1e-5)
 
 
@@ -300,8 +302,8 @@ def test_compiled_forward_loop_gives_the_python_loops_bits(parts, monkeypatch):
     from dtrain.nn.cells import lstm
 
     k = CpuKernels(np.float32)
-    if not k.forward_accumulates:
-        pytest.skip("no OpenBLAS sgemm found: the accumulating path is not offered")
+    if not k.capabilities.compiled_loops:
+        pytest.skip("no OpenBLAS sgemm found: the compiled loops are not offered")
     rng = np.random.default_rng(parts)
     batch_sizes, W, H = [30, 30, 27, 11, 1], 12, 16
     total = sum(batch_sizes)
@@ -312,10 +314,11 @@ def test_compiled_forward_loop_gives_the_python_loops_bits(parts, monkeypatch):
         monkeypatch.setattr(pool, "threads", lambda: parts)
         monkeypatch.setattr(dispatch, "SPLIT_MIN_ELEMENTS", 0)
     outs = []
+    plan = k.lstm_plan(args[1], args[3])
+    assert plan.compiled_forward and plan.parts == parts
     for compiled in (True, False):
-        if not compiled:
-            monkeypatch.setattr(CpuKernels, "lstm_forward_loop", None)
-        Hp, cache = lstm.lstm_packed_forward(*args, batch_sizes, layers.Workspace(), k)
+        kp = k.with_plan(replace(plan, compiled_forward=compiled))
+        Hp, cache = lstm.lstm_packed_forward(*args, batch_sizes, layers.Workspace(), kp)
         outs.append([Hp.copy()] + [np.array(x, copy=True) for x in (cache[4], cache[5], cache[6], cache[-1])])
     for x, y in zip(*outs):
         assert np.array_equal(x, y)
@@ -331,7 +334,7 @@ def test_compiled_backward_loop_gives_the_python_loops_bits(parts, monkeypatch):
     from dtrain.nn.cells import lstm
 
     k = CpuKernels(np.float32)
-    if not k.forward_accumulates:
+    if not k.capabilities.compiled_loops:
         pytest.skip("no OpenBLAS sgemm found: the compiled loops are not offered")
     if parts > 1:
         monkeypatch.setattr(pool, "threads", lambda: parts)
@@ -346,16 +349,16 @@ def test_compiled_backward_loop_gives_the_python_loops_bits(parts, monkeypatch):
         args = [a.astype(np.float32) for a in args]
         dH = rng.standard_normal((total, H)).astype(np.float32)
         outs = []
+        plan = k.lstm_plan(args[1], args[3])
+        assert plan.compiled_backward and plan.parts == parts
         for compiled in (True, False):
-            with monkeypatch.context() as patch:
-                if not compiled:
-                    patch.setattr(CpuKernels, "lstm_backward_loop", None)
-                ws = layers.Workspace()
-                _, cache = lstm.lstm_packed_forward(*args, batch_sizes, ws, k)
-                out = (np.empty((W, 4 * H), np.float32), np.empty((H, 4 * H), np.float32),
-                       np.empty(4 * H, np.float32))
-                grads = lstm.lstm_packed_backward(dH, cache, ws, k, out=out)
-                outs.append([np.array(g, copy=True) for g in grads])
+            kp = k.with_plan(replace(plan, compiled_backward=compiled))
+            ws = layers.Workspace()
+            _, cache = lstm.lstm_packed_forward(*args, batch_sizes, ws, kp)
+            out = (np.empty((W, 4 * H), np.float32), np.empty((H, 4 * H), np.float32),
+                   np.empty(4 * H, np.float32))
+            grads = lstm.lstm_packed_backward(dH, cache, ws, kp, out=out)
+            outs.append([np.array(g, copy=True) for g in grads])
         for x, y in zip(*outs):
             assert np.array_equal(x, y)
         # and the float64 plain layers agree to float32 precision
@@ -371,13 +374,13 @@ def test_gemm_transposed_matches_numpy():
     for m, n in ((7, 5), (1, 5), (7, 1), (128, 64)):
         a, b = rng.standard_normal((m, 33)).astype(np.float32), rng.standard_normal((n, 33)).astype(np.float32)
         out = np.full((m, n), np.nan, np.float32)
-        assert k.gemm_transposed(a, b, out) is out
+        assert k.gemm.transposed(a, b, out) is out
         np.testing.assert_allclose(out, a.astype(np.float64) @ b.T.astype(np.float64), rtol=1e-5, atol=1e-5)
         if m > 1 and n > 1:  # the call numpy.matmul makes: the same bits
             assert np.array_equal(out, a @ b.T)
     rows = np.empty((7, 9), np.float32)[:, :5]  # rows farther apart than their length: still sgemm
     a, b = rng.standard_normal((7, 33)).astype(np.float32), rng.standard_normal((5, 33)).astype(np.float32)
-    assert np.array_equal(k.gemm_transposed(a, b, rows), a @ b.T)
+    assert np.array_equal(k.gemm.transposed(a, b, rows), a @ b.T)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -640,3 +643,46 @@ def test_forked_child_goes_back_to_openblas_threads():
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, DTRAIN_BLAS_POOL=""))
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]
+
+
+def test_gemm_recorder_hears_every_recurrent_gemm_and_changes_no_bit():
+    # the compiled loops tell the kernel set's GEMM recorder of each recurrent GEMM (kind,
+    # operand layouts, seconds); the step computes the same bits with and without one
+    from dtrain.nn import layers
+    from dtrain.nn.cells import lstm
+
+    k = CpuKernels(np.float32)
+    if not k.capabilities.compiled_loops:
+        pytest.skip("no OpenBLAS sgemm found: the compiled loops are not offered")
+    rng = np.random.default_rng(5)
+    batch_sizes, W, H = [140, 131, 40, 2], 10, 16
+    total, n0 = sum(batch_sizes), batch_sizes[0]
+    args = [rng.standard_normal((total, W)), rng.standard_normal((n0, H)), 0.3 * rng.standard_normal((W, 4 * H)),
+            0.3 * rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H)]
+    args = [a.astype(np.float32) for a in args]
+    dH = rng.standard_normal((total, H)).astype(np.float32)
+    heard, outs = [], []
+    for recorder in (None, lambda *call: heard.append(call)):
+        k.gemm.recorder = recorder
+        ws = layers.Workspace()
+        _, cache = lstm.lstm_packed_forward(*args, batch_sizes, ws, k)
+        grads = lstm.lstm_packed_backward(dH, cache, ws, k)
+        outs.append([np.array(x, copy=True) for x in (cache[7], *grads)])
+        if recorder is None:
+            assert heard == []
+    for x, y in zip(*outs):
+        assert np.array_equal(x, y)
+    T = len(batch_sizes)
+    # the input projection, then the loops' GEMMs, then the weight and input gradients
+    assert [call[0] for call in heard] == ["matmul"] + ["accumulate"] * T + ["transposed"] * T + ["matmul"] * 3
+    heard = heard[1 : 1 + 2 * T]
+    Wh = args[3]
+    for (kind, a, b, out, seconds), n in zip(heard, batch_sizes + batch_sizes[::-1]):
+        assert seconds >= 0 and a[3] == b[3] == out[3] == np.dtype(np.float32).str
+        if kind == "accumulate":  # prev_h (n, H) @ Wh into the step's gate rows
+            assert (a[1], b[1], out[1]) == ((n, H), Wh.shape, (n, 4 * H)) and b[0] == Wh.ctypes.data
+        elif n <= layers.TRANSPOSED_BACKWARD_ROWS:  # Wh d^T, left transposed
+            assert (a[1], b[1], out[1]) == (Wh.shape, (n, 4 * H), (H, n))
+        else:  # d Wh^T into dh_rec's rows
+            assert (a[1], b[1], out[1]) == ((n, 4 * H), Wh.shape, (n, H))
+    k.gemm.recorder = None

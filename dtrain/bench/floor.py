@@ -1,11 +1,10 @@
 """The GEMM floor of a training step, and where the rest of the step goes (CPU, one rank).
 
-**GEMM floor.** During a profiled step every ``numpy.matmul`` call (the step's
-code calls ``xp.matmul(a, b, out=...)``, or the kernels' ``gemm_accumulate(a, b, out)``
-for a GEMM that adds its product to ``out``, their ``gemm_transposed(a, b, out)`` for
-``a @ b.T``, or their compiled LSTM time loops, which make those calls themselves and time
-them with the time-stamp counter; nothing else does GEMMs) is recorded:
-shapes, dtype, strides (so transposed views stay transposed) and which
+**GEMM floor.** During a profiled step every GEMM (the step makes them all through
+one seam, the model's ``Gemm``, dtrain/kernels/gemm.py, including the recurrent ones
+inside the CPU kernels' compiled LSTM loops, which time theirs with the time-stamp
+counter only while a recorder listens) is told to this profiler, the seam's
+recorder: shapes, dtype, strides (so transposed views stay transposed) and which
 buffer each operand lives in. The recorded GEMMs are then replayed alone, in
 the same order, on preallocated arrays of the same layouts (operands that
 shared a buffer in the step share one in the replay), and timed: the median
@@ -13,8 +12,9 @@ of several replays is the floor, the time the step could not go below while
 it does these GEMMs with this BLAS. It is an optimistic floor: nothing else
 runs between the GEMMs, so their operands stay in cache.
 
-**Breakdown.** The same profiled steps time, by wrapping them for the
-duration of the step, each part that is not a GEMM: the cells' fused gate
+**Breakdown.** The same profiled steps time, by wrapping the public calls of the
+model's kernel set, its layers, Adam and the accumulator for the duration of the
+step, each part that is not a GEMM: the cells' fused gate
 kernels, the softmax and loss, the embedding lookup and its sparse gradient,
 the other row gathers, the reducer, the finite checks, Adam and the packing of
 the captions (only the outermost wrapped call is timed, so nothing counts
@@ -41,14 +41,14 @@ CATEGORIES = (
     ("gates", "gate kernels (fused cell step forward/backward)"),
     ("softmax", "softmax + loss (fused, in place)"),
     ("embedding", "embedding lookup and sparse gradient"),
-    ("gathers", "row gathers and scatters (features, scored rows)"),
+    ("gathers", "row gathers and scatters (the scored rows and their gradient)"),
     ("reduce", "gradient reduce (one rank: W_embed row scatter)"),
     ("finite", "finite checks of loss and gradients"),
     ("adam", "Adam (fused, flat buffers)"),
     ("packing", "packing the captions"),
     ("batch", "batch assembly (sampler rows -> captions, features)"),
     ("python", "Python and NumPy per-call overhead"),
-    ("elementwise", "the rest: copies, fills, transposes (not wrapped)"),
+    ("elementwise", "the rest: copies, fills, transposes, the feature gather (not wrapped)"),
 )
 FLOOR_REPEATS = 5
 TINY_WIDTH = 4
@@ -83,33 +83,9 @@ class _Patches:
         self._undo.clear()
 
 
-def _gemm_layouts(a, b, out, kind):
-    return [(_layout(a), _layout(b), _layout(out), kind)]
-
-
-def _forward_loop_gemms(gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets):
-    """The GEMMs the compiled LSTM forward loop made: prev_h @ Wh added to each step's gate rows."""
-    calls = []
-    for t, n in enumerate(batch_sizes):
-        s = offsets[t]
-        prev_h = h0[:n] if t == 0 else PH[s : s + n]
-        calls.append((_layout(prev_h), _layout(Wh), _layout(gates[s : s + n]), "accumulate"))
-    return calls
-
-
-def _backward_loop_gemms(gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets,
-                         max_transposed_rows):
-    """The GEMMs the compiled LSTM backward loop made, last step first: Wh d^T into scratch for
-    few rows, d Wh^T into dh_rec (dh0 at t = 0) for more."""
-    calls, H = [], Wh.shape[0]
-    for t in range(len(batch_sizes) - 1, -1, -1):
-        n, s = batch_sizes[t], offsets[t]
-        d = gates[s : s + n]
-        if n <= max_transposed_rows:
-            calls.append((_layout(Wh), _layout(d), _layout(scratch[: H * n].reshape(H, n)), "transposed"))
-        else:
-            calls.append((_layout(d), _layout(Wh), _layout((dh_rec if t > 0 else dh0)[:n]), "transposed"))
-    return calls
+def _layouts(a, b, out, kind):
+    """The recorder's operands (arrays, or layouts a compiled loop gave) as layouts."""
+    return [tuple(x if isinstance(x, tuple) else _layout(x) for x in (a, b, out)) + (kind,)]
 
 
 class StepProfiler:
@@ -119,12 +95,13 @@ class StepProfiler:
         self.times = defaultdict(float)
         self._gemms = []  # (a, b, out, kind) of every GEMM (operand layouts), in call order
         # What the step's GEMMs were called with, made into layouts only when asked for
-        # (``gemms``), after the step: the bookkeeping (about 0.5 ms per step at N=128,
-        # 70-odd GEMMs) is then not counted as the step's own time.
+        # (``gemms``), after the step: the bookkeeping is then not counted as the step's
+        # own time.
         self._pending = []
         self.time_steps = 0  # recurrent time steps (packed batch_sizes) of the steps profiled
-        self.kernel_gemms = {}  # kind -> the kernels' GEMM that replays it ("accumulate", "transposed")
+        self.kernel_gemms = {}  # kind -> the model's GEMM call that replays it
         self._depth = 0
+        self._inner_gemm = 0.0  # seconds of the GEMMs inside the wrapped call now running
 
     def reset(self):
         self.times = defaultdict(float)
@@ -140,83 +117,59 @@ class StepProfiler:
         return self._gemms
 
     def _timed(self, category, fn, record=None):
+        """``fn`` timed into ``category`` (a name, or a function of the call's arguments),
+        less the GEMMs recorded inside it (those count as "gemm")."""
         prof = self
 
         def wrapper(*args, **kwargs):
             if prof._depth:  # inside another wrapped call: counted there
                 return fn(*args, **kwargs)
             prof._depth += 1
+            prof._inner_gemm = 0.0
             t0 = time.perf_counter()
             try:
                 result = fn(*args, **kwargs)
             finally:
-                prof.times[category if isinstance(category, str) else category(args)] += \
-                    time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
                 prof._depth -= 1
+                key = category if isinstance(category, str) else category(args)
+                prof.times[key] += max(0.0, elapsed - prof._inner_gemm)
             if record is not None:
                 record(args, kwargs, result)
             return result
 
         return wrapper
 
-    def _timed_loop(self, kern, fn, name):
-        """The kernels' compiled LSTM time loops: their GEMMs (timed inside them by the
-        time-stamp counter) go to "gemm" and are recorded as the cell's Python loop would
-        have issued them, the rest of them to "gates"."""
-        prof = self
-        recurrent_gemms = _forward_loop_gemms if name == "lstm_forward_loop" else _backward_loop_gemms
-
-        def wrapper(*args):
-            if prof._depth:
-                return fn(*args)
-            prof._depth += 1
-            t0 = time.perf_counter()
-            try:
-                result = fn(*args)
-            finally:
-                elapsed = time.perf_counter() - t0
-                prof._depth -= 1
-            gemm = kern.ticks_to_seconds(kern.last_gemm_ticks)
-            prof.times["gemm"] += gemm
-            prof.times["gates"] += max(0.0, elapsed - gemm)
-            prof._pending.append((recurrent_gemms, args))
-            return result
-
-        return wrapper
+    def record_gemm(self, kind, a, b, out, seconds):
+        """The model's GEMM recorder (``Gemm.recorder``, dtrain/kernels/gemm.py): one GEMM,
+        its operands and the seconds it took."""
+        self._pending.append((_layouts, (a, b, out, kind)))
+        self.times["gemm"] += seconds
+        if self._depth:
+            self._inner_gemm += seconds
 
     def active(self, model, adam, reducer):
-        """A context in which the step's parts are wrapped (numpy, the model's kernels, Adam, ...)."""
+        """A context in which the model's GEMM seam records to this profiler and the step's
+        parts are wrapped (the model's kernel set, its layers, Adam, the accumulator)."""
         from .. import step as step_module
         from ..nn import layers
 
         p = _Patches()
-        prof = self
-
-        def record_gemm(args, kwargs, result):
-            prof._pending.append((_gemm_layouts, (args[0], args[1], kwargs.get("out", result), "matmul")))
-
-        def record_kernel_gemm(kind):
-            def record(args, kwargs, result):
-                prof._pending.append((_gemm_layouts, (args[0], args[1], args[2], kind)))
-            return record
 
         def record_packing(args, kwargs, packed):
-            prof.time_steps += len(packed.batch_sizes)
+            self.time_steps += len(packed.batch_sizes)
 
+        gemm = model.gemm
+        self.kernel_gemms = {"matmul": gemm.matmul, "accumulate": gemm.accumulate, "transposed": gemm.transposed}
+        p.set(gemm, "recorder", self.record_gemm)
         w_embed = model.params["W_embed"]
         rows_of = lambda a: "embedding" if a[0] is w_embed else "gathers"  # noqa: E731
-        p.set(np, "matmul", self._timed("gemm", np.matmul, record_gemm))
-        p.set(np, "take", self._timed(rows_of, np.take))
         kern = model.kernels
         if kern is not None:
-            for kind, name in (("accumulate", "gemm_accumulate"), ("transposed", "gemm_transposed")):
+            kern.ticks_to_seconds(0)  # the counter's rate, measured now rather than inside a step
+            for name in ("lstm_forward_loop", "lstm_backward_loop"):  # their GEMMs: recorded
                 if hasattr(kern, name):
-                    self.kernel_gemms[kind] = getattr(kern, name)
-                    p.set(kern, name, self._timed("gemm", getattr(kern, name), record_kernel_gemm(kind)))
-            for name in ("lstm_forward_loop", "lstm_backward_loop"):
-                if hasattr(kern, name):
-                    kern.ticks_to_seconds(0)  # the counter's rate, measured now rather than inside a step
-                    p.set(kern, name, self._timed_loop(kern, getattr(kern, name), name))
+                    p.set(kern, name, self._timed("gates", getattr(kern, name)))
             for name in ("gather_rows", "scatter_rows"):
                 if hasattr(kern, name):
                     p.set(kern, name, self._timed(rows_of, getattr(kern, name)))
@@ -224,11 +177,10 @@ class StepProfiler:
                 if hasattr(kern, name):
                     p.set(kern, name, self._timed("gates", getattr(kern, name)))
             p.set(kern, "softmax_cross_entropy", self._timed("softmax", kern.softmax_cross_entropy))
+            p.set(kern, "all_finite", self._timed("finite", kern.all_finite))
         p.set(layers, "softmax_cross_entropy", self._timed("softmax", layers.softmax_cross_entropy))
         p.set(layers, "embedding_grad_sparse", self._timed("embedding", layers.embedding_grad_sparse))
         p.set(step_module, "pack_captions", self._timed("packing", step_module.pack_captions, record_packing))
-        if hasattr(step_module, "_all_finite"):
-            p.set(step_module, "_all_finite", self._timed("finite", step_module._all_finite))
         for name in ("start", "add", "finish"):  # the step's accumulator (and its reduction)
             if hasattr(reducer, name):
                 p.set(reducer, name, self._timed("reduce", getattr(reducer, name)))

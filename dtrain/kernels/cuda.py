@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .base import KernelSet
+
 _SOURCE = r"""
 typedef __REAL__ real;
 
@@ -313,7 +315,7 @@ def _grid(count):
     return (max(1, (int(count) + _THREADS - 1) // _THREADS),)
 
 
-class GpuKernels:
+class GpuKernels(KernelSet):
     """CUDA kernels with the call signatures of ``kernels.cpu.CpuKernels``."""
 
     name = "cuda"

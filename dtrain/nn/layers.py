@@ -20,84 +20,17 @@ packed functions with the same shapes allocates nothing after the first call.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from .. import alloc
 from ..backend import get_array_module
-
-
-class Workspace:
-    """Named scratch buffers that are reused across calls (grown on demand).
-
-    The views handed out are remembered by (name, shape, dtype): a training step
-    asks for the same ones every time, and a lookup costs a dict access instead of
-    building a view (measured: 0.45 -> 0.25 ms for a step's ~25 requests, zero
-    fills included, whose Python runs on caches the GEMMs have just filled).
-    """
-
-    MAX_VIEWS = 4096  # forgotten beyond this (batches of many different lengths)
-
-    def __init__(self):
-        self._buffers = {}
-        self._views = {}
-        self._zeroed = {}  # buffer key -> the buffer zeros() filled (a grown one is new)
-
-    def zeros(self, name, shape, dtype, xp=np):
-        """A buffer of zeros that its users only read: zeroed when (re)allocated, not on every
-        call (a step's zero state, e.g. the LSTM's c0). Its name must not serve anything else."""
-        out = self.get(name, shape, dtype, xp)
-        key = (name, np.dtype(dtype).str, xp.__name__)
-        if self._zeroed.get(key) is not self._buffers[key]:
-            self._buffers[key].fill(0)
-            self._zeroed[key] = self._buffers[key]
-        return out
-
-    def get(self, name, shape, dtype, xp=np, zero=False):
-        try:
-            out = self._views[(name, shape, dtype, xp)]
-        except (KeyError, TypeError):  # new, or an unhashable shape (a list)
-            out = self._view(name, shape, dtype, xp)
-        if zero:
-            out.fill(0)
-        return out
-
-    def _view(self, name, shape, dtype, xp):
-        request = (name, shape, dtype, xp)
-        shape = tuple(int(s) for s in shape)
-        size = math.prod(shape)
-        dt = np.dtype(dtype)
-        key = (name, dt.str, xp.__name__)
-        buf = self._buffers.get(key)
-        if buf is None or buf.size < size:
-            buf = alloc.empty(max(size, 1), dt, xp)
-            self._buffers[key] = buf
-            self._views.clear()  # views of the old buffer of this name
-        out = buf[:size].reshape(shape)
-        if len(self._views) >= self.MAX_VIEWS:
-            self._views.clear()
-        try:
-            self._views[request] = out
-        except TypeError:
-            pass
-        return out
-
-
-
-def buffer(ws, name, shape, dtype, xp, zero=False):
-    if ws is None:
-        return alloc.zeros(shape, dtype, xp) if zero else alloc.empty(shape, dtype, xp)
-    return ws.get(name, shape, dtype, xp, zero=zero)
-
-
-def zeros_buffer(ws, name, shape, dtype, xp):
-    """Zeros that the caller only reads: on the host, from ``ws.zeros`` (filled once); on a
-    GPU filled on every call (a captured CUDA graph replays the fill)."""
-    if ws is None or xp is not np:
-        return buffer(ws, name, shape, dtype, xp, zero=True)
-    return ws.zeros(name, shape, dtype, xp)
-
+from ..kernels.gemm import (  # noqa: F401  (the recurrent GEMM helpers every cell uses)
+    TRANSPOSED_BACKWARD_ROWS,
+    gemm_of,
+    recurrent_backward,
+    recurrent_backward_T,
+    recurrent_scratch,
+)
+from .workspace import Workspace, buffer, zeros_buffer  # noqa: F401
 
 # ---------------------------------------------------------------------------
 # Stable nonlinearities
@@ -147,73 +80,13 @@ def check_batch_sizes(batch_sizes, total):
         raise ValueError(f"packed input has {total} rows, batch_sizes sum to {sum(batch_sizes)}")
 
 
-def input_projection(x_packed, Wx, b, out):
+def input_projection(x_packed, Wx, b, out, kernels=None):
     """out = x_packed @ Wx + b: the input projection of every step, one GEMM
     (b None: left to the caller)."""
-    xp = get_array_module(x_packed)
-    xp.matmul(x_packed, Wx, out=out)
+    gemm_of(kernels).matmul(x_packed, Wx, out)
     if b is not None:
         out += b
     return out
-
-
-# Up to this many rows, recurrent_backward computes (Wh @ d.T).T (measured crossover
-# between 128 and 192 rows, H=512, OpenBLAS SkylakeX, 2 threads; above it the extra
-# transposing copy costs what the GEMM gains).
-TRANSPOSED_BACKWARD_ROWS = 128
-
-
-def recurrent_scratch(ws, rows, H, dtype, xp):
-    """The scratch buffer of ``recurrent_backward`` for up to ``rows`` rows (None on a GPU).
-
-    A packed backward pass takes it once, before its time loop: every Python
-    call inside the loop runs once per time step, on caches the GEMMs have just
-    filled with other data (measured: a workspace lookup there costs 18 us).
-    """
-    if xp is not np:
-        return None
-    return buffer(ws, "recurrent_backward_T", (H * max(min(rows, TRANSPOSED_BACKWARD_ROWS), 1),), dtype, xp)
-
-
-def recurrent_backward(d, Wh, out, ws=None, scratch=None, kernels=None):
-    """out = d @ Wh.T: a step's gradient back to the previous hidden state.
-
-    On NumPy, for at most TRANSPOSED_BACKWARD_ROWS rows, this is computed as
-    (Wh @ d.T).T into a scratch buffer (``scratch`` from ``recurrent_scratch``,
-    else one from ``ws``) and copied: OpenBLAS runs that form 1.6x to 2.4x
-    faster for the few rows (n <= 32) of a short caption batch's step, and
-    1.05x to 1.4x at n = 128. Same products; at the model's sizes the results
-    were bitwise equal (H=512, n=4..512), and tests/test_layers.py checks them
-    against the plain product. ``kernels`` that offer ``copy_transposed`` do the
-    copy.
-    """
-    n, H = out.shape
-    gemm_transposed = getattr(kernels, "gemm_transposed", None) if isinstance(d, np.ndarray) else None
-    if not isinstance(d, np.ndarray) or n > TRANSPOSED_BACKWARD_ROWS:
-        if gemm_transposed is not None:
-            return gemm_transposed(d, Wh, out)
-        return get_array_module(d).matmul(d, Wh.T, out=out)
-    if scratch is None:
-        scratch = buffer(ws, "recurrent_backward_T", (H * max(n, 1),), d.dtype, np)
-    out_T = recurrent_backward_T(d, Wh, scratch, kernels)
-    copy_transposed = getattr(kernels, "copy_transposed", None)
-    if copy_transposed is not None:  # OpenBLAS's omatcopy: 3-5x NumPy's transposing copy
-        return copy_transposed(out_T, out)
-    out[...] = out_T.T
-    return out
-
-
-def recurrent_backward_T(d, Wh, scratch, kernels=None):
-    """(d @ Wh.T).T = Wh @ d.T, (H, n), in ``scratch`` (NumPy): ``recurrent_backward``'s
-    GEMM, for kernels that read the result transposed (``backward_reads_transposed``).
-    ``kernels`` that offer ``gemm_transposed`` run it (the call the compiled loops make)."""
-    n, H = d.shape[0], Wh.shape[0]
-    out_T = scratch[: H * n].reshape(H, n)
-    gemm_transposed = getattr(kernels, "gemm_transposed", None)
-    if gemm_transposed is not None:
-        return gemm_transposed(Wh, d, out_T)
-    np.matmul(Wh, d.T, out=out_T)
-    return out_T
 
 
 def prev_h_packed(H_packed, h0, batch_sizes, offsets, out, kernels=None):
@@ -233,7 +106,7 @@ def prev_h_packed(H_packed, h0, batch_sizes, offsets, out, kernels=None):
     return out
 
 
-def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None, input_grad=True):
+def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None, input_grad=True, kernels=None):
     """dWx, dWh, db and dx from the packed pre-activation gradients: one GEMM each.
 
     ``da`` is the gradient of the input pre-activations (x Wx + b); ``da_h``
@@ -253,13 +126,14 @@ def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None, input_grad=T
             xp.empty((da.shape[1],), dtype=da.dtype),
         )
     dWx, dWh, db = out
-    xp.matmul(x_packed.T, da, out=dWx)
-    xp.matmul(prev_h.T, da if da_h is None else da_h, out=dWh)
+    gemm = gemm_of(kernels)
+    gemm.matmul(x_packed.T, da, dWx)
+    gemm.matmul(prev_h.T, da if da_h is None else da_h, dWh)
     if not input_grad:
         return da, dh0, dWx, dWh, db
     da.sum(axis=0, out=db)
     dx_packed = buffer(ws, "dx_packed", (da.shape[0], Wx.shape[0]), da.dtype, xp)
-    xp.matmul(da, Wx.T, out=dx_packed)
+    gemm.matmul(da, Wx.T, dx_packed)
     return dx_packed, dh0, dWx, dWh, db
 
 

@@ -349,6 +349,12 @@ class CaptioningModel:
     def null_idx(self):
         return self._null
 
+    @property
+    def gemm(self):
+        """The one call site of this model's GEMMs: its kernel set's, or the plain one
+        (``dtrain/kernels/gemm.py``)."""
+        return layers.gemm_of(self.kernels)
+
     def _init_params(self, seed):
         """CS231n initialisation, drawn on the host in float64 from ``seed``."""
         rng = np.random.default_rng(seed)
@@ -405,7 +411,7 @@ class CaptioningModel:
                          embed_ids=ids, embed_rows=rows, embed_dense=dense, kernels=self.kernels)
 
     def _packed_pass(self, features, packed, normalizer, forward_only):
-        xp, ws, dtype, cell = self.xp, self.ws, self.dtype, self.cell
+        xp, ws, dtype, cell, gemm = self.xp, self.ws, self.dtype, self.cell, self.gemm
         p, g = self.params, self.grads
         if not packed.batch_sizes:  # no real token anywhere: zero loss and gradient
             if forward_only:
@@ -423,7 +429,7 @@ class CaptioningModel:
         feats = ws.get("feats", (n0, self.input_dim), dtype, xp)
         xp.take(xp.asarray(features, dtype=dtype), order, axis=0, out=feats)
         h0 = ws.get("h0", (n0, self.hidden_dim), dtype, xp)
-        xp.matmul(feats, p["W_proj"], out=h0)
+        gemm.matmul(feats, p["W_proj"], h0)
         h0 += p["b_proj"]
 
         x = ws.get("embed", (total, self.wordvec_dim), dtype, xp)
@@ -439,7 +445,7 @@ class CaptioningModel:
             scored = ws.get("scored", (len(packed.score_pos), self.hidden_dim), dtype, xp)
             take_rows(hidden, score_pos, scored, self.kernels)
         scores = ws.get("scores", (scored.shape[0], self.vocab_size), dtype, xp)
-        xp.matmul(scored, p["W_vocab"], out=scores)
+        gemm.matmul(scored, p["W_vocab"], scores)
         if self.kernels is not None:  # adds b_vocab in its first pass, sums its gradient in its last
             loss = self.kernels.softmax_cross_entropy(scores, targets, normalizer, bias=p["b_vocab"],
                                                       bias_grad=None if forward_only else g["b_vocab"])
@@ -452,9 +458,9 @@ class CaptioningModel:
         if forward_only:
             return float(loss)
         forward_end = time.perf_counter()
-        xp.matmul(scored.T, dscores, out=g["W_vocab"])
+        gemm.matmul(scored.T, dscores, g["W_vocab"])
         dscored = ws.get("dscored", scored.shape, dtype, xp)
-        xp.matmul(dscores, p["W_vocab"].T, out=dscored)
+        gemm.matmul(dscores, p["W_vocab"].T, dscored)
         if packed.score_pos is None:
             dhidden = dscored
         else:
@@ -467,12 +473,12 @@ class CaptioningModel:
         # db (the gate bias gradient, da_x's column sums).
         da_x, dh0, *_ = cell.packed_backward(dhidden, cache, ws, self.kernels, out=(g["Wx"], g["Wh"], g["b"]),
                                              input_grad=False)
-        xp.matmul(feats.T, dh0[:n0], out=g["W_proj"])
+        gemm.matmul(feats.T, dh0[:n0], g["W_proj"])
         dh0[:n0].sum(axis=0, out=g["b_proj"])
 
         ids, da_rows = layers.embedding_grad_sparse(words, da_x, self.kernels, self.vocab_size, col_sum=g["b"])
         rows = ws.get("embed_rows", (da_rows.shape[0], self.wordvec_dim), dtype, xp)
-        xp.matmul(da_rows, p["Wx"].T, out=rows)
+        gemm.matmul(da_rows, p["Wx"].T, rows)
         grads = self.step_grads(float(loss), packed.num_tokens, ids, rows, dense=False)
         grads.forward_end = forward_end
         return grads
@@ -489,20 +495,20 @@ class CaptioningModel:
         device (``loss_out`` if given). Both the dense W_embed gradient and its
         rows are filled (``embed_ids`` holds -1 past ``batch.num_ids``).
         """
-        xp, dtype, kern, cell = self.xp, self.dtype, self.kernels, self.cell
+        xp, dtype, kern, cell, gemm = self.xp, self.dtype, self.kernels, self.cell, self.gemm
         ws = self.ws if ws is None else ws
         p, g = self.params, self.grads
         N, T = batch.N, batch.T
         M, H = N * T, self.hidden_dim
         h0 = ws.get("fx_h0", (N, H), dtype, xp)
-        xp.matmul(features, p["W_proj"], out=h0)
+        gemm.matmul(features, p["W_proj"], h0)
         h0 += p["b_proj"]
         x = ws.get("fx_embed", (M, self.wordvec_dim), dtype, xp)
         xp.take(p["W_embed"], batch.words, axis=0, out=x)
         hidden, cache = cell.packed_forward(x, h0, p["Wx"], p["Wh"], p["b"], [N] * T, ws, kern)
 
         scores = ws.get("fx_scores", (M, self.vocab_size), dtype, xp)
-        xp.matmul(hidden, p["W_vocab"], out=scores)
+        gemm.matmul(hidden, p["W_vocab"], scores)
         scores += p["b_vocab"]
         row_loss = ws.get("fx_row_loss", (M,), np.float64, xp)
         if hasattr(kern, "softmax_cross_entropy_masked"):
@@ -513,12 +519,12 @@ class CaptioningModel:
         row_loss.sum(out=loss)
         xp.divide(loss, normalizer, out=loss)
 
-        xp.matmul(hidden.T, scores, out=g["W_vocab"])
+        gemm.matmul(hidden.T, scores, g["W_vocab"])
         scores.sum(axis=0, out=g["b_vocab"])
         dhidden = ws.get("fx_dhidden", (M, H), dtype, xp)
-        xp.matmul(scores, p["W_vocab"].T, out=dhidden)
+        gemm.matmul(scores, p["W_vocab"].T, dhidden)
         dx, dh0, *_ = cell.packed_backward(dhidden, cache, ws, kern, out=(g["Wx"], g["Wh"], g["b"]))
-        xp.matmul(features.T, dh0, out=g["W_proj"])
+        gemm.matmul(features.T, dh0, g["W_proj"])
         dh0.sum(axis=0, out=g["b_proj"])
 
         rows = ws.get("fx_embed_rows", (M, self.wordvec_dim), dtype, xp)

@@ -95,7 +95,7 @@ def lstm_gate_row32(ar, b, pcr, cr, tcr, hr, H):
 @njit(**OPTS)
 def lstm_fwd32_acc(a, b, prev_c, c, tc, h, h_next, n_next):
     # The float32 LSTM step where a holds x Wx + h Wh (the recurrent GEMM added its
-    # product to it: gemm_accumulate): the gates of (a + b); leaves the activated i, f,
+    # product to it: gemm.accumulate): the gates of (a + b); leaves the activated i, f,
     # o, g in a. Rows below n_next are also written to h_next (the next step's block of
     # prev_h, for dWh's GEMM) while they are in L1: no pass of their own over H_packed.
     wide_vectors()

@@ -12,7 +12,9 @@ import time
 import numpy as np
 
 from ... import alloc
+from ..base import Capabilities, KernelSet
 from . import adam, blas, cells, dispatch, embedding, fixedpoint, jit, loops, rows, softmax
+from .gemm import CpuGemm
 from .jit import PARTIAL_ROWS
 
 _LOOPS = None
@@ -27,25 +29,32 @@ def _loops():
     return _LOOPS
 
 
-class CpuKernels:
+class CpuKernels(KernelSet):
     """Numba kernels with the call signatures the cells, the model and Adam use.
 
     float32 runs the one-pass kernels built on exp32 (vectorised; at most 1.1 ulp from
     the correctly rounded exp); float64 (the exactness checks) runs the one-pass
-    kernels built on libm's tanh and exp."""
+    kernels built on libm's tanh and exp. ``capabilities`` (what the LSTM's recurrence
+    may use, ``recurrence.py``): its steps write prev_h and work in place always; the
+    accumulating GEMM and the compiled loops in float32 where OpenBLAS's sgemm is found;
+    the transposed reads where omatcopy is found for the dtype."""
 
     name = "numba"
-    # The cells may let a backward step write its gate gradients over the gates, and an
-    # LSTM forward step write the next step's prev_h rows (h_next).
-    backward_in_place = True
-    forward_copies_prev_h = True
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, gemm=None):
         self.dtype = np.dtype(dtype)
         self.fast32 = self.dtype == np.float32
+        # the step's GEMMs (gemm.py: where another precision or library plugs in); its
+        # recorder also hears of the GEMMs the compiled loops make
+        self.gemm = CpuGemm(self.dtype) if gemm is None else gemm
+        omatcopy = self.dtype in blas.ffi().addresses
+        self.capabilities = Capabilities(
+            step_writes_prev_h=True, gemm_accumulates=self.fast32 and self.gemm.accumulates,
+            compiled_loops=self.fast32 and self.gemm.compiled_sgemm and omatcopy, backward_in_place=True,
+            backward_reads_transposed=omatcopy)
         self._partials = np.empty(0, dtype=dtype)  # the softmax's per-block column sums
-        self._gemm_log = np.empty((0, loops.LOG_FIELDS), dtype=np.int64)
-        self.last_gemm_ticks = 0
+        self._no_log = np.empty((0, loops.LOG_FIELDS), dtype=np.int64)
+        self._gemm_log = self._no_log
         self._order, self._starts = np.empty(0, dtype=np.int64), np.empty(1, dtype=np.int64)
         self._embed_partials = np.empty((0, 0), dtype=dtype)  # the embedding rows' per-block sums
         self._empty_rows = {}
@@ -59,10 +68,10 @@ class CpuKernels:
 
     def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias, h_next=None):
         """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added) and
-        ``r`` h Wh, or ``r`` is None and ``a`` holds both (``gemm_accumulate`` added the
-        recurrent product to it: ``forward_accumulates``). ``h_next``, when given (k <= n
+        ``r`` h Wh, or ``r`` is None and ``a`` holds both (``gemm.accumulate`` added the
+        recurrent product to it: ``capabilities.gemm_accumulates``). ``h_next``, when given (k <= n
         rows), also receives h's first k rows: the next step's block of prev_h
-        (``forward_copies_prev_h``)."""
+        (``capabilities.step_writes_prev_h``)."""
         n = a.shape[0]
         if not self.fast32:
             if r is None:
@@ -99,7 +108,7 @@ class CpuKernels:
         """One LSTM step back into ``d``, which may be ``a`` itself (the training step's case:
         the gate gradients replace the gates); otherwise ``a`` is copied there first.
         ``dh_rec_T`` (H, n_next), when given, is the transpose of the dh_rec rows the step
-        reads: each thread copies its own rows first (``backward_reads_transposed``)."""
+        reads: each thread copies its own rows first (``capabilities.backward_reads_transposed``)."""
         if d is not a:
             np.copyto(d, a)
         if dh_rec_T is not None:
@@ -248,83 +257,55 @@ class CpuKernels:
             ffi.omatcopy(address, src, out)
         return out
 
-    @property
-    def forward_accumulates(self):
-        """True when ``gemm_accumulate`` runs OpenBLAS's sgemm with beta = 1 (float32): the
-        LSTM's recurrent GEMM then adds h Wh to the step's gate rows, and the forward step
-        reads one operand instead of two."""
-        return self.fast32 and self.dtype in blas.ffi().gemm_addresses
-
-    def gemm_accumulate(self, a, b, out):
-        """``out += a @ b`` by one GEMM (beta = 1) where ``forward_accumulates``; 2-D, C-contiguous."""
-        ffi = blas.ffi()
-        address = ffi.gemm_addresses.get(out.dtype)
-        if address is None or not (a.dtype == b.dtype == out.dtype) or a.shape[1] != b.shape[0] \
-                or out.shape != (a.shape[0], b.shape[1]) \
-                or not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
-            out += a @ b
-        elif out.size:
-            ffi.gemm_acc(address, a, b, out)
-        return out
+    def threads(self):
+        """The shared pool's threads (a compiled loop splits a step's gate kernel over them)."""
+        return dispatch.pool.threads()
 
     def _log(self, T):
+        """The compiled loops' GEMM log for T steps while a recorder listens, else no rows."""
+        if self.gemm.recorder is None:
+            return self._no_log
         if self._gemm_log.shape[0] != T:
             self._gemm_log = np.zeros((T, loops.LOG_FIELDS), dtype=np.int64)
         return self._gemm_log
 
-    def lstm_forward_loop(self, gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets):
-        """The LSTM's packed forward time loop in one compiled call (``forward_accumulates``;
-        PH[:n0] already holds h0's rows): per step ``gemm_accumulate(prev_h, Wh, gate rows)``
-        and ``lstm_step_forward(..., r=None, h_next=...)``, with no Python between them.
-        ``last_gemm_ticks``: the time-stamp ticks its GEMMs took (``ticks_to_seconds``)."""
+    def lstm_forward_loop(self, gates, C, TC, Hp, PH, h0, c0, Wh, b, batch_sizes, offsets, parts=1):
+        """The LSTM's packed forward time loop in one compiled call (``compiled_loops``; PH[:n0]
+        already holds h0's rows; a step's gate kernel split over ``parts`` threads when it is
+        large enough): per step ``gemm.accumulate(prev_h, Wh, gate rows)``
+        and ``lstm_step_forward(..., r=None, h_next=...)``, with no Python between them; its
+        GEMMs told to ``gemm.recorder`` when there is one."""
         compiled = _loops()
         sizes = np.asarray(batch_sizes, dtype=np.int64)
         starts = np.asarray(offsets, dtype=np.int64)
         log = self._log(sizes.size)
         address = blas.ffi().gemm_addresses[np.dtype(np.float32)]
-        parts = dispatch.pool.threads()
         if parts > 1:
             compiled.lstm_forward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, address, gates, C, TC, Hp, PH,
                                              h0, c0, Wh, b, sizes, starts, log)
         else:
             compiled.lstm_forward_loop(address, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, starts, log)
-        self.last_gemm_ticks = int(log[:, 1].sum())
-
-    def gemm_transposed(self, a, b, out):
-        """``out = a @ b.T`` (2-D; a, b and out with unit column strides): for float32, the
-        sgemm numpy.matmul calls for these layouts, through its address, also for one row
-        or column (where matmul calls gemv), so that the compiled backward loop and the
-        cell's Python loop make the same calls; NumPy otherwise."""
-        ffi = blas.ffi()
-        address = ffi.gemm_addresses.get(out.dtype)
-        if address is None or not (a.dtype == b.dtype == out.dtype) or a.shape[1] != b.shape[1] \
-                or out.shape != (a.shape[0], b.shape[0]) or 0 in out.shape \
-                or not (a.strides[1] == b.strides[1] == out.strides[1] == out.itemsize):
-            return np.matmul(a, b.T, out=out)
-        ffi.gemm_bt(address, a, b, out)
-        return out
+        self.gemm.tell_recorder(log, gates.dtype, self.ticks_to_seconds)
 
     def lstm_backward_loop(self, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets,
-                           max_transposed_rows):
+                           max_transposed_rows, parts=1):
         """The LSTM's packed backward time loop in one compiled call (float32, in place, with
-        ``backward_reads_transposed``): the cell's loop over ``lstm_step_backward`` and the
-        recurrent GEMMs (``gemm_transposed``; (Wh d^T) for at most ``max_transposed_rows``
-        rows), with no Python per step. ``last_gemm_ticks``: the time-stamp ticks its GEMMs
-        took."""
+        the transposed reads): the cell's loop over ``lstm_step_backward`` and the
+        recurrent GEMMs (``gemm.transposed``; (Wh d^T) for at most ``max_transposed_rows``
+        rows), with no Python per step; its GEMMs told to ``gemm.recorder`` when there is one."""
         compiled, ffi = _loops(), blas.ffi()
         sizes = np.asarray(batch_sizes, dtype=np.int64)
         starts = np.asarray(offsets, dtype=np.int64)
         log = self._log(sizes.size)
         fn, omat = ffi.gemm_addresses[np.dtype(np.float32)], ffi.addresses[np.dtype(np.float32)]
         rows_T = max_transposed_rows
-        parts = dispatch.pool.threads()
         if parts > 1:
             compiled.lstm_backward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, fn, omat, gates, dH, dh_rec,
                                               dc_rec, C, c0, TC, Wh, dh0, scratch, sizes, starts, rows_T, log)
         else:
             compiled.lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, sizes,
                                         starts, rows_T, log)
-        self.last_gemm_ticks = int(log[:, 1].sum())
+        self.gemm.tell_recorder(log, gates.dtype, self.ticks_to_seconds)
 
     @staticmethod
     def ticks_to_seconds(ticks):
@@ -339,12 +320,6 @@ class CpuKernels:
                 pass
             _TICK_HZ = (now() - k0) / (time.perf_counter() - t0)
         return ticks / _TICK_HZ
-
-    @property
-    def backward_reads_transposed(self):
-        """True when ``lstm_step_backward`` copies its dh_rec rows itself from ``dh_rec_T``
-        (omatcopy found): the cells then leave the recurrent GEMM's result transposed."""
-        return self.dtype in blas.ffi().addresses
 
     # -- optimizer and reducer ----------------------------------------------------------------
 

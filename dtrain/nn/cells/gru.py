@@ -75,12 +75,12 @@ def gru_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=No
     Hp = L.buffer(ws, "gru_h", (total, H), dtype, xp)
     n0 = batch_sizes[0] if batch_sizes else 0
     rec = L.buffer(ws, "gru_rec", (n0, 3 * H), dtype, xp)
-    L.input_projection(x_packed, Wx, b, gates)
-    prev_h = h0
+    L.input_projection(x_packed, Wx, b, gates, kernels)
+    prev_h, gemm = h0, L.gemm_of(kernels)
     for t, n in enumerate(batch_sizes):
         s = offsets[t]
         a, r_, hn, h = gates[s : s + n], rec[:n], HN[s : s + n], Hp[s : s + n]
-        xp.matmul(prev_h[:n], Wh, out=r_)
+        gemm.matmul(prev_h[:n], Wh, r_)
         if fused is not None:
             fused(a, r_, prev_h[:n], hn, h)
         else:
@@ -153,7 +153,8 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
         L.recurrent_backward(dh_t, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
         if t == 0:
             dh0[:n] += carry[:n]
-    return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah, input_grad=input_grad)
+    return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah, input_grad=input_grad,
+                          kernels=kernels)
 
 
 def gru_forward(x, h0, Wx, Wh, b):

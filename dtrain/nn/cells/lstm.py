@@ -1,8 +1,9 @@
 """LSTM, gate blocks i, f, o, g (c0 = 0).
 
 CS231n signatures: ``lstm_step_forward/backward`` (one step, plain, the
-reference), ``lstm_packed_forward/backward`` (the training fast path, with the
-fused kernels ``lstm_step_forward``/``lstm_step_backward`` when offered) and
+reference), ``lstm_packed_forward/backward`` (the training path: the plain xp
+time loop, or, given a kernel set, the kernel set's own recurrence,
+``lstm_recurrence_forward/backward``, ``dtrain/kernels/base.py``) and
 ``lstm_forward/backward`` (full sequences).
 """
 
@@ -55,6 +56,8 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
 
     The (total, 4H) pre-activation buffer is overwritten with the activated
     gates i, f, o, g, which is all the backward pass needs besides c and tanh(c).
+    Two paths: the plain xp loop below (``kernels`` None), or the kernel set's own
+    recurrence (``kernels.lstm_recurrence_forward``, which adds b in its step pass).
     """
     xp = get_array_module(x_packed)
     batch_sizes = [int(n) for n in batch_sizes]
@@ -62,59 +65,45 @@ def lstm_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=N
     L.check_batch_sizes(batch_sizes, total)
     offsets = L.packed_offsets(batch_sizes)
     dtype = x_packed.dtype
-    fused = CELL.kernel(kernels, "lstm_step_forward")
     gates = L.buffer(ws, "lstm_gates", (total, 4 * H), dtype, xp)
     C = L.buffer(ws, "lstm_c", (total, H), dtype, xp)
     TC = L.buffer(ws, "lstm_tanh_c", (total, H), dtype, xp)
     Hp = L.buffer(ws, "lstm_h", (total, H), dtype, xp)
+    if kernels is None:
+        L.input_projection(x_packed, Wx, b, gates, kernels)
+        _reference_forward(gates, C, TC, Hp, h0, Wh, batch_sizes, offsets, ws)
+        PH = None
+    else:
+        L.input_projection(x_packed, Wx, None, gates, kernels)
+        PH = kernels.lstm_recurrence_forward(gates, C, TC, Hp, h0, Wh, b, batch_sizes, offsets, ws)
+    cache = (x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets, PH)
+    return Hp, cache
+
+
+def _reference_forward(gates, C, TC, Hp, h0, Wh, batch_sizes, offsets, ws):
+    """The plain xp time loop: ``gates`` holds x Wx + b, and receives the activated gates."""
+    xp = get_array_module(gates)
+    H, dtype = Hp.shape[1], Hp.dtype
     n0 = batch_sizes[0] if batch_sizes else 0
     rec = L.buffer(ws, "lstm_rec", (n0, 4 * H), dtype, xp)
-    zero_c = L.zeros_buffer(ws, "lstm_c0", (n0, H), dtype, xp)
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
-    # the fused step adds b in its own pass over the step's rows (one pass fewer)
-    L.input_projection(x_packed, Wx, None if fused is not None else b, gates)
-    # Kernels that offer it also write each step's h rows that the next step continues
-    # into prev_h (dWh's GEMM operand), while they are in cache: no pass over H_packed.
-    PH = None
-    if fused is not None and getattr(kernels, "forward_copies_prev_h", False):
-        PH = L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp)
-        PH[:n0] = h0[:n0]
-    # Kernels that offer it add h Wh to the step's gate rows in the GEMM itself (beta = 1):
-    # the step then streams one 4H-wide operand instead of two.
-    accumulate = PH is not None and getattr(kernels, "forward_accumulates", False) \
-        and h0.flags.c_contiguous and Wh.flags.c_contiguous
-    prev_h, prev_c = h0, zero_c
-    T = len(batch_sizes)
-    loop = getattr(kernels, "lstm_forward_loop", None) if accumulate else None
-    if loop is not None:  # the steps below in one compiled call: no Python per time step
-        loop(gates, C, TC, Hp, PH, h0, zero_c, Wh, b, batch_sizes, offsets)
-    for t, n in enumerate(batch_sizes if loop is None else ()):
+    prev_h, prev_c, gemm = h0, L.zeros_buffer(ws, "lstm_c0", (n0, H), dtype, xp), L.gemm_of(None)
+    for t, n in enumerate(batch_sizes):
         s = offsets[t]
         a = gates[s : s + n]
         c, tc, h = C[s : s + n], TC[s : s + n], Hp[s : s + n]
-        if accumulate:
-            kernels.gemm_accumulate(prev_h[:n], Wh, a)
-            r = None
-        else:
-            r = rec[:n]
-            xp.matmul(prev_h[:n], Wh, out=r)
-        if PH is not None:
-            fused(a, r, prev_c, c, tc, h, b, h_next=PH[s + n : s + n + batch_sizes[t + 1]] if t + 1 < T else None)
-        elif fused is not None:
-            fused(a, r, prev_c, c, tc, h, b)
-        else:
-            a += r
-            sigmoid(a[:, : 3 * H], out=a[:, : 3 * H])
-            xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])
-            i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-            xp.multiply(f, prev_c[:n], out=c)
-            xp.multiply(i, g, out=tmp[:n])
-            c += tmp[:n]
-            xp.tanh(c, out=tc)
-            xp.multiply(o, tc, out=h)
+        r = rec[:n]
+        gemm.matmul(prev_h[:n], Wh, r)
+        a += r
+        sigmoid(a[:, : 3 * H], out=a[:, : 3 * H])
+        xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])
+        i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+        xp.multiply(f, prev_c[:n], out=c)
+        xp.multiply(i, g, out=tmp[:n])
+        c += tmp[:n]
+        xp.tanh(c, out=tc)
+        xp.multiply(o, tc, out=h)
         prev_h, prev_c = h, c
-    cache = (x_packed, h0, Wx, Wh, gates, C, TC, Hp, batch_sizes, offsets, PH)
-    return Hp, cache
 
 
 def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input_grad=True):
@@ -123,84 +112,71 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
     total, H = Hp.shape
     dtype = Hp.dtype
     n0 = batch_sizes[0] if batch_sizes else 0
-    fused = CELL.kernel(kernels, "lstm_step_backward")
-    # A kernel set that allows it writes the gate gradients over the gates (not needed
-    # after their own step): one 4H-wide buffer streamed instead of two.
-    in_place = fused is not None and getattr(kernels, "backward_in_place", False)
-    da = gates if in_place else L.buffer(ws, "lstm_da", (total, 4 * H), dtype, xp)
-    dh_rec = L.buffer(ws, "lstm_dh_rec", (n0, H), dtype, xp)
-    # On the host, no zeroing pass over the carried gradients: a step reads dh_rec and dc_rec
-    # only in the rows the step after it wrote (the fused kernel zeroes the others itself),
-    # and dh0's first n0 rows are written by step 0.
+    # On the host, no zeroing pass: dh0's first n0 rows are written by step 0.
     host = xp is np
-    dc_rec = L.buffer(ws, "lstm_dc_rec", (n0, H), dtype, xp, zero=not host)
+    dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=not host)
+    if host:
+        dh0[n0:] = 0
+    if kernels is None:
+        da = _reference_backward(dH_packed, gates, C, TC, Wh, dh0, batch_sizes, offsets, ws)
+    else:
+        da = kernels.lstm_recurrence_backward(dH_packed, gates, C, TC, h0, Wh, dh0, batch_sizes, offsets, ws)
+    if prev_h is None:  # not written by the forward steps
+        prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets,
+                                 L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp), kernels)
+    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad, kernels=kernels)
+
+
+def _reference_backward(dH_packed, gates, C, TC, Wh, dh0, batch_sizes, offsets, ws):
+    """The plain xp backward time loop: returns the gradient of every step's pre-activations."""
+    xp = get_array_module(dH_packed)
+    total, H = TC.shape
+    dtype = TC.dtype
+    n0 = batch_sizes[0] if batch_sizes else 0
+    da = L.buffer(ws, "lstm_da", (total, 4 * H), dtype, xp)
+    dh_rec = L.buffer(ws, "lstm_dh_rec", (n0, H), dtype, xp)
+    dc_rec = L.buffer(ws, "lstm_dc_rec", (n0, H), dtype, xp, zero=xp is not np)
     zero_c = L.zeros_buffer(ws, "lstm_c0", (n0, H), dtype, xp)
     dh = L.buffer(ws, "lstm_dh", (n0, H), dtype, xp)
     dc = L.buffer(ws, "lstm_dc", (n0, H), dtype, xp)
     tmp = L.buffer(ws, "lstm_tmp", (n0, H), dtype, xp)
-    dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=not host)
-    if host:
-        dh0[n0:] = 0
     scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
-    # Kernels that read dh_rec transposed take the recurrent GEMM's (H, n) result as it is
-    # (each thread copies its own rows, then uses them from its cache): no copy pass.
-    reads_T = in_place and scratch is not None and getattr(kernels, "backward_reads_transposed", False)
-    pending_T = None  # step t+1's dh_rec, transposed
-    loop = getattr(kernels, "lstm_backward_loop", None) \
-        if reads_T and getattr(kernels, "forward_accumulates", False) else None
-    if loop is not None:  # the steps below in one compiled call: no Python per time step
-        loop(gates, dH_packed, dh_rec, dc_rec, C, zero_c, TC, Wh, dh0, scratch, batch_sizes, offsets,
-             L.TRANSPOSED_BACKWARD_ROWS)
-    for t in range(len(batch_sizes) - 1, -1, -1) if loop is None else ():
+    for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
         prev_c = C[offsets[t - 1] : offsets[t - 1] + n] if t > 0 else zero_c[:n]
-        a = gates[s : s + n]
-        d = a if in_place else da[s : s + n]
-        tc = TC[s : s + n]
-        if reads_T:
-            fused(d, dH_packed[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, tc, dh_rec_T=pending_T)
-        elif fused is not None:
-            fused(d, dH_packed[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, tc)
-        else:
-            i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-            dh_t, dc_t, w = dh[:n], dc[:n], tmp[:n]
-            dh_t[...] = dH_packed[s : s + n]
-            dh_t[:n_next] += dh_rec[:n_next]
-            # dc = dc_carried + dh * o * (1 - tanh(c)^2)
-            xp.multiply(tc, tc, out=w)
-            xp.subtract(1.0, w, out=w)
-            w *= o
-            xp.multiply(dh_t, w, out=dc_t)
-            dc_t[:n_next] += dc_rec[:n_next]
-            d_i, d_f, d_o, d_g = d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :]
-            # sigmoid'(a) = s (1 - s), tanh'(a) = 1 - t^2, all from the stored activations
-            xp.subtract(1.0, i, out=w)
-            w *= i
-            w *= g
-            xp.multiply(dc_t, w, out=d_i)
-            xp.subtract(1.0, f, out=w)
-            w *= f
-            w *= prev_c
-            xp.multiply(dc_t, w, out=d_f)
-            xp.subtract(1.0, o, out=w)
-            w *= o
-            w *= tc
-            xp.multiply(dh_t, w, out=d_o)
-            xp.multiply(g, g, out=w)
-            xp.subtract(1.0, w, out=w)
-            w *= i
-            xp.multiply(dc_t, w, out=d_g)
-            xp.multiply(dc_t, f, out=dc_rec[:n])
-        if reads_T and t > 0 and n <= L.TRANSPOSED_BACKWARD_ROWS:
-            pending_T = L.recurrent_backward_T(d, Wh, scratch, kernels)
-        else:
-            pending_T = None
-            L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
-    if prev_h is None:  # not written by the forward steps
-        prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets,
-                                 L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp), kernels)
-    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad)
+        a, d, tc = gates[s : s + n], da[s : s + n], TC[s : s + n]
+        i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+        dh_t, dc_t, w = dh[:n], dc[:n], tmp[:n]
+        dh_t[...] = dH_packed[s : s + n]
+        dh_t[:n_next] += dh_rec[:n_next]
+        # dc = dc_carried + dh * o * (1 - tanh(c)^2)
+        xp.multiply(tc, tc, out=w)
+        xp.subtract(1.0, w, out=w)
+        w *= o
+        xp.multiply(dh_t, w, out=dc_t)
+        dc_t[:n_next] += dc_rec[:n_next]
+        d_i, d_f, d_o, d_g = d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :]
+        # sigmoid'(a) = s (1 - s), tanh'(a) = 1 - t^2, all from the stored activations
+        xp.subtract(1.0, i, out=w)
+        w *= i
+        w *= g
+        xp.multiply(dc_t, w, out=d_i)
+        xp.subtract(1.0, f, out=w)
+        w *= f
+        w *= prev_c
+        xp.multiply(dc_t, w, out=d_f)
+        xp.subtract(1.0, o, out=w)
+        w *= o
+        w *= tc
+        xp.multiply(dh_t, w, out=d_o)
+        xp.multiply(g, g, out=w)
+        xp.subtract(1.0, w, out=w)
+        w *= i
+        xp.multiply(dc_t, w, out=d_g)
+        xp.multiply(dc_t, f, out=dc_rec[:n])
+        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch)
+    return da
 
 
 def lstm_forward(x, h0, Wx, Wh, b):

@@ -42,13 +42,13 @@ def rnn_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=No
     dtype = x_packed.dtype
     fused = CELL.kernel(kernels, "rnn_step_forward")
     Hp = L.buffer(ws, "rnn_h", (total, H), dtype, xp)
-    L.input_projection(x_packed, Wx, b, Hp)  # pre-activations, tanh'd in place
+    L.input_projection(x_packed, Wx, b, Hp, kernels)  # pre-activations, tanh'd in place
     rec = L.buffer(ws, "rnn_rec", (batch_sizes[0] if batch_sizes else 0, H), dtype, xp)
-    prev = h0
+    prev, gemm = h0, L.gemm_of(kernels)
     for t, n in enumerate(batch_sizes):
         a = Hp[offsets[t] : offsets[t] + n]
         r = rec[:n]
-        xp.matmul(prev[:n], Wh, out=r)
+        gemm.matmul(prev[:n], Wh, r)
         if fused is not None:
             fused(a, r)
         else:
@@ -87,7 +87,7 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
         L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
     prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "rnn_prev_h", (total, H), dtype, xp),
                              kernels)
-    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad)
+    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad, kernels=kernels)
 
 
 def rnn_forward(x, h0, Wx, Wh, b):
