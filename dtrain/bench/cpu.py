@@ -29,13 +29,13 @@ PROFILED_BATCHES = 5
 class CpuTimer:
     """Warm-up, timed blocks of steps, and the result of all of them.
 
-    ``build(vocab_size, input_dim, width)``: (model, adam, reducer, step), None sizes
+    ``build(vocab_size, input_dim, width)``: (model, adam, accumulator, step), None sizes
     meaning the run's own; ``batches.next()`` gives this rank's (captions, features).
     """
 
     def __init__(self, args, comm, build, batches, gates):
         self.args, self.comm, self.build, self.batches, self.gates = args, comm, build, batches, gates
-        self.model, self.adam, self.reducer, self.step = build(None, None, None)
+        self.model, self.adam, self.accumulator, self.step = build(None, None, None)
         self.times, self.step_only, self.batch_t, self.comm_t, self.waits = [], [], [], [], []
         self.modes, self.nbytes, self.tokens, self.kept, self.blocks = [], [], [], [], []
 
@@ -97,7 +97,7 @@ class CpuTimer:
                            "comm_transfer_ms": max(0.0, comm_med - wait_med) * 1e3,
                            "embed_reduce": result["reduce_mode"]})
         if floor and comm.size == 1:
-            prof = profile_steps(self.build, model, self.adam, self.reducer, self.step,
+            prof = profile_steps(self.build, model, self.adam, self.accumulator, self.step,
                                  self.kept[:PROFILED_BATCHES], B, result["batch_ms"])
             prof["timed_over_floor"] = result["median_ms"] / prof["floor_ms"] if prof["floor_ms"] else None
             result.update(prof)
