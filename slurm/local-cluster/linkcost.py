@@ -17,6 +17,11 @@ machine with at least as many cores as ranks, and read them as what the link set
 change, not as a cluster's numbers (docs/cluster.md). This kernel has no netem: a
 setting with delay ("1gbit+0.5ms") is refused. Every link is restored at the end.
 Standard library only; dtrain runs in subprocesses.
+
+    .venv/bin/python slurm/local-cluster/linkcost.py --model [--plot docs/cluster-comm.png]
+
+prints the communication model instead (``step_model``; docs/cluster.md): bytes and
+time per step against ranks P, link bandwidth and latency, projected to 128 nodes.
 """
 
 from __future__ import annotations
@@ -102,7 +107,90 @@ def run_once(opts, root: str, nodes: list[str], ppn: int, workdir: Path) -> dict
             "link_bytes": (after - before) / opts.steps / ranks}
 
 
+# ------------------------------------------------------------------ the model
+# CS231n sizes, float32: the dense gradient (everything but the word embedding) of
+# the LSTM with H=512, W=256, V=1004 and 512 input features, and the embedding.
+DENSE_BYTES = 4 * (512 * 512 + 512 + 256 * 2048 + 512 * 2048 + 2048 + 512 * 1004 + 1004)
+VOCAB, WORDVEC = 1004, 256
+ROWS_PER_RANK = 232  # distinct words in a rank's N=128 batch of the built-in data (measured)
+
+
+def step_bytes(p: int, rows_per_rank: int = ROWS_PER_RANK) -> tuple[float, str]:
+    """(bytes one rank sends plus receives per step, embedding reduction), as dtrain's
+    reducer counts them: a ring Allreduce of the dense gradient, 4(P-1)/P S, and the
+    cheaper of the embedding's sparse Allgatherv of every rank's rows (id + W floats)
+    and its dense Allreduce."""
+    if p < 2:
+        return 0.0, "local"
+    ring = (p - 1) / p
+    sparse = 2 * ring * p * rows_per_rank * (4 * WORDVEC + 8)
+    dense = 4 * ring * VOCAB * WORDVEC * 4
+    return 4 * ring * DENSE_BYTES + min(sparse, dense), "sparse" if sparse < dense else "dense"
+
+
+def step_model(p: int, gbit: float, latency_s: float, compute_s: float) -> dict:
+    """Step time with one rank per node: compute, then the reduction (no overlap today).
+
+    The reduction sends half of ``step_bytes`` and receives the other half at once over a
+    full-duplex link of ``gbit``, and pays ``latency_s`` per ring round: 2(P-1) for the
+    dense Allreduce, P-1 for the embedding's Allgatherv, log2 P for the small Allgather
+    of row counts and losses.
+    """
+    nbytes, embed = step_bytes(p)
+    rounds = 2 * (p - 1) + (p - 1 if embed == "sparse" else 0) + max(1, (p - 1).bit_length())
+    comm = nbytes / 2 / (gbit * 1e9 / 8) + rounds * latency_s if p > 1 else 0.0
+    return {"bytes": nbytes, "embed": embed, "comm_s": comm, "step_s": compute_s + comm,
+            "share": comm / (compute_s + comm)}
+
+
+def print_model(plot: str | None) -> None:
+    links = [(10, 20e-6), (10, 0.5e-3), (1, 20e-6), (1, 0.5e-3)]
+    computes = [("CPU, N=128, 2 threads", 0.115), ("GPU (H100), N=128", 0.0016)]
+    ps = [2, 3, 4, 8, 32, 128]
+    print("| compute | link | " + " | ".join(f"P={p}" for p in ps) + " |")
+    print("|---|---|" + "---|" * len(ps))
+    for name, tc in computes:
+        for gbit, lat in links:
+            cells = []
+            for p in ps:
+                m = step_model(p, gbit, lat, tc)
+                cells.append(f"{1e3 * m['step_s']:.1f} ms ({100 * m['share']:.0f}%)")
+            print(f"| {name} | {gbit} Gbit/s, {1e3 * lat:g} ms | " + " | ".join(cells) + " |")
+    print("\n| P | bytes/step/rank | embedding |\n|---|---|---|")
+    for p in ps:
+        nbytes, embed = step_bytes(p)
+        print(f"| {p} | {nbytes / 1e6:.2f} MB | {embed} |")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        grid = [2 ** k for k in range(1, 8)]
+        for name, tc in computes:
+            for gbit, lat in links:
+                ax.plot(grid, [100 * step_model(p, gbit, lat, tc)["share"] for p in grid],
+                        marker="o", ls="-" if tc > 0.01 else "--",
+                        label=f"{name}; {gbit} Gbit/s, {1e3 * lat:g} ms")
+        ax.axhline(15, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("nodes (1 rank each)")
+        ax.set_ylabel("communication share of the step, %")
+        ax.set_title("dtrain at CS231n sizes (H=512, W=256, V=1004): model")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        print(f"\nplot: {plot}")
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--model" in argv:
+        plot = argv[argv.index("--plot") + 1] if "--plot" in argv else None
+        print_model(plot)
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="COCO-layout data (default: the built-in data set)")
     p.add_argument("--hosts", type=int, nargs="+", default=[2], help="host counts to try")
