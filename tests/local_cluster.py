@@ -60,13 +60,16 @@ def namespaces_unavailable() -> str | None:
     """Why namespace hosts cannot be made here, or None when they can."""
     if os.geteuid() != 0:
         return "namespace hosts need root (network, UTS and mount namespaces, veth links)"
-    for tool in ("ip", "unshare", "nsenter", "tc"):
+    for tool in ("ip", "unshare", "nsenter", "tc", "iptables-legacy"):
         if shutil.which(tool) is None:
-            return f"namespace hosts need `{tool}` (iproute2, util-linux), which is missing"
+            return (f"namespace hosts need `{tool}` (iproute2, util-linux, iptables), "
+                    "which is missing")
     # In a throwaway network namespace: what the hosts are made of (a bridge, a veth
-    # pair) and how the tests shape a link (tbf). Nothing of this machine's is touched.
+    # pair) and how the tests shape a link (tbf, and an NFQUEUE rule for netdelay.py).
+    # Nothing of this machine's is touched.
     probe = ("ip link add b0 type bridge && ip link add v0 type veth peer name v1 && "
-             "ip link set lo up && tc qdisc add dev lo root tbf rate 1mbit burst 16kb limit 64kb")
+             "ip link set lo up && tc qdisc add dev lo root tbf rate 1mbit burst 16kb limit 64kb"
+             " && iptables-legacy -A OUTPUT -o lo -j NFQUEUE --queue-num 0 --queue-bypass")
     r = subprocess.run(
         ["unshare", "--net", "--uts", "--mount", "sh", "-c", probe], capture_output=True,
         text=True, timeout=30,

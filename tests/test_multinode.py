@@ -227,25 +227,58 @@ def test_two_hosts_over_tcp_bitwise_equal_to_one_rank(hosts, two_by_two, synth_d
     _assert_bitwise(_state(tmp_path / "ckpt"), reference)
 
 
-def test_shaped_lossy_link_bitwise_equal(hosts, two_by_two, synth_data, reference, tmp_path):
-    # 100 Mbit/s on both hosts' links, with a 64 KB queue: a gradient's burst (~0.4 MB)
-    # overflows it, so packets are dropped and TCP retransmits them (thousands per run).
-    # A smaller queue (3 packets) stalled a collective for 20 s in retransmission
-    # back-off. Delay needs netem, which this kernel lacks.
+def test_shaped_lossy_delayed_link_bitwise_equal(hosts, two_by_two, synth_data, reference,
+                                                 tmp_path):
+    """2 x 2 ranks over links of 100 Mbit/s (tbf) with 0.5 ms added delay and 1% of packets
+    dropped (netdelay.py: this kernel has no netem), and the tbf queue small enough to
+    overflow: the same bits as 1 rank."""
+    # A 64 KB queue: a gradient's burst (~0.4 MB) overflows it too. (A 3-packet queue
+    # stalled a collective for 20 s in TCP's retransmission back-off.)
     shape = ["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", "100mbit",
              "burst", "16kb", "limit", "64kb"]  # fmt: skip
+    delays = []
     try:
         for node in ("node1", "node2"):
             hosts.on_node(node, *shape)
+            delays.append(_start_netdelay(hosts, node, delay_ms=0.5, loss=0.01))
         out = _hydra(hosts, synth_data, tmp_path / "ckpt", two_by_two, 4, STEPS, DET, ppn=2)
         stats = {n: hosts.on_node(n, "tc", "-s", "qdisc", "show", "dev", "eth0").stdout
                  for n in ("node1", "node2")}
     finally:
+        reports = [_stop_netdelay(p) for p in delays]
         _heal(hosts)
-    dropped = sum(int(m) for s in stats.values() for m in re.findall(r"dropped (\d+)", s))
-    assert dropped > 0, f"the shaped links dropped nothing:\n{stats}"
+    tbf_dropped = sum(int(m) for s in stats.values() for m in re.findall(r"dropped (\d+)", s))
+    assert tbf_dropped > 0, f"the shaped links' queues dropped nothing:\n{stats}"
+    for report in reports:  # "netdelay: N packets, D dropped, delay 0.5 ms"
+        m = re.search(r"netdelay: (\d+) packets, (\d+) dropped", report)
+        assert m and int(m.group(1)) > 1000 and int(m.group(2)) > 0, report
     assert "2 host(s) x 2 rank(s)" in _header(out)
     _assert_bitwise(_state(tmp_path / "ckpt"), reference)
+
+
+def _start_netdelay(cluster, node, delay_ms, loss):
+    """slurm/local-cluster/netdelay.py on ``node``, once its NFQUEUE rule is in place."""
+    script = REPO / "slurm" / "local-cluster" / "netdelay.py"
+    cmd = [str(REPO / "slurm" / "local-cluster" / "on-node.sh"), node, sys.executable,
+           str(script), "--delay-ms", str(delay_ms), "--loss", str(loss), "--seconds", "600"]
+    proc = subprocess.Popen(cmd, env=dict(cluster.env, SLURM_ROOT=str(cluster.root)),
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # "netdelay: ready ..." (or an error, then EOF)
+    if "netdelay: ready" not in line:
+        proc.kill()
+        raise AssertionError(f"netdelay.py on {node} did not start: {line}{proc.stderr.read()}")
+    return proc
+
+
+def _stop_netdelay(proc) -> str:
+    """SIGTERM (it removes its rule and lets held packets go), its last report."""
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
 
 
 def test_uneven_hosts_local_rank_and_threads(hosts, synth_data, tmp_path):

@@ -5,8 +5,9 @@
 # libpmix.so, and it must be present before slurmd starts.
 set -euo pipefail
 PKGS=(slurmd slurmctld slurm-client munge libpmix-dev)
-# namespace hosts (NODES > 1): ip and tc, unshare and nsenter, mount
-PKGS+=(iproute2 util-linux mount)
+# namespace hosts (NODES > 1): ip and tc, unshare and nsenter, mount; iptables for
+# netdelay.py (delay and loss on a host's link)
+PKGS+=(iproute2 util-linux mount iptables)
 
 missing=()
 for p in "${PKGS[@]}"; do
