@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from .plots import write_loss_svg
+from .plots import read_history, write_loss_svg
 from .tbevents import EventWriter
 
 
@@ -95,7 +95,6 @@ class RunLog:
         self.enabled = enabled
         self.quiet = quiet
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
         self.run_start = time.perf_counter()
         self.tensorboard = EventWriter(self.dir / "tensorboard") if enabled else None
 
@@ -118,8 +117,6 @@ class RunLog:
         if iv.steps == 0:
             return None
         loss = float(iv.loss) / iv.steps  # on one GPU: the one copy of the loss out
-        self.history["step"].append(step)
-        self.history["loss"].append(loss)
         comm_share = iv.comm_s / iv.seconds if iv.seconds else 0.0
         step_ms = 1e3 * iv.seconds / iv.steps
         tok_s = iv.tokens / iv.seconds if iv.seconds else 0.0
@@ -141,9 +138,6 @@ class RunLog:
         return loss
 
     def evaluation(self, res, step, final):
-        if res["val_loss"] is not None:  # None: stopped early, or no tokens (dtrain.evaluate)
-            self.history["val_step"].append(step)
-            self.history["val_loss"].append(res["val_loss"])
         b = res["bleu"]
         more = {k: res.get("metrics", {}).get(k) for k in ("rouge_l", "cider_d")}
         shown = "".join(f" {name} {more[k]:.3f}" for k, name in (("rouge_l", "ROUGE-L"),
@@ -157,7 +151,8 @@ class RunLog:
         losses = {k: res[k] for k in ("val_loss", "val_loss_per_token") if res[k] is not None}
         self.record({"kind": "eval", "step": step, **losses, "bleu1": b[0], "bleu2": b[1],
                      "bleu3": b[2], "bleu4": b[3],
-                     **{k: v for k, v in more.items() if v is not None}, "final": final, "stopped": bool(res.get("stopped"))})
+                     **{k: v for k, v in more.items() if v is not None}, "final": final,
+                     "stopped": bool(res.get("stopped"))})
         if self.tensorboard is not None and not res.get("stopped"):
             self._tensorboard_eval(res, step, more)
         if final:
@@ -186,7 +181,10 @@ class RunLog:
         return self._plot_png() or svg
 
     def _plot_png(self):
-        if not self.history["loss"]:
+        """loss.png with matplotlib, when installed: the curves of loss.svg (the whole run from
+        metrics.jsonl, resumes marked)."""
+        history = read_history(self.metrics_path)
+        if not history["train"]:
             return None
         try:
             import matplotlib
@@ -196,9 +194,12 @@ class RunLog:
         except Exception:
             return None
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(self.history["step"], self.history["loss"], lw=0.8, label="train loss")
-        if self.history["val_loss"]:
-            ax.plot(self.history["val_step"], self.history["val_loss"], "o-", label="val loss")
+        ax.plot(*zip(*history["train"]), lw=0.8, label="train loss")
+        val = [(e["step"], e["val_loss"]) for e in history["eval"] if "val_loss" in e]
+        if val:  # an evaluation over no tokens has no val loss
+            ax.plot(*zip(*val), "o-", label="val loss")
+        for k, step in enumerate(history["resumes"]):
+            ax.axvline(step, color="grey", ls="--", lw=0.8, label="resumed" if k == 0 else None)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (sum over tokens / captions)")
         ax.legend()

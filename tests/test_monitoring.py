@@ -1,6 +1,7 @@
 """TensorBoard event files (read back by the tensorboard package's own reader) and loss.svg,
 from a real run that resumes."""
 
+import importlib.util
 import json
 import struct
 import xml.etree.ElementTree as ET
@@ -74,6 +75,8 @@ def test_run_writes_tensorboard_and_loss_svg(tiny_data, tmp_path):
     svg = (out / "loss.svg").read_text()
     ET.fromstring(svg)
     assert "resumed @ 4" in svg and "CIDEr-D" in svg and "val loss" in svg
+    if importlib.util.find_spec("matplotlib"):  # loss.png too, the resume marked
+        assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
     assert all("cider_d" in e and "rouge_l" in e for e in evals)
     ea = _accumulator(out / "tensorboard")

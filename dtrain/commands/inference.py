@@ -195,7 +195,8 @@ def _evaluation_report(args, run, comm, split, res):
                  urls[int(res["image_ids"][i])]) for i in range(min(100, len(ids)))]
         how = "greedy" if args.beam_size == 1 else f"beam search, {args.beam_size} beams"
         details = {"checkpoint": run.path, "split": args.split, "images": res["images"],
-                   "decoding": how, "val loss": "n/a" if res["val_loss"] is None else f"{res['val_loss']:.4f}"}
+                   "decoding": how,
+                   "val loss": "n/a" if res["val_loss"] is None else f"{res['val_loss']:.4f}"}
         report["html_out"] = str(write_captions_page(args.html_out, "dtrain evaluate",
                                                      metrics, rows, details))
     return report
