@@ -14,8 +14,10 @@ the hosts' byte counters), and the embedding reduction dtrain chose (sparse or d
 
 Timings on one machine are those of processes sharing its cores: run it on a quiet
 machine with at least as many cores as ranks, and read them as what the link settings
-change, not as a cluster's numbers (docs/cluster.md). This kernel has no netem: a
-setting with delay ("1gbit+0.5ms") is refused. Every link is restored at the end.
+change, not as a cluster's numbers (docs/cluster.md). A setting with delay
+("1gbit+0.5ms") adds it with netdelay.py on every host (this kernel has no netem);
+its packets pass through a Python process, which caps the rate it can carry. Every
+link is restored at the end.
 Standard library only; dtrain runs in subprocesses.
 
     .venv/bin/python slurm/local-cluster/linkcost.py --model [--plot docs/cluster-comm.png]
@@ -60,12 +62,44 @@ def tbf_args(rate: str) -> list[str]:
     return ["tbf", "rate", rate, "burst", str(burst), "latency", "50ms"]
 
 
-def shape(root: str, nodes: list[str], link: str) -> None:
+def parse_link(link: str) -> tuple[str, float]:
+    """``none``, ``RATE`` or ``RATE+DELAYms`` -> (rate or "none", added delay in ms)."""
+    rate, _, delay = link.partition("+")
+    if rate != "none":
+        tbf_args(rate)
+    if not delay:
+        return rate, 0.0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)ms", delay)
+    if not m:
+        raise SystemExit(f"linkcost: --links {link}: expected a delay like +0.5ms")
+    return rate, float(m.group(1))
+
+
+def shape(root: str, nodes: list[str], link: str) -> list[subprocess.Popen]:
+    """Shape every host's link; the netdelay.py processes started for the delay."""
+    rate, delay = parse_link(link)
     for node in nodes:
         on_node(root, node, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
-        if link != "none":
+        if rate != "none":
             on_node(root, node, "tc", "qdisc", "replace", "dev", "eth0", "root",
-                    *tbf_args(link))
+                    *tbf_args(rate))
+    procs = []
+    for node in nodes if delay else []:
+        proc = subprocess.Popen([str(ON_NODE), node, sys.executable, str(HERE / "netdelay.py"),
+                                 "--delay-ms", str(delay), "--seconds", "86400"],
+                                env=dict(os.environ, SLURM_ROOT=root), stderr=subprocess.PIPE,
+                                text=True)
+        procs.append(proc)
+        if "netdelay: ready" not in proc.stderr.readline():
+            unshape(procs)
+            raise SystemExit(f"linkcost: netdelay.py did not start on {node}")
+    return procs
+
+
+def unshape(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()  # it removes its rule
+        proc.wait(timeout=30)
 
 
 def link_bytes(root: str, node: str) -> int:
@@ -195,8 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="COCO-layout data (default: the built-in data set)")
     p.add_argument("--hosts", type=int, nargs="+", default=[2], help="host counts to try")
     p.add_argument("--ppn", type=int, nargs="+", default=[1, 2], help="ranks per host")
-    p.add_argument("--links", nargs="+", default=["none", "10gbit", "1gbit"],
-                   help="link settings: none, or a tbf rate such as 1gbit")
+    p.add_argument("--links", nargs="+", default=["none", "10gbit", "1gbit", "1gbit+0.5ms"],
+                   help="link settings: none, a tbf rate such as 1gbit, and +DELAYms")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--per-rank", type=int, default=128, help="N, images per rank per step")
     p.add_argument("--hidden", type=int, default=512)
@@ -212,17 +246,16 @@ def main(argv=None) -> int:
     if max(opts.hosts) > have:
         raise SystemExit(f"linkcost: --hosts {max(opts.hosts)}: the cluster has {have} hosts")
     for link in opts.links:
-        if "+" in link or "ms" in link:
-            raise SystemExit(f"linkcost: --links {link}: no added delay here (no netem)")
-        if link != "none":
-            tbf_args(link)
+        parse_link(link)
     nodes_all = [f"node{i}" for i in range(1, have + 1)]
     print("| link | hosts x ranks | ms/step | comm share | bytes/step/rank (dtrain) "
           "| bytes/step/rank (links) | embedding |")
     print("|---|---|---|---|---|---|---|")
+    procs = []
     try:
         for link in opts.links:
-            shape(root, nodes_all, link)
+            unshape(procs)
+            procs = shape(root, nodes_all, link)
             for hosts in opts.hosts:
                 for ppn in opts.ppn:
                     with tempfile.TemporaryDirectory(prefix="linkcost-") as tmp:
@@ -231,6 +264,7 @@ def main(argv=None) -> int:
                           f"| {res['est_bytes'] / 1e6:.2f} MB | {res['link_bytes'] / 1e6:.2f} MB "
                           f"| {res['embed']} |", flush=True)
     finally:
+        unshape(procs)
         shape(root, nodes_all, "none")
     return 0
 
