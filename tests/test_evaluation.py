@@ -221,3 +221,14 @@ def test_evaluate_flags_checked_before_work(tmp_path):
         p = run_dtrain(None, "evaluate", "--checkpoint", tmp_path / "none.h5", *flags,
                        check=False, timeout=60)
         assert p.returncode == 2 and name in p.stderr, p.stderr
+
+
+def test_score_ptb_without_java_is_one_line(trained, tmp_path):
+    tmp, _ = trained
+    res = tmp_path / "r.json"
+    res.write_text('[{"image_id": 7, "caption": "A man."}]')
+    p = run_dtrain(None, "score", res, "--annotations", tmp / "captions_val2014.json",
+                   "--tokenizer", "ptb", check=False, timeout=60, env={"PATH": ""})
+    assert p.returncode == 2
+    (line,) = p.stderr.strip().splitlines()
+    assert "--tokenizer ptb" in line and "java" in line, p.stderr
