@@ -13,10 +13,10 @@ Invariants:
   stays a NaN of the same sign (made quiet, so truncating its payload cannot make it inf).
 - ``gemm`` computes ``out = alpha op(a) op(b) + beta out`` with bf16 operands: every product
   of two bf16 values is exact in float32, the sums are float32 (MKL's order), ``out`` float32.
-- Nothing here starts a thread: MKL is loaded with the threading layer given to ``load``
-  (default ``"sequential"``: MKL runs on the calling thread, so the kernels' pool, which owns
-  the rank's threads, can split a GEMM by rows with ``gemm_rows`` and never spin against a
-  second pool).
+- MKL is loaded with the threading layer given to the first ``load`` and keeps it. The
+  default, ``"sequential"``, never starts a thread: MKL runs on the calling thread, so the
+  kernels' pool, which owns the rank's threads, can split a GEMM by rows with ``gemm_rows``
+  and no second pool spins against it.
 - The compiled forms (``gemm_arrays``, ``gemm_rows``) take the entry point's address
   (``library().gemm_address``) as an argument, as the OpenBLAS calls in the CPU kernels do:
   the compiled code is the same wherever the library lies and can be cached.
@@ -210,18 +210,20 @@ def load(threading: str = "sequential") -> Mkl:
 
 
 def available(threading: str = "sequential") -> tuple[bool, str]:
-    """(True, what will run) when bf16 GEMMs run on bf16 hardware here, else (False, why).
+    """(True, what will run) when bf16 GEMMs run on AMX here, else (False, why, one line).
 
-    False without the extra, and on a CPU (or under an MKL_ENABLE_INSTRUCTIONS cap) without
-    AMX-BF16 or AVX512-BF16: MKL would still give correct results there, converting to
-    float32 in software, but slower than the float32 path."""
+    False without the extra, and when MKL dispatches to no AMX-BF16 (an older CPU, or an
+    MKL_ENABLE_INSTRUCTIONS cap): MKL still gives correct results there, but slower than the
+    float32 path. With AVX512-BF16 alone MKL's bf16 GEMM ran at about two thirds of float32
+    sgemm's speed on this model's shapes, and with neither no faster (docs/precision.md)."""
     try:
         mkl = load(threading)
     except (ImportError, RuntimeError) as exc:
         return False, f"bf16 GEMMs unavailable: {exc}"
-    if mkl.code_path == "none":
+    if mkl.code_path != "amx":
+        what = "AVX512-BF16 without AMX" if mkl.code_path == "avx512_bf16" else "no bf16 unit"
         return False, (f"bf16 GEMMs would be slower than float32 here: MKL {mkl.version} "
-                       f"dispatches to '{mkl.processor}', without AMX-BF16 or AVX512-BF16")
+                       f"dispatches to {what} ('{mkl.processor}'), AMX-BF16 is needed")
     return True, mkl.describe()
 
 
