@@ -294,6 +294,7 @@ class Trainer:
                              f"stopped it; checkpoint {path} holds the trained model")
                 comm.barrier()
                 return PREEMPTED_EXIT_CODE
+        self.progress.enter("plot")  # the others wait in the barrier meanwhile (diagnostics)
         self.log.plot()
         comm.barrier()
         return 0

@@ -70,8 +70,15 @@ PHASES = {
     "after step": "after the step (log, consistency check)",
     "evaluation": "evaluating",
     "checkpoint": "writing or waiting for a checkpoint",
+    "plot": "drawing the loss plot",
     "done": "finishing",
 }
+# Phases that may legitimately keep a rank away from the collectives for long (data loading,
+# evaluation, plotting, checkpoint I/O, the end of the run); a rank's first training step
+# (compiling kernels, possibly with a cold cache) counts too. The others are waited for in
+# them, up to LONG_PHASE_LIMIT, however short --stall-timeout is.
+LONG_PHASES = ("setup", "batch", "evaluation", "checkpoint", "plot", "done")
+LONG_PHASE_LIMIT = 600.0  # s, or 10 x --stall-timeout when that is longer
 
 
 class Progress:
@@ -225,6 +232,7 @@ class Watchdog:
         self.stalling = False
         self._silent = []  # ranks that did not answer the last ping
         self._last_ping = self._last_beat = -1e9
+        self._recheck_at = -1e9  # a long wait found legitimate is looked at again from then
         self._beat_key = None
         self._sends = []  # (request, buffer) until complete
         self._closing = threading.Event()
@@ -318,8 +326,11 @@ class Watchdog:
         if call is None:
             return
         waited = now - call[5]
-        if self.timeout > 0 and waited >= self.timeout:
-            self._stall({"why": "timeout", "rank": self.rank, "waited": waited, "timeout": self.timeout})
+        if self.timeout > 0 and waited >= self.timeout and now >= self._recheck_at:
+            if self._somebody_stuck():
+                self._stall({"why": "timeout", "rank": self.rank, "waited": time.perf_counter() - call[5],
+                             "timeout": self.timeout})
+            self._recheck_at = time.perf_counter() + self.timeout  # all busy: look again later
         if (self.signal_at is not None and now - max(call[5], self.signal_at) >= self.grace
                 and now - self._last_ping >= self.grace):
             silent = self._ping()
@@ -400,6 +411,33 @@ class Watchdog:
                 return None
         self._silent = sorted(set(self.others) - set(self.pongs))
         return self._silent
+
+    def _legitimately_away(self, rec) -> bool:
+        """A rank outside the collectives that is busy with something that may take long."""
+        limit = max(LONG_PHASE_LIMIT, 10 * self.timeout)
+        first_step = rec["phase"] == "step" and rec.get("done") is None  # compiling
+        return (rec["phase"] in LONG_PHASES or first_step) and rec["in_phase"] < limit
+
+    def _somebody_stuck(self) -> bool:
+        """After this rank waited --stall-timeout: is the job stalled, or only busy?
+
+        Every other rank is asked where it is. Stalled: a rank does not answer (twice), a rank
+        outside the collectives has spent --stall-timeout in a phase that is not a legitimately
+        long one, or every rank has waited --stall-timeout in a collective (calls that do not
+        match). Busy: the ranks away are loading data, compiling, evaluating, plotting or
+        writing a checkpoint (then the wait is looked at again a timeout later).
+        """
+        silent = self._ping()
+        if silent:
+            silent = self._ping()  # an overloaded node can answer late once
+        if silent is None:  # another rank began the stall protocol: join it
+            return True
+        if silent:
+            return True
+        away = [rec for rec in self.pongs.values() if rec.get("op") is None]
+        if not away:
+            return min(rec["waited"] for rec in self.pongs.values()) >= self.timeout
+        return any(not self._legitimately_away(rec) and rec["in_phase"] >= self.timeout for rec in away)
 
     # ---------------------------------------------------------------- the stall protocol
     def _stall(self, why) -> None:
@@ -539,7 +577,10 @@ class Watchdog:
         if rec.get("op") is not None:
             return text + (f"waiting in collective #{rec['op_seq']} {rec['op']} ({_fmt_bytes(rec.get('nbytes'))}) "
                            f"for {rec['waited']:.1f} s")
-        text += f"{PHASES.get(rec['phase'], rec['phase'])} for {rec['in_phase']:.1f} s"
+        phase = PHASES.get(rec["phase"], rec["phase"])
+        if rec["phase"] == "step" and rec.get("done") is None:
+            phase = "in its first training step (compiling kernels)"
+        text += f"{phase} for {rec['in_phase']:.1f} s"
         if rec.get("last_op"):
             text += f", after collective #{rec['seq']} {rec['last_op']}"
         return text
