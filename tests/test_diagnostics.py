@@ -213,6 +213,20 @@ def test_ranks_exit_when_the_launcher_proxy_dies(tiny_data, tmp_path, jobs):
         time.sleep(0.1)
     assert not any(alive(p) for p in pids.values()), "orphaned ranks still running"
     assert time.monotonic() - t0 < 30
+    # as for SIGHUP: the ranks agreed on a last step and checkpointed it (the run is not lost)
+    last = latest_checkpoint(tmp_path)
+    assert last is not None and int(load_checkpoint(last)["step"]) >= 2, job.output[-2000:]
+
+
+def test_report_labels_each_ranks_true_phase():
+    from dtrain.parallel.watchdog import Watchdog
+
+    rec = {"step": 4, "phase": "plot", "in_phase": 3.0, "seq": 40, "last_op": "barrier", "done": 4}
+    assert "drawing the loss plot for 3.0 s" in Watchdog._where(rec)
+    rec |= {"phase": "step", "done": None, "step": 1}
+    assert "first training step (compiling kernels)" in Watchdog._where(rec)
+    rec |= {"done": 7}
+    assert "in the training step" in Watchdog._where(rec)
 
 
 # ------------------------------------------------------------------ --trace
