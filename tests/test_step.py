@@ -6,6 +6,9 @@ mpiexec in test_determinism.py and test_train.py.
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from dtrain.step import NonFiniteError, TrainStep
 from helpers import random_captions, small_vocab
 
 OLD_CHECKPOINT = Path(__file__).parent / "data" / "ckpt-pre-runstate-00000004.h5"
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
 
 def _step(accumulator_cls, micro_batch=None, dtype=np.float64):
@@ -71,6 +75,17 @@ def test_non_finite_step_is_not_applied(accumulator_cls, micro):
         step(feats, caps, 8, 1e-3)
     assert err.value.ranks == [0] and "rank(s) [0]" in str(err.value)
     assert np.array_equal(model.param_buffer, before) and step.optimizer.t == 0
+
+
+def test_build_step_policy_on_two_ranks():
+    """build_step on a real 2-rank communicator: the accumulator and micro-shards each setting
+    gets, the one-line errors, and the bench's flags giving the trainer's step
+    (tests/mpi_workers/step_policy.py asserts on every rank)."""
+    worker = Path(__file__).parent / "mpi_workers" / "step_policy.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(worker)], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "OK", p.stdout[-2000:] + p.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ RunState
