@@ -35,6 +35,7 @@ import contextlib
 import errno
 import io
 import os
+import select
 import signal
 import sys
 import threading
@@ -122,11 +123,61 @@ def reset_for_tests() -> None:
 
 
 # ---------------------------------------------------------------------- output
+_LAUNCHER_ENV = ("PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+_launcher_pipes = {1: [], 2: []}  # fd -> [poll objects on the launcher's pipes of that fd]
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _watch_launcher_pipes() -> None:
+    """Under mpiexec on this host, a rank's output reaches the user through its launcher (the
+    proxy and mpiexec, up to two parents up). When mpiexec's stdout is a pipe whose reader left
+    (`mpiexec ... | head -1`), its next write kills it with SIGPIPE, and its proxy then kills the
+    ranks. So a rank watches those pipes (a poll on a descriptor of the same pipe reports
+    POLLERR once no reader is left) and stops writing there first: mpiexec lives on."""
+    if not any(k in os.environ for k in _LAUNCHER_ENV) or not sys.platform.startswith("linux"):
+        return
+    pid = os.getpid()
+    for _ in range(2):
+        try:
+            pid = _parent(pid)
+        except (OSError, ValueError, IndexError):
+            return
+        if pid <= 1:
+            return
+        for fd in (1, 2):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                    continue
+                handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            poller = select.poll()
+            poller.register(handle, select.POLLOUT)
+            _launcher_pipes[fd].append((handle, poller))
+
+
+def _launcher_reader_gone(fd: int) -> bool:
+    for _handle, poller in _launcher_pipes.get(fd, ()):
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            for h, _ in _launcher_pipes[fd]:
+                os.close(h)
+            _launcher_pipes[fd] = []
+            return True
+    return False
+
+
 class _PipeSafeFile(io.FileIO):
-    """A file descriptor whose writes never fail with EPIPE: once the reader is gone, the
-    descriptor is pointed at /dev/null and this and later writes are dropped."""
+    """A file descriptor whose writes never fail with EPIPE: once the reader is gone (here, or
+    behind the launcher), the descriptor is pointed at /dev/null and writes are dropped."""
 
     def write(self, data):
+        if _launcher_reader_gone(self.fileno()):
+            _to_devnull(self.fileno())
+            return len(data)
         try:
             return super().write(data)
         except OSError as exc:
@@ -172,6 +223,8 @@ def _guarded_stream(stream, fd: int):
 
 def guard_output() -> None:
     """sys.stdout and sys.stderr drop what they cannot write to a closed pipe (idempotent)."""
+    if not any(_launcher_pipes.values()):
+        _watch_launcher_pipes()
     for name, fd in (("stdout", 1), ("stderr", 2)):
         stream = getattr(sys, name)
         try:

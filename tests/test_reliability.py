@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -297,11 +296,16 @@ def test_stop_signal_at_any_moment_checkpoints_and_exits_75(sig_data, tmp_path, 
     assert int(ck["step"]) >= 1 and f"ckpt-{int(ck['step']):08d}.h5" in lines[0]
 
 
-def test_closed_stdout_does_not_stop_training(sig_data, tmp_path):
-    """`dtrain train ... | head -1`: training runs to its end, the same as without the pipe."""
-    args = " ".join(map(str, ["train", "--data", sig_data / "data", "--checkpoint-dir", tmp_path,
-                              *SMALL, "--steps", 60, "--log-every", 1]))
-    cmd = f"set -o pipefail; {sys.executable} -m dtrain {args} | head -1"
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks", [None, 2], ids=["1-rank", "2-ranks"])
+def test_closed_stdout_does_not_stop_training(sig_data, tmp_path, ranks):
+    """`dtrain train ... | head -1`: training runs to its end, the same as without the pipe (on
+    2 ranks, mpiexec itself must not die of SIGPIPE: its proxy would kill the ranks)."""
+    import shlex
+
+    argv = dtrain_cmd(ranks, "train", "--data", sig_data / "data", "--checkpoint-dir", tmp_path,
+                      *SMALL, "--steps", 60, "--log-every", 1)
+    cmd = f"set -o pipefail; {shlex.join(map(str, argv))} | head -1"
     p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert p.returncode == 0, p.stderr[-2000:]
