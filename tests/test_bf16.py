@@ -162,6 +162,28 @@ def test_gemm_rows_in_blocks_match_the_bound_in_every_layout():
             assert (np.abs(out - exact) <= bound).all(), (trans_a, trans_b)
 
 
+def test_gemm_rows_from_the_threads_of_a_parallel_loop():
+    # the way the kernels' pool would split one GEMM: each thread its block of rows, MKL
+    # sequential on every thread at once
+    from numba import prange
+
+    @njit(parallel=True)
+    def split(fn, a, b, out, parts):
+        m = out.shape[0]
+        for p in prange(parts):
+            bf16.gemm_rows(fn, a, b, out, True, False, 1.0, 0.0, p * m // parts,
+                           (p + 1) * m // parts)
+
+    rng = np.random.default_rng(11)
+    a32 = rng.standard_normal((256, 200), dtype=np.float32)  # op(a) = a.T, 200 x 256
+    b32 = rng.standard_normal((256, 96), dtype=np.float32)
+    out = np.full((200, 96), np.nan, np.float32)
+    split(bf16.library().gemm_address, bf16.to_bf16(a32), bf16.to_bf16(b32), out, 4)
+    a64, b64 = a32.T.astype(np.float64), b32.astype(np.float64)
+    bound = gemm_bound(a64, b64, out * 0, 1.0, 0.0, 256)
+    assert (np.abs(out - a64 @ b64) <= bound).all()
+
+
 def test_gemm_on_row_views_and_from_compiled_code():
     rng = np.random.default_rng(9)
     big_a = bf16.to_bf16(rng.standard_normal((40, 80), dtype=np.float32))
