@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
+from dtrain.backend import gpu_available
 from dtrain.decode import beam_search, check_beam_args, decode
 from dtrain.nn.model import CaptioningModel
 
@@ -102,3 +103,24 @@ def test_bad_arguments_name_the_flag():
                         (2, float("nan"), "--length-penalty"), (11, 0.0, "--beam-size")):
         with pytest.raises(ValueError, match=flag):
             check_beam_args(k, lp, vocab_size=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")
+def test_beam_search_on_gpu_matches_cpu():
+    """On CuPy: K = 1 is greedy bit for bit, and float64 beams give the CPU's captions."""
+    import cupy
+
+    feats = np.random.default_rng(6).standard_normal((23, 12))
+    for dtype in (np.float32, np.float64):
+        cpu = make_model("lstm", dtype=dtype)
+        gpu = CaptioningModel(cpu.word_to_idx, input_dim=12, wordvec_dim=8, hidden_dim=16,
+                              cell_type="lstm", dtype=dtype, xp=cupy)
+        for name in cpu.shapes:
+            gpu.params[name] = cupy.asarray(cpu.params[name])
+        f = cupy.asarray(feats.astype(dtype))
+        np.testing.assert_array_equal(beam_search(gpu, f, 10, 1).get(),
+                                      gpu.sample(f, max_length=10).get())
+        if dtype == np.float64:
+            np.testing.assert_array_equal(beam_search(gpu, f, 10, 4, 0.5).get(),
+                                          beam_search(cpu, feats, 10, 4, 0.5))
