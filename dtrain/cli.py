@@ -120,7 +120,7 @@ def check_numbers(parser, args) -> str | None:
             continue
         low, high = LIMITS[where][flag]
         if not _in_range(value, low, high, action.type):
-            named = "/".join(action.option_strings)  # -N/--batch-size: as the user may have typed it
+            named = "/".join(action.option_strings)  # -N/--batch-size: as the user may type it
             return f"{named}: expected {_expected(low, high, action.type)}, got {value!r}"
     return None
 

@@ -46,7 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end and on a signal
     keep_checkpoints: int = 3
     resume: str | None = None  # a path or "latest"
-    allow_changed_settings: bool = False  # resume with settings that alter results (resume_settings.py)
+    allow_changed_settings: bool = False  # resume despite result-altering changes
     init_from: str | None = None  # a checkpoint whose parameters start a new run
     # distributed
     threads_per_rank: int | None = None

@@ -133,8 +133,8 @@ class Trainer:
         state = checkpoint.RunState.read(path)
         state.check_resumable(self.model.shapes, self.data.idx_to_word, self.fingerprint,
                               self.cfg.batch_size)
-        check_resume_settings(state.config, self.cfg.to_dict(), path, self.cfg.allow_changed_settings,
-                              self.log.say)
+        check_resume_settings(state.config, self.cfg.to_dict(), path,
+                              self.cfg.allow_changed_settings, self.log.say)
         for name in self.model.shapes:
             self.model.params[name] = state.params[name]
         self.adam.load_state_dict({"m": state.adam_m, "v": state.adam_v, "t": state.adam_t})

@@ -35,8 +35,8 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
     """``--flag old -> new`` for every result-altering difference (settings the checkpoint does
     not record are not compared)."""
     old, new = effective(saved), effective(now)
-    keys = ALTERING + (ALTERING_DETERMINISTIC if old.get("deterministic") or new.get("deterministic")
-                       else ())
+    deterministic = old.get("deterministic") or new.get("deterministic")
+    keys = ALTERING + (ALTERING_DETERMINISTIC if deterministic else ())
     return [f"--{k.replace('_', '-')} {old[k]} -> {new.get(k)}" for k in keys
             if k in old and old[k] != new.get(k)]
 

@@ -215,7 +215,8 @@ def _guarded_stream(stream, fd: int):
     except OSError:
         _to_devnull(fd)
     raw = _PipeSafeFile(fd, "w", closefd=False)
-    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=getattr(stream, "encoding", None) or "utf-8",
+    return io.TextIOWrapper(io.BufferedWriter(raw),
+                            encoding=getattr(stream, "encoding", None) or "utf-8",
                             errors=getattr(stream, "errors", None) or "backslashreplace",
                             line_buffering=bool(getattr(stream, "line_buffering", False)),
                             write_through=bool(getattr(stream, "write_through", False)))

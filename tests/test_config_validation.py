@@ -186,6 +186,7 @@ def test_huge_max_length_is_one_line_before_any_work(tmp_path):
     for argv in (["sample", "--checkpoint", tmp_path / "x.h5"],
                  ["train", "--checkpoint-dir", tmp_path / "ck", "--steps", 1]):
         p = run_dtrain(None, *argv, "--max-length", 10**12, check=False, timeout=60)
-        assert p.returncode == 2 and p.stderr.strip() == (
-            "dtrain: error: --max-length: expected an integer in [1, 4096], got 1000000000000"), p.stderr
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip() == ("dtrain: error: --max-length: expected an integer in "
+                                    "[1, 4096], got 1000000000000"), p.stderr
     assert not (tmp_path / "ck").exists()

@@ -327,13 +327,14 @@ FALSE_ALARM_CASES = [(1, "one cold"), (2, "half cold")]  # every case has warm r
                          ids=[f"{t}s-{c.replace(' ', '-')}" for t, c in FALSE_ALARM_CASES])
 def test_healthy_oversubscribed_job_is_never_called_stalled(tiny_data, tmp_path, timeout, cache):
     cold = {"warm": 0, "one cold": 1, "half cold": 4}[cache]
-    args = [sys.executable, "-m", "dtrain", *map(str, train_args(tiny_data, tmp_path / "ck", "--steps", 4,
-                                                             "--checkpoint-every", 2, "--eval-every", 2,
-                                                             "--stall-timeout", timeout))]
+    run = train_args(tiny_data, tmp_path / "ck", "--steps", 4, "--checkpoint-every", 2,
+                     "--eval-every", 2, "--stall-timeout", timeout)
+    args = [sys.executable, "-m", "dtrain", *map(str, run)]
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     cmd = [mpiexec]
     if cold:  # MPMD: the first ranks compile into empty caches of their own
-        cmd += ["-n", str(cold), "-env", "NUMBA_CACHE_DIR", str(tmp_path / "cold-cache"), *args, ":"]
+        cold_cache = ["-env", "NUMBA_CACHE_DIR", str(tmp_path / "cold-cache")]
+        cmd += ["-n", str(cold), *cold_cache, *args, ":"]
     cmd += ["-n", str(8 - cold), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
                        env=dict(os.environ, PYTHONUNBUFFERED="1"))

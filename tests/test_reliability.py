@@ -236,11 +236,11 @@ def _rank_pids(launcher_pid, n, deadline):
 def _stop_at(tmp_path, ranks, delay, sig, to_rank=None, steps=100000):
     """Start a run, send ``sig`` ``delay`` s after start (to mpiexec, or to rank ``to_rank``),
     return (returncode, stdout, stderr)."""
-    args = ["train", "--data", str(tmp_path.parent / "data"), "--checkpoint-dir", str(tmp_path / "ck"),
-            *SMALL, "--steps", str(steps)]
+    args = ["train", "--data", str(tmp_path.parent / "data"), "--checkpoint-dir",
+            str(tmp_path / "ck"), *SMALL, "--steps", str(steps)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(dtrain_cmd(ranks, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(dtrain_cmd(ranks, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         t0 = time.monotonic()
         target = proc.pid
@@ -281,7 +281,8 @@ STOP_CASES = [
 @pytest.mark.parametrize("ranks,delay,sig,to_rank", STOP_CASES,
                          ids=[f"{r or 1}r-{d}s-{s.name}-to{'' if t is None else t}"
                               for r, d, s, t in STOP_CASES])
-def test_stop_signal_at_any_moment_checkpoints_and_exits_75(sig_data, tmp_path, ranks, delay, sig, to_rank):
+def test_stop_signal_at_any_moment_checkpoints_and_exits_75(sig_data, tmp_path, ranks, delay, sig,
+                                                            to_rank):
     """SIGUSR1/SIGTERM/SIGHUP at any moment, MPI_Init and data loading included: exit 75, one
     line, and a checkpoint that loads (a signal before the first step: after step 1)."""
     tmp = sig_data / f"case-{ranks}-{delay}-{sig.name}-{to_rank}"
@@ -289,7 +290,8 @@ def test_stop_signal_at_any_moment_checkpoints_and_exits_75(sig_data, tmp_path, 
     rc, out, err = _stop_at(tmp, ranks, delay, sig, to_rank)
     assert rc == 75, (rc, err[-2000:])
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dtrain: received ") and "exiting with code 75" in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("dtrain: received "), err
+    assert "exiting with code 75" in lines[0], err
     if to_rank in (None, 0):
         assert f"received {sig.name}:" in lines[0], lines
     ck = load_checkpoint(latest_checkpoint(tmp / "ck"))
@@ -317,7 +319,8 @@ def test_closed_stdout_does_not_stop_training(sig_data, tmp_path, ranks):
 
 
 @pytest.mark.timeout(400)
-def test_scancel_signal_term_checkpoints_and_ends_without_requeue(slurm_cluster, synth_data, tmp_path):
+def test_scancel_signal_term_checkpoints_and_ends_without_requeue(slurm_cluster, synth_data,
+                                                                  tmp_path):
     """The README's `scancel --signal=TERM <id>` (it signals the job step, not the batch
     script): the ranks checkpoint and exit 75, and train.sbatch does not requeue."""
     from test_slurm import _read, _submit, _wait_job
@@ -335,7 +338,8 @@ def test_scancel_signal_term_checkpoints_and_ends_without_requeue(slurm_cluster,
     text = _read(out)
     assert info["Restarts"] == "0" and "requeueing job" not in text, text
     assert "not requeueing after SIGTERM" in text, text
-    m = re.search(r"received SIGTERM: checkpoint \S+ written at step (\d+); exiting with code 75", text)
+    m = re.search(r"received SIGTERM: checkpoint \S+ written at step (\d+); exiting with code 75",
+                  text)
     assert m, text
     assert int(load_checkpoint(latest_checkpoint(ckpt))["step"]) == int(m.group(1))
 
@@ -374,9 +378,10 @@ def _beyond_float32(old):
 
 def test_features_beyond_float32_are_refused_by_data_check_and_train(tiny_data, tmp_path):
     data = _variant(tiny_data, tmp_path / "big", features=_beyond_float32)
-    where = f"{data / 'train2014_vgg16_fc7_pca.h5'}: features: expected finite values, got 1e+300 at row 3, column 5"
-    for argv in (["data", "check", data], ["train", "--data", data, "--checkpoint-dir", tmp_path / "ck",
-                                           *SMALL, "--steps", 3]):
+    where = (f"{data / 'train2014_vgg16_fc7_pca.h5'}: features: expected finite values, "
+             "got 1e+300 at row 3, column 5")
+    train = ["train", "--data", data, "--checkpoint-dir", tmp_path / "ck", *SMALL, "--steps", 3]
+    for argv in (["data", "check", data], train):
         p = run_dtrain(None, *argv, check=False, timeout=60)
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
@@ -415,8 +420,8 @@ def test_degenerate_data_is_refused_in_one_line(tiny_data, tmp_path, change, key
 
 
 def test_val_loss_over_no_captions_is_not_available_never_zero(tiny_data, tmp_path):
-    p = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 2,
-                   "--eval-captions", 0, "--eval-images", 0, timeout=120)
+    p = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL,
+                   "--steps", 2, "--eval-captions", 0, "--eval-images", 0, timeout=120)
     assert "val loss n/a" in p.stdout and "val loss 0.0000" not in p.stdout, p.stdout[-2000:]
     final = records(tmp_path, "eval")[-1]
     assert final["final"] and "val_loss" not in final
@@ -483,7 +488,8 @@ def test_resume_with_result_changing_settings_is_refused_or_warned_once(two_chec
     shutil.copytree(two_checkpoints, ck)
     base = ["train", "--data", tiny_data, "--checkpoint-dir", ck, *SMALL, "--steps", 6, "--resume",
             "latest", "--eval-images", 0, "--eval-captions", 0]
-    for extra, named in ((["--seed", 5], "--seed 0 -> 5"), (["--replacement"], "--replacement False -> True"),
+    for extra, named in ((["--seed", 5], "--seed 0 -> 5"),
+                         (["--replacement"], "--replacement False -> True"),
                          (["--lr", "0.01"], "--lr 0.002 -> 0.01")):
         p = run_dtrain(None, *base, *extra, check=False, timeout=60)
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -500,12 +506,14 @@ def test_deterministic_resume_compares_micro_batch_and_threads():
     from dtrain.resume_settings import changed_settings
 
     saved = TrainConfig(deterministic=True, batch_size=16).to_dict()
-    assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16, steps=9).to_dict()) == []
+    same = TrainConfig(deterministic=True, batch_size=16, steps=9)
+    assert changed_settings(saved, same.to_dict()) == []
     assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16, micro_batch=8,
                                                threads_per_rank=1).to_dict()) == []  # the defaults
     assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16,
                                                micro_batch=4).to_dict()) == ["--micro-batch 8 -> 4"]
-    assert changed_settings(saved, TrainConfig(deterministic=True, batch_size=16,
-                                               threads_per_rank=2).to_dict()) == ["--threads-per-rank 1 -> 2"]
+    two = TrainConfig(deterministic=True, batch_size=16, threads_per_rank=2)
+    assert changed_settings(saved, two.to_dict()) == ["--threads-per-rank 1 -> 2"]
     # without --deterministic, a micro-batch or thread count changes only the rounding
-    assert changed_settings(TrainConfig().to_dict(), TrainConfig(micro_batch=8, threads_per_rank=2).to_dict()) == []
+    other = TrainConfig(micro_batch=8, threads_per_rank=2)
+    assert changed_settings(TrainConfig().to_dict(), other.to_dict()) == []

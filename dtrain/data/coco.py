@@ -210,8 +210,8 @@ class Split:
         at a time; keep them if asked. A float64 value beyond float32's range would become inf."""
         ds, path = self._ds, self._features_path
         if self.feature_dim == 0:
-            raise _fail(path, "features", "at least one feature per image",
-                        f"shape {ds.shape} (zero-width features: the model would train without images)")
+            raise _fail(path, "features", "at least one feature per image", f"shape {ds.shape} "
+                        "(zero-width features: the model would train without images)")
         rows = max(1, (32 << 20) // max(1, 4 * self.feature_dim))
         out = np.empty((self.num_images, self.feature_dim), np.float32) if keep else None
         for start in range(0, self.num_images, rows):

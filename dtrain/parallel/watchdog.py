@@ -149,8 +149,8 @@ def _orphan_exit() -> None:
 
 
 def _orphan_deadline() -> None:
-    _err(f"dtrain: {_ORPHAN['who']}: no checkpoint within {ORPHAN_GRACE:.0f} s of the launcher's end; "
-         f"exiting (status {ORPHAN_EXIT_CODE})")
+    _err(f"dtrain: {_ORPHAN['who']}: no checkpoint within {ORPHAN_GRACE:.0f} s of the "
+         f"launcher's end; exiting (status {ORPHAN_EXIT_CODE})")
     os._exit(ORPHAN_EXIT_CODE)
 
 
@@ -328,8 +328,8 @@ class Watchdog:
         waited = now - call[5]
         if self.timeout > 0 and waited >= self.timeout and now >= self._recheck_at:
             if self._somebody_stuck():
-                self._stall({"why": "timeout", "rank": self.rank, "waited": time.perf_counter() - call[5],
-                             "timeout": self.timeout})
+                self._stall({"why": "timeout", "rank": self.rank, "timeout": self.timeout,
+                             "waited": time.perf_counter() - call[5]})
             self._recheck_at = time.perf_counter() + self.timeout  # all busy: look again later
         if (self.signal_at is not None and now - max(call[5], self.signal_at) >= self.grace
                 and now - self._last_ping >= self.grace):
@@ -437,7 +437,8 @@ class Watchdog:
         away = [rec for rec in self.pongs.values() if rec.get("op") is None]
         if not away:
             return min(rec["waited"] for rec in self.pongs.values()) >= self.timeout
-        return any(not self._legitimately_away(rec) and rec["in_phase"] >= self.timeout for rec in away)
+        return any(not self._legitimately_away(rec) and rec["in_phase"] >= self.timeout
+                   for rec in away)
 
     # ---------------------------------------------------------------- the stall protocol
     def _stall(self, why) -> None:
