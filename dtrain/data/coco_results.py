@@ -38,7 +38,7 @@ def split_image_ids(split, rows) -> tuple[list[int], str]:
     if urls:
         ids = [coco_id_from_url(urls[r]) for r in rows]
         if all(i is not None for i in ids) and len(set(ids)) == len(ids):
-            return ids, "COCO ids from the URL list"
+            return ids, "image ids from the file names in the URL list"
     return rows, "feature row numbers (the data set's URL list has no COCO ids)"
 
 
