@@ -353,6 +353,8 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
         _wait_for(lambda: "training step exited" in _read(out), "the job's end", hosts, job_id,
                   out, timeout=STALL_TIMEOUT + 60)
         ended = time.monotonic() - cut
+        print(f"lost host: the job ended {ended:.1f} s after the cut (--stall-timeout "
+              f"{STALL_TIMEOUT})")
         hosts.on_node("node2", "ip", "link", "set", "eth0", "up")
         info = _wait_job(hosts, job_id, out)
     finally:
@@ -385,8 +387,8 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
 
 
 def test_stop_removes_hosts_links_and_processes_after_a_crash(hosts, tmp_path_factory):
-    """A second, small cluster: a job-like process left on node2, slurmd and munged
-    killed (-9) as in a crash; stop.sh still removes every daemon, process, link and
+    """A second, small cluster: a job-like process left on node2, slurmctld and node1's
+    slurmd killed (-9) as in a crash; stop.sh still removes every daemon, process, link and
     host it made."""
     import local_cluster
 
@@ -399,7 +401,7 @@ def test_stop_removes_hosts_links_and_processes_after_a_crash(hosts, tmp_path_fa
         holders = [int((root / "hosts" / f"node{i}.pid").read_text()) for i in (1, 2)]
         left = subprocess.Popen([str(local_cluster.CLUSTER / "on-node.sh"), "node2", "sleep", "600"],
                                 env=dict(cluster.env, SLURM_ROOT=str(root)))
-        daemons = [int((root / f).read_text()) for f in ("slurmd-node1.pid", "munge/munged.pid")]
+        daemons = [int((root / f).read_text()) for f in ("slurmd-node1.pid", "slurmctld.pid")]
         for pid in daemons:
             os.kill(pid, 9)
         cluster.stop()
