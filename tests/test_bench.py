@@ -150,8 +150,8 @@ def test_profiler_records_every_gemm_and_restores_what_it_wrapped():
     caps, feats = _small_batch()
     original = (np.matmul, np.take, type(model.kernels).lstm_step_forward)
     heard = []  # an independent recorder on the same seam, for an unprofiled step
-    model.gemm.recorder = lambda kind, a, b, out, seconds: heard.append(
-        (kind, np.shape(a) if not isinstance(a, tuple) else a[1], np.shape(b) if not isinstance(b, tuple) else b[1]))
+    shape = lambda x: x[1] if isinstance(x, tuple) else np.shape(x)  # noqa: E731 (a layout or an array)
+    model.gemm.recorder = lambda kind, a, b, out, seconds: heard.append((kind, shape(a), shape(b)))
     step(feats, caps, 6, 1e-3)
     model.gemm.recorder = None
     prof = floor.StepProfiler()

@@ -346,8 +346,8 @@ def test_recurrence_plan_from_capabilities():
     from dtrain.kernels.base import Capabilities, KernelSet, RecurrencePlan, plan_lstm
 
     full = Capabilities(True, True, True, True, True)
-    assert plan_lstm(full, host=True, contiguous=True, parts=2) == RecurrencePlan(True, True, True, True, True,
-                                                                                   True, 2)
+    everything = RecurrencePlan(True, True, True, True, True, True, 2)
+    assert plan_lstm(full, host=True, contiguous=True, parts=2) == everything
     apart = plan_lstm(full, host=True, contiguous=False)
     assert not apart.accumulate and not apart.compiled_forward and apart.compiled_backward
     on_gpu = plan_lstm(full, host=False, contiguous=True)
@@ -397,7 +397,8 @@ def test_a_gemm_plugged_into_the_kernel_set_makes_every_gemm_of_the_step():
         m.kernels = CpuKernels(np.float32, gemm=gemm)
         assert m.gemm is m.kernels.gemm
         plan = m.kernels.lstm_plan(np.zeros((3, 5), np.float32), np.zeros((5, 20), np.float32))
-        assert (plan.compiled_forward, plan.accumulate) == ((True, True) if gemm is None else (False, False))
+        expect = (True, True) if gemm is None else (False, False)
+        assert (plan.compiled_forward, plan.accumulate) == expect
         results.append(m.loss(feats, caps))
     T = 4  # time steps of the longest caption
     # h0, T recurrent products, scores, dW_vocab, dscored, T recurrent backward ones, dWx, dWh,

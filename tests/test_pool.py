@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _KERNELS = {"lstm_fwd32": "cells", "lstm_fwd32_acc": "cells", "lstm_bwd_in_place": "cells",
             "softmax_xent32": "softmax", "sum_partials": "softmax", "embed_rows": "embedding",
             "embed_group": "embedding", "adam": "adam", "count_nonfinite": "fixedpoint",
-            "gather_rows": "rows", "scatter_rows": "rows", "scatter_ids": "rows", "prev_h_rows": "rows"}
+            "gather_rows": "rows", "scatter_rows": "rows", "scatter_ids": "rows",
+            "prev_h_rows": "rows"}
 _SPLIT_NAMES = {"lstm_bwd_in_place": "lstm_bwd_split"}
 
 
@@ -42,7 +43,8 @@ SERIAL = SimpleNamespace(**{name: getattr(_module(name), name) for name in _KERN
 
 def _split():
     names = [n for n in _KERNELS if n not in ("sum_partials", "embed_group")]
-    return SimpleNamespace(**{n: getattr(_module(n), _SPLIT_NAMES.get(n, n + "_split")) for n in names})
+    return SimpleNamespace(**{n: getattr(_module(n), _SPLIT_NAMES.get(n, n + "_split"))
+                              for n in names})
 
 
 def _compiled():
@@ -525,11 +527,12 @@ def test_split_kernels_load_from_the_cache():
         set_num_threads(2)
         split = cells
         a = np.ones((8, 16), np.float32)
-        split.lstm_fwd32_split(2, a, a, np.zeros(16, np.float32), *(np.ones((8, 4), np.float32) for _ in range(4)),
-                         np.ones((3, 4), np.float32), 3, np.zeros(16, np.float32))
+        ones = lambda k: [np.ones((8, 4), np.float32) for _ in range(k)]
+        split.lstm_fwd32_split(2, a, a, np.zeros(16, np.float32), *ones(4),
+                               np.ones((3, 4), np.float32), 3, np.zeros(16, np.float32))
         t = kernels._loops()
-        t.lstm_bwd_T_split(2, blas.ffi().addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32), a,
-                           *(np.ones((8, 4), np.float32) for _ in range(3)), 3, *(np.ones((8, 4), np.float32) for _ in range(2)))
+        t.lstm_bwd_T_split(2, blas.ffi().addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32),
+                           a, *ones(3), 3, *ones(2))
         import sys
         sys.path.insert(0, "tests")
         from helpers import random_captions, small_vocab
@@ -657,8 +660,9 @@ def test_gemm_recorder_hears_every_recurrent_gemm_and_changes_no_bit():
     rng = np.random.default_rng(5)
     batch_sizes, W, H = [140, 131, 40, 2], 10, 16
     total, n0 = sum(batch_sizes), batch_sizes[0]
-    args = [rng.standard_normal((total, W)), rng.standard_normal((n0, H)), 0.3 * rng.standard_normal((W, 4 * H)),
-            0.3 * rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H)]
+    args = [rng.standard_normal((total, W)), rng.standard_normal((n0, H)),
+            0.3 * rng.standard_normal((W, 4 * H)), 0.3 * rng.standard_normal((H, 4 * H)),
+            rng.standard_normal(4 * H)]
     args = [a.astype(np.float32) for a in args]
     dH = rng.standard_normal((total, H)).astype(np.float32)
     heard, outs = [], []
@@ -674,7 +678,8 @@ def test_gemm_recorder_hears_every_recurrent_gemm_and_changes_no_bit():
         assert np.array_equal(x, y)
     T = len(batch_sizes)
     # the input projection, then the loops' GEMMs, then the weight and input gradients
-    assert [call[0] for call in heard] == ["matmul"] + ["accumulate"] * T + ["transposed"] * T + ["matmul"] * 3
+    kinds = ["matmul"] + ["accumulate"] * T + ["transposed"] * T + ["matmul"] * 3
+    assert [call[0] for call in heard] == kinds
     heard = heard[1 : 1 + 2 * T]
     Wh = args[3]
     for (kind, a, b, out, seconds), n in zip(heard, batch_sizes + batch_sizes[::-1]):

@@ -160,7 +160,8 @@ class StepProfiler:
             self.time_steps += len(packed.batch_sizes)
 
         gemm = model.gemm
-        self.kernel_gemms = {"matmul": gemm.matmul, "accumulate": gemm.accumulate, "transposed": gemm.transposed}
+        self.kernel_gemms = {"matmul": gemm.matmul, "accumulate": gemm.accumulate,
+                             "transposed": gemm.transposed}
         p.set(gemm, "recorder", self.record_gemm)
         w_embed = model.params["W_embed"]
         rows_of = lambda a: "embedding" if a[0] is w_embed else "gathers"  # noqa: E731

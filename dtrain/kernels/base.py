@@ -66,8 +66,12 @@ class RecurrencePlan:
     parts: int = 1
 
     def __post_init__(self):
-        needs = (("accumulate", "copies_prev_h"), ("compiled_forward", "accumulate"),
-                 ("reads_transposed", "in_place"), ("compiled_backward", "reads_transposed"))
+        needs = (
+            ("accumulate", "copies_prev_h"),
+            ("compiled_forward", "accumulate"),
+            ("reads_transposed", "in_place"),
+            ("compiled_backward", "reads_transposed"),
+        )
         for field, needed in needs:
             if getattr(self, field) and not getattr(self, needed):
                 raise ValueError(f"RecurrencePlan: {field} needs {needed}")
@@ -80,10 +84,15 @@ def plan_lstm(capabilities, host, contiguous, parts=1):
     caps = capabilities
     accumulate = caps.step_writes_prev_h and caps.gemm_accumulates and contiguous
     reads_T = caps.backward_in_place and host and caps.backward_reads_transposed
-    return RecurrencePlan(copies_prev_h=caps.step_writes_prev_h, accumulate=accumulate,
-                          compiled_forward=accumulate and caps.compiled_loops,
-                          in_place=caps.backward_in_place, reads_transposed=reads_T,
-                          compiled_backward=reads_T and caps.compiled_loops, parts=max(1, int(parts)))
+    return RecurrencePlan(
+        copies_prev_h=caps.step_writes_prev_h,
+        accumulate=accumulate,
+        compiled_forward=accumulate and caps.compiled_loops,
+        in_place=caps.backward_in_place,
+        reads_transposed=reads_T,
+        compiled_backward=reads_T and caps.compiled_loops,
+        parts=max(1, int(parts)),
+    )
 
 
 class KernelSet:
@@ -111,7 +120,11 @@ class KernelSet:
         ``with_plan``)."""
         if self._fixed_plan is not None:
             return self._fixed_plan
-        key = (isinstance(h0, np.ndarray), h0.flags.c_contiguous and Wh.flags.c_contiguous, self.threads())
+        key = (
+            isinstance(h0, np.ndarray),
+            h0.flags.c_contiguous and Wh.flags.c_contiguous,
+            self.threads(),
+        )
         plans = self.__dict__.setdefault("_plans", {})
         plan = plans.get(key)
         if plan is None:
@@ -138,7 +151,9 @@ class KernelSet:
             PH[:n0] = h0[:n0]
         zero_c = zeros_buffer(ws, "lstm_c0", (n0, H), Hp.dtype, xp)
         if plan.compiled_forward:
-            self.lstm_forward_loop(gates, C, TC, Hp, PH, h0, zero_c, Wh, b, batch_sizes, offsets, plan.parts)
+            self.lstm_forward_loop(
+                gates, C, TC, Hp, PH, h0, zero_c, Wh, b, batch_sizes, offsets, plan.parts
+            )
             return PH
         rec = None if plan.accumulate else buffer(ws, "lstm_rec", (n0, 4 * H), Hp.dtype, xp)
         prev_h, prev_c, T = h0, zero_c, len(batch_sizes)
@@ -159,7 +174,9 @@ class KernelSet:
             prev_h, prev_c = h, c
         return PH
 
-    def lstm_recurrence_backward(self, dH, gates, C, TC, h0, Wh, dh0, batch_sizes, offsets, ws=None):
+    def lstm_recurrence_backward(
+        self, dH, gates, C, TC, h0, Wh, dh0, batch_sizes, offsets, ws=None
+    ):
         """The packed backward time loop: the gradient of every step's pre-activations
         (returned: ``gates`` itself when the plan works in place), dh0's first n0 rows
         written. ``gates``, ``C``, ``TC`` as the forward left them."""
@@ -177,8 +194,22 @@ class KernelSet:
         zero_c = zeros_buffer(ws, "lstm_c0", (n0, H), dtype, xp)
         scratch = recurrent_scratch(ws, n0, H, dtype, xp)
         if plan.compiled_backward:
-            self.lstm_backward_loop(gates, dH, dh_rec, dc_rec, C, zero_c, TC, Wh, dh0, scratch, batch_sizes,
-                                    offsets, TRANSPOSED_BACKWARD_ROWS, plan.parts)
+            self.lstm_backward_loop(
+                gates,
+                dH,
+                dh_rec,
+                dc_rec,
+                C,
+                zero_c,
+                TC,
+                Wh,
+                dh0,
+                scratch,
+                batch_sizes,
+                offsets,
+                TRANSPOSED_BACKWARD_ROWS,
+                plan.parts,
+            )
             return da
         pending_T = None  # step t+1's dh_rec, transposed
         for t in range(len(batch_sizes) - 1, -1, -1):
@@ -188,13 +219,26 @@ class KernelSet:
             a = gates[s : s + n]
             d = a if plan.in_place else da[s : s + n]
             if plan.reads_transposed:
-                self.lstm_step_backward(d, dH[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, TC[s : s + n],
-                                        dh_rec_T=pending_T)
+                self.lstm_step_backward(
+                    d,
+                    dH[s : s + n],
+                    dh_rec,
+                    dc_rec,
+                    n_next,
+                    a,
+                    prev_c,
+                    TC[s : s + n],
+                    dh_rec_T=pending_T,
+                )
             else:
-                self.lstm_step_backward(d, dH[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, TC[s : s + n])
+                self.lstm_step_backward(
+                    d, dH[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, TC[s : s + n]
+                )
             if plan.reads_transposed and t > 0 and n <= TRANSPOSED_BACKWARD_ROWS:
                 pending_T = recurrent_backward_T(d, Wh, scratch, self)
             else:
                 pending_T = None
-                recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=self)
+                recurrent_backward(
+                    d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=self
+                )
         return da

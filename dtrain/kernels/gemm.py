@@ -109,7 +109,9 @@ def recurrent_scratch(ws, rows, H, dtype, xp):
     """
     if xp is not np:
         return None
-    return buffer(ws, "recurrent_backward_T", (H * max(min(rows, TRANSPOSED_BACKWARD_ROWS), 1),), dtype, xp)
+    return buffer(
+        ws, "recurrent_backward_T", (H * max(min(rows, TRANSPOSED_BACKWARD_ROWS), 1),), dtype, xp
+    )
 
 
 def recurrent_backward(d, Wh, out, ws=None, scratch=None, kernels=None):

@@ -4,10 +4,9 @@ NumPy's wheels ship OpenBLAS with prefixed, suffixed symbol names
 (``scipy_cblas_somatcopy64_``); other builds use the plain names. ``Library``
 finds an entry point under any of them. Used for the threads callback
 (``pool.py``), the out-of-place transpose (``cblas_somatcopy``, called from
-``cpu.py``), which runs 3 to 5 times faster than NumPy's transposing copy at the
-recurrent backward's sizes (512 x 128 float32: 19 us against 92 us, the same bits),
-and the GEMM that adds its product to its output (``cblas_sgemm`` with beta = 1,
-which NumPy's matmul cannot ask for).
+``cpu/blas.py``; the same bits as NumPy's transposing copy), and the GEMM that adds
+its product to its output (``cblas_sgemm`` with beta = 1, which NumPy's matmul cannot
+ask for).
 """
 
 from __future__ import annotations

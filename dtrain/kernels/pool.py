@@ -4,7 +4,7 @@ A training step alternates GEMMs (OpenBLAS, on every thread of the rank) with
 fused kernels (Numba). Run on one thread, the kernels leave the rank's other
 cores idle for a sixth of the step; run on Numba's threads beside OpenBLAS's
 own, the two pools' idle threads keep spinning on the same cores and steal
-them from each other (measured: steps 7x slower). OpenBLAS (0.3.27 and later)
+them from each other (docs/performance.md). OpenBLAS (0.3.27 and later)
 lets the program run its parallel jobs instead
 (``openblas_set_threads_callback_function``): ``install`` hands them to Numba's
 threads, so one pool of threads does both, and the kernels may split their rows
@@ -202,10 +202,10 @@ def install(threads: int, ranks_on_node: int = 1) -> bool:
     """Run OpenBLAS's parallel jobs on Numba's threads (``threads`` of them); True if it does.
 
     Called with the rank's thread count after BLAS and Numba were set to it. One
-    thread, more threads than cores (Numba's OpenMP threads spin without yielding:
-    measured 1.4x slower than OpenBLAS's own threads with 2 ranks x 2 threads on 2
-    cores), a BLAS without the callback, TBB, or ``DTRAIN_BLAS_POOL=openblas`` leave
-    OpenBLAS's own threads in charge (``status()`` says which and why).
+    thread, more threads than cores (Numba's OpenMP threads spin without yielding,
+    slower than OpenBLAS's own threads), a BLAS without the callback, TBB, or
+    ``DTRAIN_BLAS_POOL=openblas`` leave OpenBLAS's own threads in charge (``status()``
+    says which and why).
     """
     if os.environ.get("DTRAIN_BLAS_POOL", "").lower() == "openblas":
         uninstall()

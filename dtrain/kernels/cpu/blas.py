@@ -33,6 +33,7 @@ def read_ticks(typingctx):
         fnty = ir.FunctionType(ir.IntType(64), [])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
         return builder.call(fn, [])
+
     return types.int64(), codegen
 
 
@@ -51,7 +52,9 @@ def ffi():
             library = openblas.loaded()[0]
         except Exception:  # another BLAS, no threadpoolctl
             library = None
-        _FFI = SimpleNamespace(addresses={}, gemm_addresses={}) if library is None else _build(library)
+        _FFI = (
+            SimpleNamespace(addresses={}, gemm_addresses={}) if library is None else _build(library)
+        )
     return _FFI
 
 
@@ -63,10 +66,22 @@ def _address(library, name):
 def _build(library):
     ilp64 = library.blasint is ctypes.c_int64
     width = "ilp64" if ilp64 else "lp64"
-    addresses = {np.dtype(dtype): _address(library, name)
-                 for dtype, name in ((np.float32, "cblas_somatcopy"), (np.float64, "cblas_domatcopy"))}
+    addresses = {
+        np.dtype(dtype): _address(library, name)
+        for dtype, name in ((np.float32, "cblas_somatcopy"), (np.float64, "cblas_domatcopy"))
+    }
     gemm_addresses = {np.dtype(np.float32): _address(library, "cblas_sgemm")}
-    no_trans, trans = np.intp(openblas.CBLAS_NO_TRANS), np.intp(openblas.CBLAS_TRANS)
+    call_omatcopy, call_gemm = _intrinsics(ilp64, width)
+    return SimpleNamespace(
+        addresses={k: v for k, v in addresses.items() if v is not None},
+        gemm_addresses={k: v for k, v in gemm_addresses.items() if v is not None},
+        width=width,
+        **_calls(width, call_omatcopy, call_gemm),
+    )
+
+
+def _intrinsics(ilp64, width):
+    """The calls of omatcopy and sgemm through an address, with this BLAS's integer width."""
 
     @stable(f"call_omatcopy.{width}", intrinsic)
     def call_omatcopy(typingctx, fn, rows, cols, alpha, a, lda, b, ldb):
@@ -76,15 +91,37 @@ def _build(library):
             i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
             blasint = ir.IntType(64 if ilp64 else 32)
             real = context.get_value_type(signature.args[3])
-            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, blasint, blasint, real, i8p, blasint, i8p, blasint])
+            fnty = ir.FunctionType(
+                ir.VoidType(), [i32, i32, blasint, blasint, real, i8p, blasint, i8p, blasint]
+            )
             target = builder.inttoptr(args[0], fnty.as_pointer())
             n = (lambda v: v) if ilp64 else (lambda v: builder.trunc(v, blasint))
-            builder.call(target, [ir.Constant(i32, openblas.CBLAS_ROW_MAJOR), ir.Constant(i32, openblas.CBLAS_TRANS),
-                                  n(args[1]), n(args[2]), args[3], builder.inttoptr(args[4], i8p), n(args[5]),
-                                  builder.inttoptr(args[6], i8p), n(args[7])])
+            builder.call(
+                target,
+                [
+                    ir.Constant(i32, openblas.CBLAS_ROW_MAJOR),
+                    ir.Constant(i32, openblas.CBLAS_TRANS),
+                    n(args[1]),
+                    n(args[2]),
+                    args[3],
+                    builder.inttoptr(args[4], i8p),
+                    n(args[5]),
+                    builder.inttoptr(args[6], i8p),
+                    n(args[7]),
+                ],
+            )
             return context.get_dummy_value()
-        return types.void(types.intp, types.intp, types.intp, alpha, types.intp, types.intp, types.intp,
-                          types.intp), codegen
+
+        return types.void(
+            types.intp,
+            types.intp,
+            types.intp,
+            alpha,
+            types.intp,
+            types.intp,
+            types.intp,
+            types.intp,
+        ), codegen
 
     @stable(f"call_gemm.{width}", intrinsic)
     def call_gemm(typingctx, fn, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
@@ -94,26 +131,91 @@ def _build(library):
             i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
             blasint = ir.IntType(64 if ilp64 else 32)
             real = context.get_value_type(signature.args[5])
-            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, blasint, blasint, blasint, real, i8p, blasint,
-                                                   i8p, blasint, real, i8p, blasint])
+            fnty = ir.FunctionType(
+                ir.VoidType(),
+                [
+                    i32,
+                    i32,
+                    i32,
+                    blasint,
+                    blasint,
+                    blasint,
+                    real,
+                    i8p,
+                    blasint,
+                    i8p,
+                    blasint,
+                    real,
+                    i8p,
+                    blasint,
+                ],
+            )
             target = builder.inttoptr(args[0], fnty.as_pointer())
             n_ = (lambda v: v) if ilp64 else (lambda v: builder.trunc(v, blasint))
-            builder.call(target, [ir.Constant(i32, openblas.CBLAS_ROW_MAJOR), ir.Constant(i32, openblas.CBLAS_NO_TRANS),
-                                  builder.trunc(args[1], i32), n_(args[2]), n_(args[3]), n_(args[4]), args[5],
-                                  builder.inttoptr(args[6], i8p), n_(args[7]), builder.inttoptr(args[8], i8p),
-                                  n_(args[9]), args[10], builder.inttoptr(args[11], i8p), n_(args[12])])
+            builder.call(
+                target,
+                [
+                    ir.Constant(i32, openblas.CBLAS_ROW_MAJOR),
+                    ir.Constant(i32, openblas.CBLAS_NO_TRANS),
+                    builder.trunc(args[1], i32),
+                    n_(args[2]),
+                    n_(args[3]),
+                    n_(args[4]),
+                    args[5],
+                    builder.inttoptr(args[6], i8p),
+                    n_(args[7]),
+                    builder.inttoptr(args[8], i8p),
+                    n_(args[9]),
+                    args[10],
+                    builder.inttoptr(args[11], i8p),
+                    n_(args[12]),
+                ],
+            )
             return context.get_dummy_value()
-        return types.void(types.intp, types.intp, types.intp, types.intp, types.intp, alpha, types.intp,
-                          types.intp, types.intp, types.intp, alpha, types.intp, types.intp), codegen
+
+        return types.void(
+            types.intp,
+            types.intp,
+            types.intp,
+            types.intp,
+            types.intp,
+            alpha,
+            types.intp,
+            types.intp,
+            types.intp,
+            types.intp,
+            alpha,
+            types.intp,
+            types.intp,
+        ), codegen
+
+    return call_omatcopy, call_gemm
+
+
+def _calls(width, call_omatcopy, call_gemm):
+    """The compiled GEMMs and transposes over the intrinsics."""
+    no_trans, trans = np.intp(openblas.CBLAS_NO_TRANS), np.intp(openblas.CBLAS_TRANS)
 
     @stable(f"gemm_acc.{width}", cache=True, nogil=True)
     def gemm_acc(fn, a, b, c):
         # c += a @ b (beta = 1), every operand C-contiguous
         m, k = a.shape
         one = a.dtype.type(1.0)
-        call_gemm(fn, no_trans, np.intp(m), np.intp(b.shape[1]), np.intp(k), one, np.intp(a.ctypes.data),
-                  np.intp(k), np.intp(b.ctypes.data), np.intp(b.shape[1]), one, np.intp(c.ctypes.data),
-                  np.intp(c.shape[1]))
+        call_gemm(
+            fn,
+            no_trans,
+            np.intp(m),
+            np.intp(b.shape[1]),
+            np.intp(k),
+            one,
+            np.intp(a.ctypes.data),
+            np.intp(k),
+            np.intp(b.ctypes.data),
+            np.intp(b.shape[1]),
+            one,
+            np.intp(c.ctypes.data),
+            np.intp(c.shape[1]),
+        )
 
     @stable(f"gemm_bt.{width}", cache=True, nogil=True)
     def gemm_bt(fn, a, b, c):
@@ -122,17 +224,37 @@ def _build(library):
         # m, n > 1 (it calls gemv for one row or column)
         m, k = a.shape
         item = a.itemsize
-        call_gemm(fn, trans, np.intp(m), np.intp(b.shape[0]), np.intp(k), a.dtype.type(1.0), np.intp(a.ctypes.data),
-                  np.intp(a.strides[0] // item), np.intp(b.ctypes.data), np.intp(b.strides[0] // item),
-                  a.dtype.type(0.0), np.intp(c.ctypes.data), np.intp(c.strides[0] // item))
+        call_gemm(
+            fn,
+            trans,
+            np.intp(m),
+            np.intp(b.shape[0]),
+            np.intp(k),
+            a.dtype.type(1.0),
+            np.intp(a.ctypes.data),
+            np.intp(a.strides[0] // item),
+            np.intp(b.ctypes.data),
+            np.intp(b.strides[0] // item),
+            a.dtype.type(0.0),
+            np.intp(c.ctypes.data),
+            np.intp(c.strides[0] // item),
+        )
 
     @stable(f"omatcopy.{width}", cache=True, nogil=True)
     def omatcopy(fn, src, out):
         # out = src.T; alpha = 1 copies each element as it is (NaNs and signed zeros too)
         rows, cols = src.shape
         one = src.dtype.type(1.0)
-        call_omatcopy(fn, np.intp(rows), np.intp(cols), one, np.intp(src.ctypes.data), np.intp(cols),
-                      np.intp(out.ctypes.data), np.intp(rows))
+        call_omatcopy(
+            fn,
+            np.intp(rows),
+            np.intp(cols),
+            one,
+            np.intp(src.ctypes.data),
+            np.intp(cols),
+            np.intp(out.ctypes.data),
+            np.intp(rows),
+        )
 
     @stable(f"rows_from_T.{width}", nogil=True)
     def rows_from_T(fn, src_T, out, lo, hi):
@@ -140,11 +262,20 @@ def _build(library):
         if hi > lo:
             H, m = src_T.shape
             item = src_T.itemsize
-            call_omatcopy(fn, np.intp(H), np.intp(hi - lo), src_T.dtype.type(1.0),
-                          np.intp(src_T.ctypes.data + lo * item), np.intp(m),
-                          np.intp(out.ctypes.data + lo * out.shape[1] * item), np.intp(out.shape[1]))
+            call_omatcopy(
+                fn,
+                np.intp(H),
+                np.intp(hi - lo),
+                src_T.dtype.type(1.0),
+                np.intp(src_T.ctypes.data + lo * item),
+                np.intp(m),
+                np.intp(out.ctypes.data + lo * out.shape[1] * item),
+                np.intp(out.shape[1]),
+            )
 
-    return SimpleNamespace(addresses={k: v for k, v in addresses.items() if v is not None},
-                           gemm_addresses={k: v for k, v in gemm_addresses.items() if v is not None},
-                           width=width, gemm_acc=gemm_acc, gemm_bt=gemm_bt, omatcopy=omatcopy,
-                           rows_from_T=rows_from_T)
+    return {
+        "gemm_acc": gemm_acc,
+        "gemm_bt": gemm_bt,
+        "omatcopy": omatcopy,
+        "rows_from_T": rows_from_T,
+    }

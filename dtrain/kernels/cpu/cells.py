@@ -83,7 +83,7 @@ def lstm_gate_row32(ar, b, pcr, cr, tcr, hr, H):
         asg[j] = sigmoid32(asg[j] + bs[j])
     for j in range(H):
         ag[j] = tanh32(ag[j] + bg[j])
-    ai, af, ao = ar[:H], ar[H:2 * H], ar[2 * H:S]
+    ai, af, ao = ar[:H], ar[H : 2 * H], ar[2 * H : S]
     for j in range(H):
         cc = af[j] * pcr[j] + ai[j] * ag[j]
         cr[j] = cc
@@ -239,8 +239,18 @@ def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h, h_next, n_next, zero):
         wide_vectors()
         lo, hi = bounds(n, parts, p, 1)
         k = min(max(n_next - lo, 0), hi - lo)
-        lstm_fwd32(a[lo:hi], r[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi],
-                   h_next[lo : lo + k], k, zero)
+        lstm_fwd32(
+            a[lo:hi],
+            r[lo:hi],
+            b,
+            prev_c[lo:hi],
+            c[lo:hi],
+            tc[lo:hi],
+            h[lo:hi],
+            h_next[lo : lo + k],
+            k,
+            zero,
+        )
 
 
 @njit(**SPLIT_OPTS)
@@ -250,7 +260,9 @@ def lstm_fwd32_acc_split(parts, a, b, prev_c, c, tc, h, h_next, n_next):
         wide_vectors()
         lo, hi = bounds(n, parts, p, 1)
         k = min(max(n_next - lo, 0), hi - lo)
-        lstm_fwd32_acc(a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], h_next[lo : lo + k], k)
+        lstm_fwd32_acc(
+            a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], h_next[lo : lo + k], k
+        )
 
 
 @njit(**SPLIT_OPTS)
@@ -258,5 +270,12 @@ def lstm_bwd_split(parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
     n = a.shape[0]
     for p in prange(parts):
         lo, hi = bounds(n, parts, p, 1)
-        lstm_bwd_in_place(a[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
-                          min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
+        lstm_bwd_in_place(
+            a[lo:hi],
+            dh_up[lo:hi],
+            dh_rec[lo:hi],
+            dc_rec[lo:hi],
+            min(max(n_next - lo, 0), hi - lo),
+            prev_c[lo:hi],
+            tc[lo:hi],
+        )

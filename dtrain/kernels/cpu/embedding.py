@@ -1,4 +1,4 @@
-"""The row-sparse embedding gradient: the distinct words and the sum of dx over each one's positions.
+"""The row-sparse embedding gradient: the distinct words, and dx summed over each one's positions.
 
 ``embed_group`` groups the positions by word (a stable counting sort), ``embed_rows``
 sums each word's rows in position order (the same bits on one thread or split by
@@ -84,6 +84,9 @@ def embed_rows_split(parts, dx, order, starts, rows, partials, count):
     for p in prange(parts):
         wide_vectors()
         lo = first_block(starts, count, total * p // parts) * PARTIAL_ROWS
-        hi = count if p == parts - 1 else min(first_block(starts, count, total * (p + 1) // parts) * PARTIAL_ROWS,
-                                              count)
+        hi = (
+            count
+            if p == parts - 1
+            else min(first_block(starts, count, total * (p + 1) // parts) * PARTIAL_ROWS, count)
+        )
         embed_rows(dx, order, starts, rows, partials, lo, hi)

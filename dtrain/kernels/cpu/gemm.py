@@ -30,9 +30,14 @@ class CpuGemm(Gemm):
 
     def _accumulate(self, a, b, out):
         address = self._address
-        if address is None or out.dtype != np.float32 or not (a.dtype == b.dtype == out.dtype) \
-                or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]) \
-                or not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
+        if (
+            address is None
+            or out.dtype != np.float32
+            or not (a.dtype == b.dtype == out.dtype)
+            or a.shape[1] != b.shape[0]
+            or out.shape != (a.shape[0], b.shape[1])
+            or not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous)
+        ):
             out += a @ b
         elif out.size:
             blas.ffi().gemm_acc(address, a, b, out)
@@ -40,9 +45,15 @@ class CpuGemm(Gemm):
 
     def _transposed(self, a, b, out):
         address = self._address
-        if address is None or out.dtype != np.float32 or not (a.dtype == b.dtype == out.dtype) \
-                or a.shape[1] != b.shape[1] or out.shape != (a.shape[0], b.shape[0]) or 0 in out.shape \
-                or not (a.strides[1] == b.strides[1] == out.strides[1] == out.itemsize):
+        if (
+            address is None
+            or out.dtype != np.float32
+            or not (a.dtype == b.dtype == out.dtype)
+            or a.shape[1] != b.shape[1]
+            or out.shape != (a.shape[0], b.shape[0])
+            or 0 in out.shape
+            or not (a.strides[1] == b.strides[1] == out.strides[1] == out.itemsize)
+        ):
             return np.matmul(a, b.T, out=out)
         blas.ffi().gemm_bt(address, a, b, out)
         return out
@@ -54,6 +65,8 @@ class CpuGemm(Gemm):
             return
         kinds = {loops.ACCUMULATE: "accumulate", loops.TRANSPOSED: "transposed"}
         for row in log.tolist():
-            a, b, out = ((row[c], (row[c + 1], row[c + 2]), (row[c + 3], row[c + 4]), dtype.str)
-                         for c in (2, 7, 12))
+            a, b, out = (
+                (row[c], (row[c + 1], row[c + 2]), (row[c + 3], row[c + 4]), dtype.str)
+                for c in (2, 7, 12)
+            )
             self.recorder(kinds[row[0]], a, b, out, seconds_of(row[1]))

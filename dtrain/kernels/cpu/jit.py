@@ -45,8 +45,15 @@ PARTIAL_ROWS = 64
 LOG2E = 1.4426950408889634
 LN2_HI = 0.693145751953125  # ln 2 to 15 bits
 LN2_LO = 1.428606765330187e-06  # float32(ln 2 - LN2_HI)
-EXP_POLY = (1.0, 1.0, 0.5, 0.16666415333747864, 0.041666217148303986, 0.008375131525099277,
-            0.0013948584673926234)
+EXP_POLY = (
+    1.0,
+    1.0,
+    0.5,
+    0.16666415333747864,
+    0.041666217148303986,
+    0.008375131525099277,
+    0.0013948584673926234,
+)
 
 
 def stable(name, *options, **keywords):
@@ -55,13 +62,19 @@ def stable(name, *options, **keywords):
     uuid ``dtrain.kernels.cpu.<name>``, so that kernels which call it load from Numba's
     cache in every process. ``name`` carries whatever the compiled code depends on that
     Numba does not see (e.g. the BLAS integer width)."""
+
     def decorate(fn):
-        compiled = options[0](fn) if options and options[0] is intrinsic else njit(*options, **keywords)(fn)
+        compiled = (
+            options[0](fn)
+            if options and options[0] is intrinsic
+            else njit(*options, **keywords)(fn)
+        )
         try:
             compiled._set_uuid(f"dtrain.kernels.cpu.{name}")
         except (AttributeError, AssertionError):  # another Numba: compiled per process
             pass
         return compiled
+
     return decorate
 
 
@@ -84,6 +97,7 @@ def f32_from_bits(typingctx, bits):
     # reinterpret an int32 as the float32 with those bits (LLVM bitcast: vectorises)
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
+
     return types.float32(types.int32), codegen
 
 
@@ -92,6 +106,7 @@ def bits_from_f32(typingctx, x):
     # the int32 with a float32's bits
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
+
     return types.int32(types.float32), codegen
 
 
@@ -108,6 +123,7 @@ def wide_vectors(typingctx):
     def codegen(context, builder, signature, args):
         set.add(builder.function.attributes, '"prefer-vector-width"="512"')
         return context.get_dummy_value()
+
     return types.none(), codegen
 
 

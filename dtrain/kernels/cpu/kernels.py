@@ -50,8 +50,8 @@ class CpuKernels(KernelSet):
         omatcopy = self.dtype in blas.ffi().addresses
         self.capabilities = Capabilities(
             step_writes_prev_h=True, gemm_accumulates=self.fast32 and self.gemm.accumulates,
-            compiled_loops=self.fast32 and self.gemm.compiled_sgemm and omatcopy, backward_in_place=True,
-            backward_reads_transposed=omatcopy)
+            compiled_loops=self.fast32 and self.gemm.compiled_sgemm and omatcopy,
+            backward_in_place=True, backward_reads_transposed=omatcopy)
         self._partials = np.empty(0, dtype=dtype)  # the softmax's per-block column sums
         self._no_log = np.empty((0, loops.LOG_FIELDS), dtype=np.int64)
         self._gemm_log = self._no_log
@@ -87,8 +87,8 @@ class CpuKernels(KernelSet):
             dispatch.run(a.size, cells.lstm_fwd32_acc, cells.lstm_fwd32_acc_split,
                          a, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0])
         else:
-            dispatch.run(a.size, cells.lstm_fwd32, cells.lstm_fwd32_split, a, r, bias, prev_c[:n], c, tc, h,
-                         h_next, h_next.shape[0], self._zero_bias(a.shape[1]))
+            dispatch.run(a.size, cells.lstm_fwd32, cells.lstm_fwd32_split, a, r, bias, prev_c[:n],
+                         c, tc, h, h_next, h_next.shape[0], self._zero_bias(a.shape[1]))
 
     def _no_rows(self, like):
         """An empty (0, H) array of ``like``'s dtype (kept: the hot path allocates nothing)."""
@@ -108,7 +108,8 @@ class CpuKernels(KernelSet):
         """One LSTM step back into ``d``, which may be ``a`` itself (the training step's case:
         the gate gradients replace the gates); otherwise ``a`` is copied there first.
         ``dh_rec_T`` (H, n_next), when given, is the transpose of the dh_rec rows the step
-        reads: each thread copies its own rows first (``capabilities.backward_reads_transposed``)."""
+        reads: each thread copies its own rows first
+        (``capabilities.backward_reads_transposed``)."""
         if d is not a:
             np.copyto(d, a)
         if dh_rec_T is not None:
@@ -118,11 +119,11 @@ class CpuKernels(KernelSet):
                 dh_rec[:n_next] = dh_rec_T.T
             else:
                 compiled = _loops()
-                dispatch.run(d.size, compiled.lstm_bwd_T, compiled.lstm_bwd_T_split, address, dh_rec_T, d, dh_up,
-                             dh_rec, dc_rec, n_next, prev_c, tc)
+                dispatch.run(d.size, compiled.lstm_bwd_T, compiled.lstm_bwd_T_split, address,
+                             dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
                 return
-        dispatch.run(d.size, cells.lstm_bwd_in_place, cells.lstm_bwd_split, d, dh_up, dh_rec, dc_rec, n_next,
-                     prev_c, tc)
+        dispatch.run(d.size, cells.lstm_bwd_in_place, cells.lstm_bwd_split, d, dh_up, dh_rec,
+                     dc_rec, n_next, prev_c, tc)
 
     def rnn_step_forward(self, a, r):
         (cells.rnn_fwd32 if self.fast32 else cells.rnn_fwd)(a, r)
@@ -160,8 +161,8 @@ class CpuKernels(KernelSet):
         if self._partials.size < blocks * V:
             self._partials = alloc.empty(blocks * V, self.dtype)
         partials = self._partials[: blocks * V].reshape(blocks, V)
-        dispatch.run(scores.size, softmax.softmax_xent32, softmax.softmax_xent32_split, scores, bias, targets,
-                     1.0 / normalizer, row_loss, partials)
+        dispatch.run(scores.size, softmax.softmax_xent32, softmax.softmax_xent32_split, scores,
+                     bias, targets, 1.0 / normalizer, row_loss, partials)
         if bias_grad is not None:
             softmax.sum_partials(partials, bias_grad)
         return float(row_loss.sum()) / normalizer
@@ -184,13 +185,15 @@ class CpuKernels(KernelSet):
         if self._order.size < M:
             self._order = alloc.empty(M, np.int64)
             self._starts = alloc.empty(M + 1, np.int64)
-        count = embedding.embed_group(words, self._counts[: vocab_size + 1], self._ids, self._starts, self._order)
+        count = embedding.embed_group(words, self._counts[: vocab_size + 1], self._ids,
+                                      self._starts, self._order)
         blocks = -(-count // PARTIAL_ROWS) if col_sum is not None else 0
         if self._embed_partials.shape[0] < blocks or self._embed_partials.shape[1] != W:
             self._embed_partials = alloc.empty((max(blocks, 1), W), self.dtype)
         partials = self._embed_partials[:blocks]
-        dispatch.run(dx.size, embedding.embed_rows, embedding.embed_rows_split, dx, self._order, self._starts,
-                     self._rows, partials, serial_tail=(0, count), split_tail=(count,))
+        dispatch.run(dx.size, embedding.embed_rows, embedding.embed_rows_split, dx, self._order,
+                     self._starts, self._rows, partials, serial_tail=(0, count),
+                     split_tail=(count,))
         if col_sum is not None:
             softmax.sum_partials(partials, col_sum)
         return self._ids[:count], self._rows[:count]
@@ -203,8 +206,9 @@ class CpuKernels(KernelSet):
             bits, exponent = a.reshape(-1).view(np.int64), np.int64(0x7FF0000000000000)
         else:
             return bool(np.isfinite(a).all())
-        return dispatch.run(bits.size, fixedpoint.count_nonfinite, fixedpoint.count_nonfinite_split, bits,
-                            exponent) == 0
+        bad = dispatch.run(bits.size, fixedpoint.count_nonfinite, fixedpoint.count_nonfinite_split,
+                           bits, exponent)
+        return bad == 0
 
     def gather_rows(self, src, idx, out):
         """out[i] = src[idx[i]]: ``np.take(src, idx, axis=0, out=out)`` (2-D, C-contiguous)."""
@@ -212,7 +216,8 @@ class CpuKernels(KernelSet):
                            serial_tail=(0, out.shape[0]))
         if bad:
             wrong = idx[(idx < 0) | (idx >= src.shape[0])]
-            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size {src.shape[0]}")
+            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size "
+                             f"{src.shape[0]}")
         return out
 
     def scatter_rows(self, src, pos, out):
@@ -232,7 +237,8 @@ class CpuKernels(KernelSet):
         the dense W_embed gradient from its sparse rows."""
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= out.shape[0]):
             wrong = ids[(ids < 0) | (ids >= out.shape[0])]
-            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size {out.shape[0]}")
+            raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size "
+                             f"{out.shape[0]}")
         dispatch.run(out.size, rows.scatter_ids, rows.scatter_ids_split, rows_, ids, out,
                      serial_tail=(0, out.shape[0]))
         return out
@@ -281,14 +287,15 @@ class CpuKernels(KernelSet):
         log = self._log(sizes.size)
         address = blas.ffi().gemm_addresses[np.dtype(np.float32)]
         if parts > 1:
-            compiled.lstm_forward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, address, gates, C, TC, Hp, PH,
-                                             h0, c0, Wh, b, sizes, starts, log)
+            compiled.lstm_forward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, address, gates, C,
+                                             TC, Hp, PH, h0, c0, Wh, b, sizes, starts, log)
         else:
-            compiled.lstm_forward_loop(address, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, starts, log)
+            compiled.lstm_forward_loop(address, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, starts,
+                                       log)
         self.gemm.tell_recorder(log, gates.dtype, self.ticks_to_seconds)
 
-    def lstm_backward_loop(self, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, batch_sizes, offsets,
-                           max_transposed_rows, parts=1):
+    def lstm_backward_loop(self, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch,
+                           batch_sizes, offsets, max_transposed_rows, parts=1):
         """The LSTM's packed backward time loop in one compiled call (float32, in place, with
         the transposed reads): the cell's loop over ``lstm_step_backward`` and the
         recurrent GEMMs (``gemm.transposed``; (Wh d^T) for at most ``max_transposed_rows``
@@ -300,11 +307,12 @@ class CpuKernels(KernelSet):
         fn, omat = ffi.gemm_addresses[np.dtype(np.float32)], ffi.addresses[np.dtype(np.float32)]
         rows_T = max_transposed_rows
         if parts > 1:
-            compiled.lstm_backward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, fn, omat, gates, dH, dh_rec,
-                                              dc_rec, C, c0, TC, Wh, dh0, scratch, sizes, starts, rows_T, log)
+            compiled.lstm_backward_loop_split(parts, dispatch.SPLIT_MIN_ELEMENTS, fn, omat, gates,
+                                              dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch,
+                                              sizes, starts, rows_T, log)
         else:
-            compiled.lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, sizes,
-                                        starts, rows_T, log)
+            compiled.lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0,
+                                        scratch, sizes, starts, rows_T, log)
         self.gemm.tell_recorder(log, gates.dtype, self.ticks_to_seconds)
 
     @staticmethod

@@ -48,7 +48,12 @@ def note_gemm(log, i, kind, ticks, a, b, out):
 
 def build(ffi):
     """The loops for the FFI ``ffi`` (``blas.ffi()``), compiled on first use."""
-    width, gemm_acc, gemm_bt, rows_from_T = ffi.width, ffi.gemm_acc, ffi.gemm_bt, ffi.rows_from_T
+    return SimpleNamespace(**_backward_steps(ffi), **_forward_loops(ffi), **_backward_loops(ffi))
+
+
+def _backward_steps(ffi):
+    """One LSTM backward step that first copies its dh_rec rows from the transposed result."""
+    width, rows_from_T = ffi.width, ffi.rows_from_T
 
     @stable(f"lstm_bwd_T.{width}", cache=True, nogil=True, error_model="numpy")
     def lstm_bwd_T(fn, src_T, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
@@ -65,8 +70,22 @@ def build(ffi):
             lo = n * p // parts
             hi = n * (p + 1) // parts
             rows_from_T(fn, src_T, dh_rec, lo, min(hi, n_next))
-            lstm_bwd_in_place(a[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
-                              min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
+            lstm_bwd_in_place(
+                a[lo:hi],
+                dh_up[lo:hi],
+                dh_rec[lo:hi],
+                dc_rec[lo:hi],
+                min(max(n_next - lo, 0), hi - lo),
+                prev_c[lo:hi],
+                tc[lo:hi],
+            )
+
+    return {"lstm_bwd_T": lstm_bwd_T, "lstm_bwd_T_split": lstm_bwd_T_split}
+
+
+def _forward_loops(ffi):
+    """The forward time loop, serial and split."""
+    width, gemm_acc = ffi.width, ffi.gemm_acc
 
     @stable(f"forward_gemm.{width}.v2", inline="always")
     def forward_gemm(fn, t, gates, C, PH, h0, c0, Wh, sizes, offsets, log):
@@ -93,12 +112,27 @@ def build(ffi):
             n, s = sizes[t], offsets[t]
             n_next = sizes[t + 1] if t + 1 < T else 0
             a, prev_c = forward_gemm(fn, t, gates, C, PH, h0, c0, Wh, sizes, offsets, log)
-            lstm_fwd32_acc(a, b, prev_c, C[s : s + n], TC[s : s + n], Hp[s : s + n],
-                           PH[s + n : s + n + n_next], n_next)
+            lstm_fwd32_acc(
+                a,
+                b,
+                prev_c,
+                C[s : s + n],
+                TC[s : s + n],
+                Hp[s : s + n],
+                PH[s + n : s + n + n_next],
+                n_next,
+            )
 
-    @stable(f"lstm_forward_loop_split.{width}", cache=True, nogil=True, error_model="numpy", parallel=True)
-    def lstm_forward_loop_split(parts, min_elements, fn, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, offsets,
-                                log):
+    @stable(
+        f"lstm_forward_loop_split.{width}",
+        cache=True,
+        nogil=True,
+        error_model="numpy",
+        parallel=True,
+    )
+    def lstm_forward_loop_split(
+        parts, min_elements, fn, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, offsets, log
+    ):
         T = sizes.size
         for t in range(T):
             n, s = sizes[t], offsets[t]
@@ -111,7 +145,26 @@ def build(ffi):
                 for p in prange(parts):
                     lo, hi = n * p // parts, n * (p + 1) // parts
                     k = min(max(n_next - lo, 0), hi - lo)
-                    lstm_fwd32_acc(a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], hn[lo : lo + k], k)
+                    lstm_fwd32_acc(
+                        a[lo:hi],
+                        b,
+                        prev_c[lo:hi],
+                        c[lo:hi],
+                        tc[lo:hi],
+                        h[lo:hi],
+                        hn[lo : lo + k],
+                        k,
+                    )
+
+    return {
+        "lstm_forward_loop": lstm_forward_loop,
+        "lstm_forward_loop_split": lstm_forward_loop_split,
+    }
+
+
+def _backward_loops(ffi):
+    """The backward time loop, serial and split."""
+    width, gemm_bt, rows_from_T = ffi.width, ffi.gemm_bt, ffi.rows_from_T
 
     # The backward: per time step (last first) the step's dh_rec rows copied from the
     # previous recurrent GEMM's transposed result, the gate kernel (gate gradients in place
@@ -141,8 +194,24 @@ def build(ffi):
         return transposed and t > 0
 
     @stable(f"lstm_backward_loop.{width}", cache=True, nogil=True, error_model="numpy")
-    def lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, sizes, offsets,
-                           max_T_rows, log):
+    def lstm_backward_loop(
+        fn,
+        omat,
+        gates,
+        dH,
+        dh_rec,
+        dc_rec,
+        C,
+        c0,
+        TC,
+        Wh,
+        dh0,
+        scratch,
+        sizes,
+        offsets,
+        max_T_rows,
+        log,
+    ):
         T = sizes.size
         H = Wh.shape[0]
         pending = False
@@ -156,9 +225,33 @@ def build(ffi):
             lstm_bwd_in_place(d, dH[s : s + n], dh_rec, dc_rec, n_next, prev_c, TC[s : s + n])
             pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, log)
 
-    @stable(f"lstm_backward_loop_split.{width}", cache=True, nogil=True, error_model="numpy", parallel=True)
-    def lstm_backward_loop_split(parts, min_elements, fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0,
-                                 scratch, sizes, offsets, max_T_rows, log):
+    @stable(
+        f"lstm_backward_loop_split.{width}",
+        cache=True,
+        nogil=True,
+        error_model="numpy",
+        parallel=True,
+    )
+    def lstm_backward_loop_split(
+        parts,
+        min_elements,
+        fn,
+        omat,
+        gates,
+        dH,
+        dh_rec,
+        dc_rec,
+        C,
+        c0,
+        TC,
+        Wh,
+        dh0,
+        scratch,
+        sizes,
+        offsets,
+        max_T_rows,
+        log,
+    ):
         T = sizes.size
         H = Wh.shape[0]
         pending = False
@@ -178,10 +271,18 @@ def build(ffi):
                     lo, hi = n * p // parts, n * (p + 1) // parts
                     if pending:
                         rows_from_T(omat, src_T, dh_rec, lo, min(hi, n_next))
-                    lstm_bwd_in_place(d[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi],
-                                      min(max(n_next - lo, 0), hi - lo), prev_c[lo:hi], tc[lo:hi])
+                    lstm_bwd_in_place(
+                        d[lo:hi],
+                        dh_up[lo:hi],
+                        dh_rec[lo:hi],
+                        dc_rec[lo:hi],
+                        min(max(n_next - lo, 0), hi - lo),
+                        prev_c[lo:hi],
+                        tc[lo:hi],
+                    )
             pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, log)
 
-    return SimpleNamespace(lstm_bwd_T=lstm_bwd_T, lstm_bwd_T_split=lstm_bwd_T_split,
-                           lstm_forward_loop=lstm_forward_loop, lstm_forward_loop_split=lstm_forward_loop_split,
-                           lstm_backward_loop=lstm_backward_loop, lstm_backward_loop_split=lstm_backward_loop_split)
+    return {
+        "lstm_backward_loop": lstm_backward_loop,
+        "lstm_backward_loop_split": lstm_backward_loop_split,
+    }

@@ -112,5 +112,11 @@ def softmax_xent32_split(parts, scores, b, targets, inv_norm, row_loss, partials
     for p in prange(parts):
         wide_vectors()
         lo, hi = bounds(M, parts, p, B)
-        softmax_xent32(scores[lo:hi], b, targets[lo:hi], inv_norm, row_loss[lo:hi],
-                       partials[lo // B : (hi + B - 1) // B])
+        softmax_xent32(
+            scores[lo:hi],
+            b,
+            targets[lo:hi],
+            inv_norm,
+            row_loss[lo:hi],
+            partials[lo // B : (hi + B - 1) // B],
+        )

@@ -120,11 +120,13 @@ def lstm_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, inpu
     if kernels is None:
         da = _reference_backward(dH_packed, gates, C, TC, Wh, dh0, batch_sizes, offsets, ws)
     else:
-        da = kernels.lstm_recurrence_backward(dH_packed, gates, C, TC, h0, Wh, dh0, batch_sizes, offsets, ws)
+        da = kernels.lstm_recurrence_backward(dH_packed, gates, C, TC, h0, Wh, dh0, batch_sizes,
+                                              offsets, ws)
     if prev_h is None:  # not written by the forward steps
         prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets,
                                  L.buffer(ws, "lstm_prev_h", (total, H), dtype, xp), kernels)
-    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad, kernels=kernels)
+    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad,
+                          kernels=kernels)
 
 
 def _reference_backward(dH_packed, gates, C, TC, Wh, dh0, batch_sizes, offsets, ws):

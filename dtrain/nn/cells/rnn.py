@@ -87,7 +87,8 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
         L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
     prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "rnn_prev_h", (total, H), dtype, xp),
                              kernels)
-    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad, kernels=kernels)
+    return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad,
+                          kernels=kernels)
 
 
 def rnn_forward(x, h0, Wx, Wh, b):
