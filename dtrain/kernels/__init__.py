@@ -3,6 +3,9 @@
 ``cpu.CpuKernels`` (Numba) for NumPy arrays, ``cuda.GpuKernels`` (CuPy raw
 kernels) for CuPy arrays; both offer the same methods with the same
 arguments, so the cells, the model and Adam call either through ``kernels=``.
+Both are a ``base.KernelSet``: the one call site of the step's GEMMs (``gemm``,
+see ``gemm.py``), what the set can do (``capabilities``), and the LSTM's
+recurrence run as one plan per shape says (``lstm_recurrence_forward/backward``).
 None (the plain xp path) when Numba or CuPy is missing, or when
 DTRAIN_NO_KERNELS is set.
 """
