@@ -79,8 +79,10 @@ def lib_dir():
 class Mkl:
     """MKL through its single dynamic library (LP64 integers: 32 bits)."""
 
-    def __init__(self):
+    def __init__(self, threading_layer=None):
         self.lib = ctypes.CDLL(os.path.join(lib_dir(), "libmkl_rt.so.3"))
+        if threading_layer is not None:  # MKL_THREADING_*: 0 intel, 1 sequential, 3 gnu
+            self.lib.MKL_Set_Threading_Layer(threading_layer)
         buf = ctypes.create_string_buffer(512)
         self.lib.mkl_get_version_string(buf, 512)
         self.version = buf.value.decode(errors="replace").strip()
@@ -188,6 +190,27 @@ class OneDnn:
         return run
 
 
+def rows_split():
+    """dtrain's bf16 GEMM with MKL sequential, each of the Numba pool's threads (GNU OpenMP
+    layer) computing its block of rows: how the kernels' pool would run it."""
+    parts = int(os.environ.get("MKL_NUM_THREADS", "1"))
+    os.environ.update(NUMBA_THREADING_LAYER="omp", NUMBA_NUM_THREADS=str(parts))
+    from numba import njit, prange
+
+    from dtrain.kernels import bf16
+
+    gemm_rows = bf16.gemm_rows
+
+    @njit(parallel=True)
+    def split(fn, a, b, out, trans_a, trans_b, beta, parts):
+        m = out.shape[0]
+        for p in prange(parts):
+            gemm_rows(fn, a, b, out, trans_a, trans_b, 1.0, beta, p * m // parts,
+                      (p + 1) * m // parts)
+
+    return split, parts, bf16.load("sequential").gemm_address
+
+
 def median_call_s(run, budget_s):
     """Median seconds of one call, wall-clock and CPU time of this process (all its threads):
     two calls to warm up, then calls until budget_s (5 at least). On one pinned core shared
@@ -208,9 +231,12 @@ def worker(library, budget_s):
     rng = np.random.default_rng(0)
     out = {"library": library, "results": {}}
     if library.startswith("mkl"):
-        mkl = Mkl()
+        mkl = Mkl(3 if library == "mkl-bf16-gnu" else None)
         out["version"] = mkl.version
-        fn = mkl.lib.cblas_gemm_bf16bf16f32 if library == "mkl-bf16" else mkl.lib.cblas_sgemm
+        fn = mkl.lib.cblas_sgemm if library == "mkl-sgemm" else mkl.lib.cblas_gemm_bf16bf16f32
+    elif library == "dtrain-bf16-rows":
+        split, parts, address = rows_split()
+        out["version"] = f"dtrain.kernels.bf16, sequential MKL, rows split in {parts} (Numba)"
     elif library.startswith("onednn"):
         dnn = OneDnn()
         out["version"] = dnn.version
@@ -222,12 +248,14 @@ def worker(library, budget_s):
                                   f"{i.get('architecture')}" for i in info)
     for label, M, K, N, ta, tb, beta in SHAPES:
         a, b, c = operands(M, K, N, ta, tb, rng)
-        if library.endswith("bf16"):
+        if "bf16" in library:
             a, b = to_bf16_bits(a), to_bf16_bits(b)
         if library == "openblas-sgemm":  # NumPy's matmul: sgemm with beta = 0
             run = functools.partial(np.matmul, a.T if ta else a, b.T if tb else b, out=c)
         elif library.startswith("mkl"):
             run = functools.partial(mkl.call, fn, a, b, c, ta, tb, beta)
+        elif library == "dtrain-bf16-rows":
+            run = functools.partial(split, address, a, b, c, ta, tb, beta, parts)
         elif library == "onednn-gemm-bf16":
             run = functools.partial(dnn.gemm, a, b, c, ta, tb, beta)
         else:
@@ -311,7 +339,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.25, help="seconds of calls per shape")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--libraries", nargs="+", default=LIBRARIES, choices=LIBRARIES)
+    ap.add_argument("--libraries", nargs="+", default=LIBRARIES,
+                    choices=LIBRARIES + ["mkl-bf16-gnu", "dtrain-bf16-rows"],
+                    help="also: MKL on GNU OpenMP; dtrain's rows split over Numba's threads")
     ap.add_argument("--isa", choices=sorted(ISA_CAPS), help="cap the dispatched instruction set")
     ap.add_argument("--json", help="write every round's numbers here")
     ap.add_argument("--render", help="print the tables of a --json file made before")
