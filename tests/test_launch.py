@@ -184,3 +184,34 @@ def test_example_hostfiles_exist():
     for name in ("hostfile.mpich.example", "hostfile.openmpi.example"):
         text = (REPO / "launch" / name).read_text()
         assert any(line and not line.startswith("#") for line in text.splitlines()), name
+
+
+def test_helper_rsh_starts_the_remote_proxies(tmp_path):
+    """--rsh CMD: hydra starts its proxy on each host with CMD instead of ssh. A stand-in
+    that logs its call and runs the command here (what slurm/local-cluster/rsh does in a
+    namespace host)."""
+    log = tmp_path / "rsh.log"
+    rsh = tmp_path / "rsh"
+    rsh.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        'while [ "${1#-}" != "$1" ]; do shift; done\n'  # ssh options (-x)
+        'host=$1; shift\nexec /bin/sh -c "$*"\n'
+    )
+    rsh.chmod(0o755)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("hostA:1\nhostB:1\n")
+    out = _run(
+        [sys.executable, HELPER, "-n", 2, "--hostfile", hosts, "--ppn", 1, "--rsh", rsh,
+         "-m", "mpi4py.bench", "helloworld"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert f"-launcher ssh -launcher-exec {rsh}" in out, out
+    assert sum("of 2 on" in line for line in out.splitlines()) == 2, out
+    calls = log.read_text().splitlines()
+    assert sorted(c.split()[1] for c in calls) == ["hostA", "hostB"], calls
+    r = subprocess.run(
+        [sys.executable, HELPER, "-n", "2", "--rsh", str(tmp_path / "nope"), "--", "train"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--rsh" in r.stderr and "executable" in r.stderr, r.stderr
