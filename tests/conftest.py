@@ -33,8 +33,11 @@ def slurm_cluster():
     nodes = 1 if no_hosts else local_cluster.HOSTS
     # Not under pytest's private (mode 700) tmp dirs: munged wants every directory
     # above its socket executable by all.
-    root = Path(tempfile.mkdtemp(prefix="dtrain-slurm-"))
+    parent = Path(tempfile.gettempdir())
+    local_cluster.stop_abandoned(parent)  # left by sessions that were killed
+    root = Path(tempfile.mkdtemp(prefix="dtrain-slurm-", dir=parent))
     root.chmod(0o755)
+    (root / "owner.pid").write_text(str(os.getpid()))
     cluster = local_cluster.Cluster(root, nodes, no_hosts)
     atexit.register(cluster.stop)
     try:

@@ -79,6 +79,27 @@ def namespaces_unavailable() -> str | None:
     return None
 
 
+def stop_abandoned(parent: Path, prefix: str = "dtrain-slurm-") -> list[Path]:
+    """Stop and remove the clusters of test sessions that died without stopping them
+    (killed with SIGKILL: no teardown, no atexit). A session's cluster directory holds
+    its pid in ``owner.pid``; only those whose owner is gone are touched."""
+    stopped = []
+    for root in sorted(parent.glob(prefix + "*")):
+        owner = root / "owner.pid"
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not a session's cluster, or one being made
+        if Path(f"/proc/{pid}").exists():
+            continue
+        env = dict(os.environ, SLURM_ROOT=str(root))
+        subprocess.run(["bash", str(CLUSTER / "stop.sh")], env=env, capture_output=True,
+                       timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+        stopped.append(root)
+    return stopped
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:

@@ -388,8 +388,9 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
 
 def test_stop_removes_hosts_links_and_processes_after_a_crash(hosts, tmp_path_factory):
     """A second, small cluster: a job-like process left on node2, slurmctld and node1's
-    slurmd killed (-9) as in a crash; stop.sh still removes every daemon, process, link and
-    host it made."""
+    slurmd killed (-9) as in a crash, and its test session gone. The next session's
+    fixture (``stop_abandoned``) runs stop.sh on it, which removes every daemon, process,
+    link and host it made, and then its directory."""
     import local_cluster
 
     root = Path(tempfile.mkdtemp(prefix="dtrain-slurm-crash-"))
@@ -399,19 +400,22 @@ def test_stop_removes_hosts_links_and_processes_after_a_crash(hosts, tmp_path_fa
         cluster.start()
         net_id = re.search(r"NET_ID=(\d+)", (root / "hosts" / "state").read_text()).group(1)
         holders = [int((root / "hosts" / f"node{i}.pid").read_text()) for i in (1, 2)]
-        left = subprocess.Popen([str(local_cluster.CLUSTER / "on-node.sh"), "node2", "sleep", "600"],
+        on_node = str(local_cluster.CLUSTER / "on-node.sh")
+        left = subprocess.Popen([on_node, "node2", "sleep", "600"],
                                 env=dict(cluster.env, SLURM_ROOT=str(root)))
         daemons = [int((root / f).read_text()) for f in ("slurmd-node1.pid", "slurmctld.pid")]
         for pid in daemons:
             os.kill(pid, 9)
-        cluster.stop()
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        (root / "owner.pid").write_text(str(gone.pid))  # a session that died
+        assert local_cluster.stop_abandoned(root.parent, prefix=root.name) == [root]
         left.wait(timeout=30)  # ended by stop.sh, inside node2
         links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
         assert f"dt{net_id}" not in links, links
         for pid in holders + daemons:
             assert not Path(f"/proc/{pid}").exists() or _zombie(pid), pid
-        assert not (root / "hosts" / "state").exists()
-        assert not list(root.glob("*.pid"))
+        assert not root.exists()
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -260,7 +260,8 @@ def main(argv=None) -> int:
                 for ppn in opts.ppn:
                     with tempfile.TemporaryDirectory(prefix="linkcost-") as tmp:
                         res = run_once(opts, root, nodes_all[:hosts], ppn, Path(tmp))
-                    print(f"| {link} | {hosts} x {ppn} | {res['ms']:.1f} | {100 * res['comm']:.0f}% "
+                    print(f"| {link} | {hosts} x {ppn} | {res['ms']:.1f} "
+                          f"| {100 * res['comm']:.0f}% "
                           f"| {res['est_bytes'] / 1e6:.2f} MB | {res['link_bytes'] / 1e6:.2f} MB "
                           f"| {res['embed']} |", flush=True)
     finally:

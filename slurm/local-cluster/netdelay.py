@@ -56,7 +56,8 @@ def _message(msg: int, queue: int, attrs: bytes, seq: int = 0) -> bytes:
 
 def bind_queue(sock: socket.socket, queue: int) -> None:
     """Bind queue ``queue`` for IPv4 and ask for packet metadata only (no payload)."""
-    cmd = _attr(NFQA_CFG_CMD, struct.pack("=BBH", NFQNL_CFG_CMD_BIND, 0, socket.htons(socket.AF_INET)))
+    bind = struct.pack("=BBH", NFQNL_CFG_CMD_BIND, 0, socket.htons(socket.AF_INET))
+    cmd = _attr(NFQA_CFG_CMD, bind)
     sock.send(_message(NFQNL_MSG_CONFIG, queue, cmd, seq=1))
     params = _attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META))
     sock.send(_message(NFQNL_MSG_CONFIG, queue, params, seq=2))
