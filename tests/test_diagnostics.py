@@ -340,3 +340,33 @@ def test_healthy_oversubscribed_job_is_never_called_stalled(tiny_data, tmp_path,
                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert p.returncode == 0, (p.returncode, p.stderr[-3000:])
     assert "stall" not in p.stderr and "training done: 4 steps" in p.stdout, p.stdout[-2000:]
+
+
+def test_stall_decision_waits_for_busy_ranks_and_not_for_silent_ones():
+    """The rules of Watchdog._somebody_stuck, on the records the other ranks answer with."""
+    from dtrain.parallel.watchdog import Watchdog
+
+    def decide(answers, timeout=1.0):
+        wd = object.__new__(Watchdog)
+        wd.timeout, wd.others = timeout, list(range(1, 1 + len(answers)))
+
+        def ping():
+            wd.pongs = {r: rec for r, rec in zip(wd.others, answers) if rec is not None}
+            return [r for r, rec in zip(wd.others, answers) if rec is None]
+
+        wd._ping = ping
+        return wd._somebody_stuck()
+
+    def away(phase, seconds, done=3):
+        return {"phase": phase, "in_phase": seconds, "done": done, "op": None}
+
+    waiting = {"phase": "step", "in_phase": 2.0, "done": 3, "op": "barrier", "waited": 2.0}
+    assert decide([waiting, None])  # a silent rank
+    assert decide([waiting, dict(waiting, waited=0.2)]) is False  # collectives still completing
+    assert decide([waiting, dict(waiting, waited=1.5)])  # every rank waits: calls differ
+    assert not decide([waiting, away("plot", 20.0)])
+    assert not decide([away("step", 8.0, done=None)])  # first step: compiling
+    assert not decide([away("evaluation", 500.0)])
+    assert not decide([away("step", 5.0)])  # a slow step is not a stall
+    assert decide([away("step", 45.0)]) and decide([away("after step", 31.0)])
+    assert decide([away("checkpoint", 700.0)])

@@ -79,6 +79,8 @@ PHASES = {
 # them, up to LONG_PHASE_LIMIT, however short --stall-timeout is.
 LONG_PHASES = ("setup", "batch", "evaluation", "checkpoint", "plot", "done")
 LONG_PHASE_LIMIT = 600.0  # s, or 10 x --stall-timeout when that is longer
+SHORT_PHASE_LIMIT = 30.0  # s, or --stall-timeout when longer: a training step slower than a tiny
+# --stall-timeout is slow, not stalled
 
 
 class Progress:
@@ -413,19 +415,22 @@ class Watchdog:
         return self._silent
 
     def _legitimately_away(self, rec) -> bool:
-        """A rank outside the collectives that is busy with something that may take long."""
-        limit = max(LONG_PHASE_LIMIT, 10 * self.timeout)
+        """A rank outside the collectives that answers, and has not spent longer in its phase
+        than that phase may take (a long one, or a training step)."""
         first_step = rec["phase"] == "step" and rec.get("done") is None  # compiling
-        return (rec["phase"] in LONG_PHASES or first_step) and rec["in_phase"] < limit
+        if rec["phase"] in LONG_PHASES or first_step:
+            return rec["in_phase"] < max(LONG_PHASE_LIMIT, 10 * self.timeout)
+        return rec["in_phase"] < max(SHORT_PHASE_LIMIT, self.timeout)
 
     def _somebody_stuck(self) -> bool:
         """After this rank waited --stall-timeout: is the job stalled, or only busy?
 
         Every other rank is asked where it is. Stalled: a rank does not answer (twice), a rank
-        outside the collectives has spent --stall-timeout in a phase that is not a legitimately
-        long one, or every rank has waited --stall-timeout in a collective (calls that do not
-        match). Busy: the ranks away are loading data, compiling, evaluating, plotting or
-        writing a checkpoint (then the wait is looked at again a timeout later).
+        outside the collectives has spent longer in its phase than the phase may take, or every
+        rank has waited --stall-timeout in a collective (calls that do not match). Busy: the
+        ranks away are loading data, compiling, evaluating, plotting, writing a checkpoint
+        (up to max(600 s, 10 x timeout)) or in a training step (up to max(30 s, timeout)); the
+        wait is looked at again a timeout later.
         """
         silent = self._ping()
         if silent:
@@ -437,8 +442,7 @@ class Watchdog:
         away = [rec for rec in self.pongs.values() if rec.get("op") is None]
         if not away:
             return min(rec["waited"] for rec in self.pongs.values()) >= self.timeout
-        return any(not self._legitimately_away(rec) and rec["in_phase"] >= self.timeout
-                   for rec in away)
+        return not all(self._legitimately_away(rec) for rec in away)
 
     # ---------------------------------------------------------------- the stall protocol
     def _stall(self, why) -> None:
