@@ -273,6 +273,7 @@ STOP_CASES = [
     (None, 0.9, signal.SIGTERM, None), (None, 1.6, signal.SIGUSR1, None),
     (None, 3.0, signal.SIGHUP, None),
     (2, 0.3, signal.SIGUSR1, 1), (2, 0.7, signal.SIGHUP, 0), (2, 1.2, signal.SIGUSR1, 0),
+    (2, 2.6, signal.SIGHUP, 1),
     (2, 2.0, signal.SIGTERM, None), (2, 3.5, signal.SIGUSR1, 1),
 ]
 
