@@ -162,6 +162,26 @@ def test_gemm_rows_in_blocks_match_the_bound_in_every_layout():
             assert (np.abs(out - exact) <= bound).all(), (trans_a, trans_b)
 
 
+def test_row_blocks_give_the_bits_of_the_whole_gemm():
+    # sequential MKL sums each row of out over k in an order that does not depend on how
+    # the rows are blocked: the bits of a row are the same whichever rank or thread computes
+    # it with whatever neighbours (what --deterministic --precision bf16 can build on)
+    fn = bf16.library().gemm_address
+    rng = np.random.default_rng(12)
+    for m, k, n, trans_a in ((128, 512, 2048, False), (100, 512, 1004, False),
+                             (512, 640, 256, True)):
+        a = bf16.to_bf16(rng.standard_normal((k, m) if trans_a else (m, k), dtype=np.float32))
+        b = bf16.to_bf16(rng.standard_normal((k, n), dtype=np.float32))
+        whole = np.zeros((m, n), np.float32)
+        bf16.gemm_arrays(fn, a, b, whole, trans_a, False, 1.0, 0.0)
+        for parts in (2, 3, 4):
+            blocks = np.zeros((m, n), np.float32)
+            for p in range(parts):
+                bf16.gemm_rows(fn, a, b, blocks, trans_a, False, 1.0, 0.0, p * m // parts,
+                               (p + 1) * m // parts)
+            assert np.array_equal(blocks, whole), (m, k, n, trans_a, parts)
+
+
 def test_gemm_rows_from_the_threads_of_a_parallel_loop():
     # the way the kernels' pool would split one GEMM: each thread its block of rows, MKL
     # sequential on every thread at once
