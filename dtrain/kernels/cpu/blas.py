@@ -80,114 +80,67 @@ def _build(library):
     )
 
 
-def _intrinsics(ilp64, width):
-    """The calls of omatcopy and sgemm through an address, with this BLAS's integer width."""
+def _emit_call(builder, ilp64, address, args, kinds):
+    """Call the C function at ``address`` (an intp) with ``args`` passed as ``kinds`` say:
+    "i32" (a 32-bit int, an intp truncated), "int" (a BLAS integer, from an intp), "ptr" (a
+    pointer, from an intp), "real" (as it is)."""
+    i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+    blasint = ir.IntType(64 if ilp64 else 32)
+    arg_types, values = [], []
+    for value, kind in zip(args, kinds):
+        if kind == "i32":
+            arg_types.append(i32)
+            values.append(value if value.type == i32 else builder.trunc(value, i32))
+        elif kind == "int":
+            arg_types.append(blasint)
+            values.append(value if ilp64 else builder.trunc(value, blasint))
+        elif kind == "ptr":
+            arg_types.append(i8p)
+            values.append(builder.inttoptr(value, i8p))
+        else:
+            arg_types.append(value.type)
+            values.append(value)
+    fnty = ir.FunctionType(ir.VoidType(), arg_types)
+    builder.call(builder.inttoptr(address, fnty.as_pointer()), values)
 
-    @stable(f"call_omatcopy.{width}", intrinsic)
+
+def _constants(*values):
+    """32-bit integer constants of the generated code (the CBLAS enums)."""
+    return [ir.Constant(ir.IntType(32), v) for v in values]
+
+
+def _intrinsics(ilp64, width):
+    """The calls of omatcopy and sgemm through an address, with this BLAS's integer width.
+    (Their code closes over ``ilp64`` alone: Numba keys the cached kernels that call them by
+    what they close over, pickled.)"""
+
+    @stable(f"call_omatcopy.{width}.v3", intrinsic)
     def call_omatcopy(typingctx, fn, rows, cols, alpha, a, lda, b, ldb):
         # fn(CblasRowMajor, CblasTrans, rows, cols, alpha, a, lda, b, ldb); integers as
         # this library's BLAS integers, pointers given as integers
         def codegen(context, builder, signature, args):
-            i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-            blasint = ir.IntType(64 if ilp64 else 32)
-            real = context.get_value_type(signature.args[3])
-            fnty = ir.FunctionType(
-                ir.VoidType(), [i32, i32, blasint, blasint, real, i8p, blasint, i8p, blasint]
-            )
-            target = builder.inttoptr(args[0], fnty.as_pointer())
-            n = (lambda v: v) if ilp64 else (lambda v: builder.trunc(v, blasint))
-            builder.call(
-                target,
-                [
-                    ir.Constant(i32, openblas.CBLAS_ROW_MAJOR),
-                    ir.Constant(i32, openblas.CBLAS_TRANS),
-                    n(args[1]),
-                    n(args[2]),
-                    args[3],
-                    builder.inttoptr(args[4], i8p),
-                    n(args[5]),
-                    builder.inttoptr(args[6], i8p),
-                    n(args[7]),
-                ],
-            )
+            order, trans = _constants(openblas.CBLAS_ROW_MAJOR, openblas.CBLAS_TRANS)
+            _emit_call(builder, ilp64, args[0], [order, trans, *args[1:]],
+                       ("i32", "i32", "int", "int", "real", "ptr", "int", "ptr", "int"))
             return context.get_dummy_value()
 
-        return types.void(
-            types.intp,
-            types.intp,
-            types.intp,
-            alpha,
-            types.intp,
-            types.intp,
-            types.intp,
-            types.intp,
-        ), codegen
+        intp = types.intp
+        return types.void(intp, intp, intp, alpha, intp, intp, intp, intp), codegen
 
-    @stable(f"call_gemm.{width}", intrinsic)
+    @stable(f"call_gemm.{width}.v3", intrinsic)
     def call_gemm(typingctx, fn, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         # fn(CblasRowMajor, CblasNoTrans, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
         # ldc): c = alpha a op(b) + beta c
         def codegen(context, builder, signature, args):
-            i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-            blasint = ir.IntType(64 if ilp64 else 32)
-            real = context.get_value_type(signature.args[5])
-            fnty = ir.FunctionType(
-                ir.VoidType(),
-                [
-                    i32,
-                    i32,
-                    i32,
-                    blasint,
-                    blasint,
-                    blasint,
-                    real,
-                    i8p,
-                    blasint,
-                    i8p,
-                    blasint,
-                    real,
-                    i8p,
-                    blasint,
-                ],
-            )
-            target = builder.inttoptr(args[0], fnty.as_pointer())
-            n_ = (lambda v: v) if ilp64 else (lambda v: builder.trunc(v, blasint))
-            builder.call(
-                target,
-                [
-                    ir.Constant(i32, openblas.CBLAS_ROW_MAJOR),
-                    ir.Constant(i32, openblas.CBLAS_NO_TRANS),
-                    builder.trunc(args[1], i32),
-                    n_(args[2]),
-                    n_(args[3]),
-                    n_(args[4]),
-                    args[5],
-                    builder.inttoptr(args[6], i8p),
-                    n_(args[7]),
-                    builder.inttoptr(args[8], i8p),
-                    n_(args[9]),
-                    args[10],
-                    builder.inttoptr(args[11], i8p),
-                    n_(args[12]),
-                ],
-            )
+            order, no_trans = _constants(openblas.CBLAS_ROW_MAJOR, openblas.CBLAS_NO_TRANS)
+            _emit_call(builder, ilp64, args[0], [order, no_trans, *args[1:]],
+                       ("i32", "i32", "i32", "int", "int", "int", "real", "ptr", "int", "ptr",
+                        "int", "real", "ptr", "int"))
             return context.get_dummy_value()
 
-        return types.void(
-            types.intp,
-            types.intp,
-            types.intp,
-            types.intp,
-            types.intp,
-            alpha,
-            types.intp,
-            types.intp,
-            types.intp,
-            types.intp,
-            alpha,
-            types.intp,
-            types.intp,
-        ), codegen
+        intp = types.intp
+        return types.void(intp, intp, intp, intp, intp, alpha, intp, intp, intp, intp, alpha, intp,
+                          intp), codegen
 
     return call_omatcopy, call_gemm
 

@@ -13,7 +13,7 @@ import math
 
 from numba import njit, prange
 
-from .jit import OPTS, SPLIT_OPTS, bounds, sigm, sigmoid32, tanh32, wide_vectors
+from .jit import OPTS, SPLIT_OPTS, bounds, sigm, sigmoid32, stable, tanh32, wide_vectors
 
 
 @njit(**OPTS)
@@ -232,6 +232,24 @@ def gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, ph):
             cr[j] = dh * z[j]
 
 
+# The split forms: part p of parts runs the serial kernel on its own rows lo..hi (the
+# first of them, up to n_next, continuing into the next step).
+@stable("lstm_fwd_part.v1", inline="always")
+def lstm_fwd_part(p, parts, a, b, prev_c, c, tc, h, h_next, n_next):
+    lo, hi = bounds(a.shape[0], parts, p, 1)
+    k = min(max(n_next - lo, 0), hi - lo)
+    lstm_fwd32_acc(a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], h_next[lo : lo + k],
+                   k)
+
+
+@stable("lstm_bwd_part.v1", inline="always")
+def lstm_bwd_part(p, parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
+    lo, hi = bounds(a.shape[0], parts, p, 1)
+    k = min(max(n_next - lo, 0), hi - lo)
+    lstm_bwd_in_place(a[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi], k, prev_c[lo:hi],
+                      tc[lo:hi])
+
+
 @njit(**SPLIT_OPTS)
 def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h, h_next, n_next, zero):
     n = a.shape[0]
@@ -239,43 +257,18 @@ def lstm_fwd32_split(parts, a, r, b, prev_c, c, tc, h, h_next, n_next, zero):
         wide_vectors()
         lo, hi = bounds(n, parts, p, 1)
         k = min(max(n_next - lo, 0), hi - lo)
-        lstm_fwd32(
-            a[lo:hi],
-            r[lo:hi],
-            b,
-            prev_c[lo:hi],
-            c[lo:hi],
-            tc[lo:hi],
-            h[lo:hi],
-            h_next[lo : lo + k],
-            k,
-            zero,
-        )
+        lstm_fwd32(a[lo:hi], r[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi],
+                   h_next[lo : lo + k], k, zero)
 
 
 @njit(**SPLIT_OPTS)
 def lstm_fwd32_acc_split(parts, a, b, prev_c, c, tc, h, h_next, n_next):
-    n = a.shape[0]
     for p in prange(parts):
         wide_vectors()
-        lo, hi = bounds(n, parts, p, 1)
-        k = min(max(n_next - lo, 0), hi - lo)
-        lstm_fwd32_acc(
-            a[lo:hi], b, prev_c[lo:hi], c[lo:hi], tc[lo:hi], h[lo:hi], h_next[lo : lo + k], k
-        )
+        lstm_fwd_part(p, parts, a, b, prev_c, c, tc, h, h_next, n_next)
 
 
 @njit(**SPLIT_OPTS)
 def lstm_bwd_split(parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc):
-    n = a.shape[0]
     for p in prange(parts):
-        lo, hi = bounds(n, parts, p, 1)
-        lstm_bwd_in_place(
-            a[lo:hi],
-            dh_up[lo:hi],
-            dh_rec[lo:hi],
-            dc_rec[lo:hi],
-            min(max(n_next - lo, 0), hi - lo),
-            prev_c[lo:hi],
-            tc[lo:hi],
-        )
+        lstm_bwd_part(p, parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)

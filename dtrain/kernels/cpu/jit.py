@@ -78,7 +78,7 @@ def stable(name, *options, **keywords):
     return decorate
 
 
-@njit(inline="always")
+@stable("bounds.v1", inline="always")
 def bounds(n, parts, p, align):
     # part p of n items, its ends on multiples of align (the last part ends at n)
     lo = (n * p // parts) // align * align

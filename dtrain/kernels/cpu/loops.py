@@ -2,7 +2,7 @@
 
 Per time step the recurrent GEMM through its address (``blas.py``) and the cell's step
 kernel (``cells.py``), with no Python between steps: the same calls in the same order
-as the Python loop of ``recurrence.py``, so the same bits. The ``_split`` forms run each
+as the Python loop of ``kernels/base.py``, so the same bits. The ``_split`` forms run each
 step's gate kernel on the shared pool's threads (each its own rows) when the step has
 at least ``min_elements`` gate entries.
 
@@ -18,8 +18,8 @@ from types import SimpleNamespace
 from numba import prange
 
 from .blas import read_ticks
-from .cells import lstm_bwd_in_place, lstm_fwd32_acc
-from .jit import stable
+from .cells import lstm_bwd_in_place, lstm_bwd_part, lstm_fwd32_acc, lstm_fwd_part
+from .jit import bounds, stable
 
 # log columns: kind, ticks, then (data address, rows, columns, row stride, column stride
 # in bytes) of a, b and out
@@ -46,6 +46,15 @@ def note_gemm(log, i, kind, ticks, a, b, out):
     _layout(log, i, 12, out)
 
 
+@stable("step_rows.v1", inline="always")
+def step_rows(t, sizes, offsets, C, c0):
+    # step t's rows (n from s), how many continue into step t+1, and c_{t-1}
+    n, s = sizes[t], offsets[t]
+    n_next = sizes[t + 1] if t + 1 < sizes.size else 0
+    prev_c = c0[:n] if t == 0 else C[offsets[t - 1] : offsets[t - 1] + n]
+    return n, s, n_next, prev_c
+
+
 def build(ffi):
     """The loops for the FFI ``ffi`` (``blas.ffi()``), compiled on first use."""
     return SimpleNamespace(**_backward_steps(ffi), **_forward_loops(ffi), **_backward_loops(ffi))
@@ -67,24 +76,16 @@ def _backward_steps(ffi):
         # each thread copies its own rows, then reads them from its cache
         n = a.shape[0]
         for p in prange(parts):
-            lo = n * p // parts
-            hi = n * (p + 1) // parts
+            lo, hi = bounds(n, parts, p, 1)
             rows_from_T(fn, src_T, dh_rec, lo, min(hi, n_next))
-            lstm_bwd_in_place(
-                a[lo:hi],
-                dh_up[lo:hi],
-                dh_rec[lo:hi],
-                dc_rec[lo:hi],
-                min(max(n_next - lo, 0), hi - lo),
-                prev_c[lo:hi],
-                tc[lo:hi],
-            )
+            lstm_bwd_part(p, parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
 
     return {"lstm_bwd_T": lstm_bwd_T, "lstm_bwd_T_split": lstm_bwd_T_split}
 
 
 def _forward_loops(ffi):
-    """The forward time loop, serial and split."""
+    """The forward time loop, serial and split: per step the recurrent GEMM adding h_{t-1} Wh
+    to the gate rows, then the gate kernel."""
     width, gemm_acc = ffi.width, ffi.gemm_acc
 
     @stable(f"forward_gemm.{width}.v2", inline="always")
@@ -112,65 +113,38 @@ def _forward_loops(ffi):
             n, s = sizes[t], offsets[t]
             n_next = sizes[t + 1] if t + 1 < T else 0
             a, prev_c = forward_gemm(fn, t, gates, C, PH, h0, c0, Wh, sizes, offsets, log)
-            lstm_fwd32_acc(
-                a,
-                b,
-                prev_c,
-                C[s : s + n],
-                TC[s : s + n],
-                Hp[s : s + n],
-                PH[s + n : s + n + n_next],
-                n_next,
-            )
+            lstm_fwd32_acc(a, b, prev_c, C[s : s + n], TC[s : s + n], Hp[s : s + n],
+                           PH[s + n : s + n + n_next], n_next)
 
-    @stable(
-        f"lstm_forward_loop_split.{width}",
-        cache=True,
-        nogil=True,
-        error_model="numpy",
-        parallel=True,
-    )
-    def lstm_forward_loop_split(
-        parts, min_elements, fn, gates, C, TC, Hp, PH, h0, c0, Wh, b, sizes, offsets, log
-    ):
+    @stable(f"lstm_forward_loop_split.{width}", cache=True, nogil=True, error_model="numpy",
+            parallel=True)
+    def lstm_forward_loop_split(parts, min_elements, fn, gates, C, TC, Hp, PH, h0, c0, Wh, b,
+                                sizes, offsets, log):
         T = sizes.size
         for t in range(T):
             n, s = sizes[t], offsets[t]
             n_next = sizes[t + 1] if t + 1 < T else 0
             a, prev_c = forward_gemm(fn, t, gates, C, PH, h0, c0, Wh, sizes, offsets, log)
-            c, tc, h, hn = C[s : s + n], TC[s : s + n], Hp[s : s + n], PH[s + n : s + n + n_next]
+            c, tc, h = C[s : s + n], TC[s : s + n], Hp[s : s + n]
+            hn = PH[s + n : s + n + n_next]
             if a.size < min_elements:
                 lstm_fwd32_acc(a, b, prev_c, c, tc, h, hn, n_next)
             else:
                 for p in prange(parts):
-                    lo, hi = n * p // parts, n * (p + 1) // parts
-                    k = min(max(n_next - lo, 0), hi - lo)
-                    lstm_fwd32_acc(
-                        a[lo:hi],
-                        b,
-                        prev_c[lo:hi],
-                        c[lo:hi],
-                        tc[lo:hi],
-                        h[lo:hi],
-                        hn[lo : lo + k],
-                        k,
-                    )
+                    lstm_fwd_part(p, parts, a, b, prev_c, c, tc, h, hn, n_next)
 
-    return {
-        "lstm_forward_loop": lstm_forward_loop,
-        "lstm_forward_loop_split": lstm_forward_loop_split,
-    }
+    return {"lstm_forward_loop": lstm_forward_loop,
+            "lstm_forward_loop_split": lstm_forward_loop_split}
 
 
 def _backward_loops(ffi):
-    """The backward time loop, serial and split."""
+    """The backward time loop, serial and split: per time step (last first) the step's dh_rec
+    rows copied from the previous recurrent GEMM's transposed result, the gate kernel (gate
+    gradients in place over the gates), then the recurrent GEMM: (Wh d^T) into scratch for
+    at most max_T_rows rows (left transposed for the next step, copied into dh0 at t = 0),
+    d Wh^T straight into its rows above."""
     width, gemm_bt, rows_from_T = ffi.width, ffi.gemm_bt, ffi.rows_from_T
 
-    # The backward: per time step (last first) the step's dh_rec rows copied from the
-    # previous recurrent GEMM's transposed result, the gate kernel (gate gradients in place
-    # over the gates), then the recurrent GEMM: (Wh d^T) into scratch for at most
-    # max_T_rows rows (left transposed for the next step, copied into dh0 at t = 0),
-    # d Wh^T straight into its rows above.
     @stable(f"backward_gemm.{width}.v2", inline="always")
     def backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, log):
         # the recurrent GEMM of step t; True when its result waits transposed in scratch
@@ -194,73 +168,28 @@ def _backward_loops(ffi):
         return transposed and t > 0
 
     @stable(f"lstm_backward_loop.{width}", cache=True, nogil=True, error_model="numpy")
-    def lstm_backward_loop(
-        fn,
-        omat,
-        gates,
-        dH,
-        dh_rec,
-        dc_rec,
-        C,
-        c0,
-        TC,
-        Wh,
-        dh0,
-        scratch,
-        sizes,
-        offsets,
-        max_T_rows,
-        log,
-    ):
-        T = sizes.size
+    def lstm_backward_loop(fn, omat, gates, dH, dh_rec, dc_rec, C, c0, TC, Wh, dh0, scratch, sizes,
+                           offsets, max_T_rows, log):
         H = Wh.shape[0]
         pending = False
-        for t in range(T - 1, -1, -1):
-            n, s = sizes[t], offsets[t]
-            n_next = sizes[t + 1] if t + 1 < T else 0
-            prev_c = c0[:n] if t == 0 else C[offsets[t - 1] : offsets[t - 1] + n]
+        for t in range(sizes.size - 1, -1, -1):
+            n, s, n_next, prev_c = step_rows(t, sizes, offsets, C, c0)
             d = gates[s : s + n]
             if pending:
                 rows_from_T(omat, scratch[: H * n_next].reshape((H, n_next)), dh_rec, 0, n_next)
             lstm_bwd_in_place(d, dH[s : s + n], dh_rec, dc_rec, n_next, prev_c, TC[s : s + n])
             pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, log)
 
-    @stable(
-        f"lstm_backward_loop_split.{width}",
-        cache=True,
-        nogil=True,
-        error_model="numpy",
-        parallel=True,
-    )
-    def lstm_backward_loop_split(
-        parts,
-        min_elements,
-        fn,
-        omat,
-        gates,
-        dH,
-        dh_rec,
-        dc_rec,
-        C,
-        c0,
-        TC,
-        Wh,
-        dh0,
-        scratch,
-        sizes,
-        offsets,
-        max_T_rows,
-        log,
-    ):
-        T = sizes.size
+    @stable(f"lstm_backward_loop_split.{width}", cache=True, nogil=True, error_model="numpy",
+            parallel=True)
+    def lstm_backward_loop_split(parts, min_elements, fn, omat, gates, dH, dh_rec, dc_rec, C, c0,
+                                 TC, Wh, dh0, scratch, sizes, offsets, max_T_rows, log):
         H = Wh.shape[0]
         pending = False
-        for t in range(T - 1, -1, -1):
-            n, s = sizes[t], offsets[t]
-            n_next = sizes[t + 1] if t + 1 < T else 0
-            prev_c = c0[:n] if t == 0 else C[offsets[t - 1] : offsets[t - 1] + n]
+        for t in range(sizes.size - 1, -1, -1):
+            n, s, n_next, prev_c = step_rows(t, sizes, offsets, C, c0)
             d, dh_up, tc = gates[s : s + n], dH[s : s + n], TC[s : s + n]
-            m = n_next if pending else 0  # the previous GEMM's result, (H, n_next), when it waits
+            m = n_next if pending else 0  # the previous GEMM's (H, n_next) result, when it waits
             src_T = scratch[: H * m].reshape((H, m))
             if d.size < min_elements:
                 if pending:
@@ -268,21 +197,11 @@ def _backward_loops(ffi):
                 lstm_bwd_in_place(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
             else:
                 for p in prange(parts):
-                    lo, hi = n * p // parts, n * (p + 1) // parts
                     if pending:
+                        lo, hi = bounds(n, parts, p, 1)
                         rows_from_T(omat, src_T, dh_rec, lo, min(hi, n_next))
-                    lstm_bwd_in_place(
-                        d[lo:hi],
-                        dh_up[lo:hi],
-                        dh_rec[lo:hi],
-                        dc_rec[lo:hi],
-                        min(max(n_next - lo, 0), hi - lo),
-                        prev_c[lo:hi],
-                        tc[lo:hi],
-                    )
+                    lstm_bwd_part(p, parts, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
             pending = backward_gemm(fn, omat, d, Wh, dh_rec, dh0, scratch, t, max_T_rows, log)
 
-    return {
-        "lstm_backward_loop": lstm_backward_loop,
-        "lstm_backward_loop_split": lstm_backward_loop_split,
-    }
+    return {"lstm_backward_loop": lstm_backward_loop,
+            "lstm_backward_loop_split": lstm_backward_loop_split}
