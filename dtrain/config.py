@@ -54,6 +54,8 @@ class TrainConfig:
     micro_batch: int | None = None  # rows per micro-shard (gradient accumulation); None: one pass
     deterministic: bool = False  # bitwise identical for any number of ranks (fixed-point sums)
     buckets: int = 1
+    reduce_dtype: str = "fp32"  # fp32 | bf16: how the dense gradient travels between ranks
+    overlap_reduce: bool = False  # reduce W_vocab's and b_vocab's gradients during BPTT
     check_every: int = 100
     debug: bool = False
     quiet: bool = False
@@ -145,6 +147,16 @@ class TrainConfig:
              f"a divisor of --batch-size {self.batch_size}", self.micro_batch)
         count("--threads-per-rank", self.threads_per_rank, 1, allow_none=True)
         count("--buckets", self.buckets, 1)
+        need(self.reduce_dtype in ("fp32", "bf16"), "--reduce-dtype", "fp32 or bf16",
+             self.reduce_dtype)
+        if self.deterministic and self.reduce_dtype != "fp32":
+            raise ValueError("--reduce-dtype bf16: not with --deterministic (its sums are exact "
+                             "int64; bf16 transport would round them)")
+        if self.reduce_dtype == "bf16" and self.dtype != "float32":
+            raise ValueError(f"--reduce-dtype bf16: expected --dtype float32, got {self.dtype}")
+        if self.deterministic and self.overlap_reduce:
+            raise ValueError("--overlap-reduce: not with --deterministic (its fixed-point sums "
+                             "are reduced after every micro-shard)")
         count("--check-every", self.check_every, 0)
 
     def to_dict(self):
@@ -186,10 +198,14 @@ def add_config_flags(parser: argparse.ArgumentParser):
                          "summed exactly in int64 fixed point (see docs/determinism.md); BLAS threads "
                          "default to 1 per rank",
         "max_train": "use only this many training captions",
+        "reduce_dtype": "how the dense gradient travels between ranks: fp32, or bf16 (half the bytes, "
+                        "float32 sums on arrival; not with --deterministic)",
+        "overlap_reduce": "reduce W_vocab's and b_vocab's gradients while backpropagation through "
+                          "time runs (same sums; CPU, one pass per step; not with --deterministic)",
         "keep_checkpoints": "how many of the newest checkpoints to keep (at least 1; default 3)",
     }
     choices = {"cell": sorted(CELLS), "dtype": ["float32", "float64"], "device": ["cpu", "gpu", "auto"],
-               "embed_reduce": ["auto", "dense", "sparse"]}
+               "embed_reduce": ["auto", "dense", "sparse"], "reduce_dtype": ["fp32", "bf16"]}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)

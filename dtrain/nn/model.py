@@ -397,20 +397,23 @@ class CaptioningModel:
     # ------------------------------------------------------------------
     # The training hot path: the model's own buffers
 
-    def forward_backward(self, features, packed, normalizer):
+    def forward_backward(self, features, packed, normalizer, vocab_ready=None):
         """Loss and gradients of a :class:`PackedBatch` into ``grad_buffer``; a :class:`StepGrads`.
 
         W_embed's gradient is left row-sparse (``embed_dense`` False): the
         reducer decides whether it travels sparse or is scattered densely.
+        ``vocab_ready()``, when given, is called once W_vocab's and b_vocab's gradients
+        are final, before backpropagation through time (the reducer may send them then).
         """
-        return self._packed_pass(features, packed, normalizer, forward_only=False)
+        return self._packed_pass(features, packed, normalizer, forward_only=False,
+                                 vocab_ready=vocab_ready)
 
     def step_grads(self, loss, tokens, ids, rows, dense):
         return StepGrads(loss=loss, tokens=int(tokens), grad_buffer=self.grad_buffer,
                          embed_offset=self.embed_offset, embed_shape=self.shapes["W_embed"],
                          embed_ids=ids, embed_rows=rows, embed_dense=dense, kernels=self.kernels)
 
-    def _packed_pass(self, features, packed, normalizer, forward_only):
+    def _packed_pass(self, features, packed, normalizer, forward_only, vocab_ready=None):
         xp, ws, dtype, cell, gemm = self.xp, self.ws, self.dtype, self.cell, self.gemm
         p, g = self.params, self.grads
         if not packed.batch_sizes:  # no real token anywhere: zero loss and gradient
@@ -459,6 +462,8 @@ class CaptioningModel:
             return float(loss)
         forward_end = time.perf_counter()
         gemm.matmul(scored.T, dscores, g["W_vocab"])
+        if vocab_ready is not None:  # W_vocab's and b_vocab's gradients are final: may travel now
+            vocab_ready()
         dscored = ws.get("dscored", scored.shape, dtype, xp)
         gemm.matmul(dscores, p["W_vocab"].T, dscored)
         if packed.score_pos is None:

@@ -6,7 +6,9 @@ trainer uses:
 
 * ``bcast_array_`` / ``bcast_obj``: parameters and settings start identical;
 * ``allreduce_sum_``: one fused in-place SUM of a flat buffer (optionally in
-  a few contiguous buckets);
+  a few contiguous buckets); ``iallreduce_sum_`` starts one that completes while
+  the caller computes (a :class:`PendingSum`, driven by a polling thread);
+  ``allreduce_sum_bf16_`` sends bf16 and sums in float32 on arrival;
 * ``allgather_scalars`` / ``allgatherv_rows`` / ``allgatherv``: small vectors
   and row blocks of every rank, in rank order;
 * ``check_consistent``: a cross-rank checksum that stops a diverged job;
@@ -41,8 +43,8 @@ import traceback
 
 import numpy as np
 
-__all__ = ["CollectiveMismatchError", "Communicator", "DivergenceError", "describe_layout",
-           "run_guarded"]
+__all__ = ["BF16_SUM_BOUND", "CollectiveMismatchError", "Communicator", "DivergenceError",
+           "PendingSum", "describe_layout", "run_guarded"]
 
 
 class DivergenceError(RuntimeError):
@@ -58,7 +60,7 @@ class CollectiveMismatchError(RuntimeError):
 # Operation codes for the --debug agreement check (names as the methods are called).
 COLLECTIVES = ("barrier", "bcast_array_", "bcast_obj", "allreduce_sum_", "allreduce_scalars", "allgatherv",
                "allgatherv_rows", "allgather_scalars", "check_consistent", "gather_bytes",
-               "gather_hosts")
+               "gather_hosts", "iallreduce_sum_", "wait_sum", "allreduce_sum_bf16_")
 _OP_CODE = {name: i for i, name in enumerate(COLLECTIVES)}
 _CALLER_BYTES = 96  # where the call came from, shown in a mismatch report
 _GATHER_TAG = 7001
@@ -157,6 +159,52 @@ def _bucket_bounds(n: int, buckets: int) -> list[tuple[int, int]]:
     buckets = max(1, int(buckets))
     edges = [n * i // buckets for i in range(buckets + 1)]
     return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+# |bf16 sum - exact sum| <= BF16_SUM_BOUND * sum over ranks of |g_r|, per entry: every term is
+# rounded to bf16 once (2^-8), the float32 sum adds (P-1) 2^-24 (far below), and the
+# sum is rounded once more (2^-8 of |sum| <= sum |g_r|).
+BF16_SUM_BOUND = 2.0**-7 * (1 + 2.0**-6)
+POLL_SECONDS = 2e-4  # between MPI_Test calls of a pending sum: short against a step's 100 ms
+
+
+class PendingSum:
+    """A nonblocking SUM in flight (``Communicator.iallreduce_sum_``), and the thread
+    that drives it. ``wait()`` returns when it is complete (every rank then holds the
+    sums), and is a collective in the stall watchdog's sense: every rank waits."""
+
+    def __init__(self, request, comm=None, nbytes: int = 0):
+        self.request, self.comm, self.nbytes = request, comm, nbytes
+        self.completed_early = False  # done before wait() was called (it overlapped)
+        self._done = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+        if request is not None:
+            self._thread = threading.Thread(target=self._poll, name="dtrain-iallreduce",
+                                            daemon=True)
+            self._thread.start()
+        else:
+            self._done.set()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            if self.request.Test():
+                self._done.set()
+                return
+            time.sleep(POLL_SECONDS)
+
+    def wait(self) -> None:
+        if self.request is None:
+            return
+        comm = self.comm
+        self.completed_early = self._done.is_set()
+        comm._enter("wait_sum", 0, None, self.nbytes)
+        self._stop.set()
+        self._thread.join()
+        if not self._done.is_set():
+            self.request.Wait()
+        self.request = None
+        comm._leave()
 
 
 class Communicator:
@@ -387,6 +435,72 @@ class Communicator:
             self.comm.Allreduce(MPI.IN_PLACE, target[lo:hi], op=MPI.SUM)
         if staged:
             self._host_unstage(target, buf)
+        self._leave()
+
+    def iallreduce_sum_(self, buf) -> PendingSum:
+        """Start an in-place SUM over ranks of a contiguous 1-D host ``buf``; returns a
+        :class:`PendingSum` whose ``wait()`` completes it. ``buf`` must not be touched
+        until then. Every rank starts it at the same point of its sequence of
+        collectives (collectives are matched in the order they are started).
+
+        MPI moves the data of a nonblocking collective only while some thread is inside
+        the library, so a thread polls it (``MPI_Test``, then a short sleep that leaves
+        the core to the computation) until it completes. The sums are those of
+        ``allreduce_sum_`` on the same buffer (the same library algorithm family for a
+        commutative SUM; tests/test_comm_overlap.py compares the bits).
+        """
+        self._check_flat(buf, "iallreduce_sum_")
+        if _is_cupy(buf):
+            raise ValueError("iallreduce_sum_: expected a host (NumPy) buffer")
+        if self.size == 1:
+            return PendingSum(None)
+        self._enter("iallreduce_sum_", buf.size, buf.dtype, buf.nbytes)
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        self._leave()
+        return PendingSum(request, self, buf.nbytes)
+
+    def allreduce_sum_bf16_(self, buf) -> None:
+        """In-place SUM over ranks of a float32 1-D ``buf``, sent as bf16, summed in float32.
+
+        Each rank owns one contiguous chunk of the buffer (``_bucket_bounds(n, size)``).
+        An Alltoallv sends every rank's chunks, rounded to bf16 (round to nearest even),
+        to their owners; each owner sums the ``size`` bf16 values of an entry in float32,
+        in rank order, rounds the sum to bf16, and an Allgatherv gives every rank every
+        chunk. So every rank holds the same bits, half the bytes of a float32 ring
+        Allreduce move, and each entry is within ``BF16_SUM_BOUND * sum_r |g_r|`` of the
+        exact sum (each term rounded once, the sum once; unit roundoff 2^-8 each).
+        """
+        from ..kernels.bf16 import from_bf16, to_bf16
+
+        self._check_flat(buf, "allreduce_sum_bf16_")
+        if np.dtype(buf.dtype) != np.float32:
+            raise ValueError(f"allreduce_sum_bf16_: expected float32, got {buf.dtype}")
+        if self.size == 1:
+            return
+        MPI, size, rank = self.MPI, self.size, self.rank
+        self._enter("allreduce_sum_bf16_", buf.size, buf.dtype, buf.nbytes // 2)
+        host = buf.get() if _is_cupy(buf) else buf
+        bounds = _bucket_bounds(host.size, size) if host.size >= size else \
+            [(min(i, host.size), min(i + 1, host.size)) for i in range(size)]
+        counts = [hi - lo for lo, hi in bounds]
+        displs = [lo for lo, _ in bounds]
+        mine = counts[rank]
+        send = to_bf16(host)
+        received = np.empty(size * mine, np.uint16)
+        self.comm.Alltoallv([send, (counts, displs), MPI.UINT16_T],
+                            [received, ([mine] * size, [mine * r for r in range(size)]),
+                             MPI.UINT16_T])
+        total = from_bf16(received[:mine])
+        for r in range(1, size):  # rank order: the same sum on whichever rank owns the chunk
+            total += from_bf16(received[r * mine : (r + 1) * mine])
+        gathered = np.empty(host.size, np.uint16)
+        self.comm.Allgatherv([to_bf16(total), MPI.UINT16_T],
+                             [gathered, (counts, displs), MPI.UINT16_T])
+        if _is_cupy(buf):
+            buf.set(from_bf16(gathered))
+            self._sync_device()
+        else:
+            host[...] = from_bf16(gathered)
         self._leave()
 
     def allreduce_scalars(self, values) -> np.ndarray:

@@ -18,6 +18,19 @@ returns the global scalars:
   whichever moves fewer bytes (:func:`choose_embedding_mode`, the one place
   that decision is taken).
 
+Two options change how the dense part travels, never what is summed:
+
+* ``early=(lo, hi)`` (``--overlap-reduce``): that contiguous part of the buffer
+  (W_vocab's and b_vocab's gradients, final before backpropagation through time)
+  is reduced by a nonblocking Allreduce started by :meth:`Reducer.start_early`
+  from inside the backward pass; the rest is reduced as before, then the early
+  part is waited for. The same sums, so the same bits as one Allreduce (tested);
+  a rank whose pass never called it (no token) starts it when the reduction
+  begins, so every rank starts the same collectives in the same order;
+* ``reduce_dtype="bf16"`` (``--reduce-dtype bf16``): the dense Allreduce sends
+  bf16 and sums in float32 on arrival (``Communicator.allreduce_sum_bf16_``,
+  within ``BF16_SUM_BOUND`` of the exact sum); the embedding rows stay float32.
+
 The reducer knows the communicator and the gradient's layout, nothing of the
 model. Micro-shards are summed before a reducer sees them (accumulate.py); the
 fixed-point sums of ``--deterministic`` reduce their integers themselves.
@@ -33,6 +46,7 @@ import numpy as np
 from ..backend import get_array_module, to_host
 
 EMBED_MODES = ("auto", "dense", "sparse")
+REDUCE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -75,12 +89,30 @@ class Reducer:
 
     mode = "?"
 
-    def __init__(self, comm, buckets: int = 1):
+    def __init__(self, comm, buckets: int = 1, reduce_dtype: str = "fp32", early=None):
         self.comm = comm
         self.buckets = max(1, int(buckets))
+        self.reduce_dtype = reduce_dtype
+        self.early = None if early is None else (int(early[0]), int(early[1]))
+        self.pending = None  # the early part's PendingSum, between start_early and reduce
+        self.early_in_pass = 0  # steps whose early part started inside the pass
+        self.early_done_before_wait = 0  # ... and had completed before the reduction waited
+
+    def start_early(self, grad_buffer) -> None:
+        """Start the nonblocking sum of the early part (called once per step, from the pass,
+        when that part of ``grad_buffer`` is final)."""
+        if self.early is None or self.pending is not None:
+            return
+        lo, hi = self.early
+        self.pending = self.comm.iallreduce_sum_(grad_buffer[lo:hi])
 
     def reduce(self, grads, loss, tokens, stop) -> Reduced:
         t0 = time.perf_counter()
+        if self.early is not None:
+            if self.pending is None:  # this rank's pass never got there: start it now
+                self.start_early(grads.grad_buffer)
+            else:
+                self.early_in_pass += 1
         loss, tokens, stop, mode, nbytes = self._reduce(grads, loss, tokens, stop)
         return Reduced(loss, tokens, bool(stop), mode, int(nbytes), time.perf_counter() - t0)
 
@@ -88,10 +120,25 @@ class Reducer:
         raise NotImplementedError
 
     # ---- pieces
+    def _sum(self, buf, buckets=1):
+        if self.reduce_dtype == "bf16" and buf.dtype == np.float32:
+            self.comm.allreduce_sum_bf16_(buf)
+            return ring_bytes(self.comm.size, buf.nbytes // 2, 2)
+        self.comm.allreduce_sum_(buf, buckets=buckets)
+        return ring_bytes(self.comm.size, buf.nbytes, 2)
+
     def _allreduce_dense(self, grads, upto=None):
         buf = grads.grad_buffer if upto is None else grads.grad_buffer[:upto]
-        self.comm.allreduce_sum_(buf, buckets=self.buckets)
-        return ring_bytes(self.comm.size, buf.nbytes, 2)
+        if self.early is None:
+            return self._sum(buf, self.buckets)
+        lo, hi = self.early
+        nbytes = self._sum(buf[:lo], self.buckets)
+        if hi < buf.shape[0]:
+            nbytes += self._sum(buf[hi:])
+        pending, self.pending = self.pending, None
+        pending.wait()
+        self.early_done_before_wait += int(pending.completed_early)
+        return nbytes + ring_bytes(self.comm.size, pending.nbytes, 2)
 
     def _gather_meta(self, grads, loss, tokens, stop):
         """One Allgather: every rank's (embedding rows, loss, tokens, stop)."""
@@ -177,12 +224,17 @@ class AutoReducer(SparseEmbeddingReducer):
         return (*self._sum_meta(meta), mode, nbytes)
 
 
-def make_reducer(comm, embed_reduce: str = "auto", buckets: int = 1) -> Reducer:
-    """The reducer for ``--embed-reduce`` on this communicator."""
+def make_reducer(comm, embed_reduce: str = "auto", buckets: int = 1, reduce_dtype: str = "fp32",
+                 early=None) -> Reducer:
+    """The reducer for ``--embed-reduce`` and ``--reduce-dtype`` on this communicator;
+    ``early``: the (lo, hi) part of the dense gradient to reduce during the pass, or None."""
     if embed_reduce not in EMBED_MODES:
         raise ValueError(f"--embed-reduce: expected one of {', '.join(EMBED_MODES)}, "
                          f"got {embed_reduce!r}")
+    if reduce_dtype not in REDUCE_DTYPES:
+        raise ValueError(f"--reduce-dtype: expected one of {', '.join(REDUCE_DTYPES)}, "
+                         f"got {reduce_dtype!r}")
     if comm.size == 1:
         return LocalReducer(comm, buckets)
     cls = {"auto": AutoReducer, "dense": DenseReducer, "sparse": SparseEmbeddingReducer}[embed_reduce]
-    return cls(comm, buckets)
+    return cls(comm, buckets, reduce_dtype, early)

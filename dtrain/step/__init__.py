@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -72,17 +73,24 @@ def _all_finite(xp, *arrays, kernels=None) -> bool:
 
 
 class CpuPass:
-    """One forward/backward pass on the host: pack the captions, then the model's hot path."""
+    """One forward/backward pass on the host: pack the captions, then the model's hot path.
+
+    ``vocab_ready()``, when given, is called by the model once W_vocab's and b_vocab's
+    gradients are final, before backpropagation through time (``--overlap-reduce``)."""
 
     adam_in_pass = False
 
-    def __init__(self, model):
+    def __init__(self, model, vocab_ready=None):
         self.model = model
+        self.vocab_ready = vocab_ready
 
     def forward_backward(self, features, captions, normalizer, lr):
         model = self.model
         packed = pack_captions(captions, model.null_idx, model.kernels)
-        return model.forward_backward(to_device(features, model.xp), packed, normalizer)
+        features = to_device(features, model.xp)
+        if self.vocab_ready is None:
+            return model.forward_backward(features, packed, normalizer)
+        return model.forward_backward(features, packed, normalizer, vocab_ready=self.vocab_ready)
 
     def describe(self) -> str:
         from ..kernels import pool
@@ -103,17 +111,23 @@ class TrainStep:
     on every rank alike, naming the ranks whose own numbers were not finite.
     """
 
-    def __init__(self, model, optimizer, accumulator, comm=None, micro_batch=None, gpu=None):
+    def __init__(self, model, optimizer, accumulator, comm=None, micro_batch=None, gpu=None,
+                 vocab_ready=None):
         self.model, self.optimizer, self.accumulator, self.comm = model, optimizer, accumulator, comm
         self.micro_batch = micro_batch
         self.gpu = gpu  # the GPU pass (GpuTrainStep), or None: the packed host pass
-        self.step_pass = gpu if gpu is not None else CpuPass(model)
+        self.step_pass = gpu if gpu is not None else CpuPass(model, vocab_ready)
         # one GPU rank, one pass: the pass ran Adam inside its graph (GpuTrainStep decides)
         self.adam_in_pass = bool(self.step_pass.adam_in_pass)
 
     def describe(self) -> str:
         micro = f", micro-batch {self.micro_batch}" if self.micro_batch else ""
         text = f"{self.step_pass.describe()}{micro}; gradient reduce: {self.accumulator.mode}"
+        reducer = getattr(self.accumulator, "reducer", None)
+        if getattr(reducer, "reduce_dtype", "fp32") != "fp32":
+            text += f", dense part sent as {reducer.reduce_dtype}"
+        if getattr(reducer, "early", None) is not None:
+            text += ", W_vocab/b_vocab reduced during BPTT"
         if self.gpu is not None:
             from .gpu_graph import reduce_path
 
@@ -215,7 +229,8 @@ def micro_shards(cfg, comm) -> tuple[int | None, int]:
 
 def build_step(cfg, comm, model, optimizer=None, graphs=True) -> TrainStep:
     """The training step for settings ``cfg`` (a TrainConfig: batch_size, micro_batch,
-    deterministic, embed_reduce, buckets, lr) on ``comm``, for ``model``.
+    deterministic, embed_reduce, buckets, reduce_dtype, overlap_reduce, lr) on ``comm``, for
+    ``model``.
 
     Adam over the model's flat buffer unless ``optimizer`` is given (two steps
     sharing one, as the GPU bench's graphed and eager runs do). The accumulator:
@@ -225,6 +240,7 @@ def build_step(cfg, comm, model, optimizer=None, graphs=True) -> TrainStep:
     rows = cfg.batch_size // comm.size
     step_micro = micro if micro and micro < rows else None  # None: one pass over the rows
     xp, kernels = model.xp, model.kernels
+    vocab_ready = None
     if optimizer is None:
         optimizer = Adam(model.num_params, lr=cfg.lr, xp=xp, dtype=model.dtype,
                          kernels=for_arrays(xp, model.dtype) if kernels is not None else None)
@@ -236,9 +252,16 @@ def build_step(cfg, comm, model, optimizer=None, graphs=True) -> TrainStep:
         accumulator = FixedPointAccumulator(comm, model.segments, total_micro, cfg.embed_reduce,
                                             all_finite, kernels)
     else:
-        reducer = make_reducer(comm, cfg.embed_reduce, getattr(cfg, "buckets", 1))
+        # --overlap-reduce: only where the pass can start it (one host pass per step)
+        early = (vocab_bounds(model.segments)
+                 if getattr(cfg, "overlap_reduce", False) and xp is np and step_micro is None
+                 else None)
+        reducer = make_reducer(comm, cfg.embed_reduce, getattr(cfg, "buckets", 1),
+                               getattr(cfg, "reduce_dtype", "fp32"), early)
         sums = FloatAccumulator if step_micro else PassThrough
         accumulator = sums(reducer, all_finite)
+        if reducer.early is not None:
+            vocab_ready = partial(reducer.start_early, model.grad_buffer)
     gpu = None
     if xp is not np:
         from .gpu_graph import GpuTrainStep
@@ -246,4 +269,15 @@ def build_step(cfg, comm, model, optimizer=None, graphs=True) -> TrainStep:
         # nothing to reduce or accumulate: Adam can run inside the pass's graph
         alone = comm.size == 1 and step_micro is None and not cfg.deterministic
         gpu = GpuTrainStep(model, optimizer, graphs=graphs, adam_in_graph=alone)
-    return TrainStep(model, optimizer, accumulator, comm, micro_batch=step_micro, gpu=gpu)
+    return TrainStep(model, optimizer, accumulator, comm, micro_batch=step_micro, gpu=gpu,
+                     vocab_ready=vocab_ready)
+
+
+def vocab_bounds(segments) -> tuple[int, int]:
+    """[lo, hi) of W_vocab's and b_vocab's gradients in the flat buffer: one contiguous
+    range (the model lays them out one after the other)."""
+    where = {name: (lo, hi) for name, lo, hi in segments}
+    (lo, mid), (mid2, hi) = where["W_vocab"], where["b_vocab"]
+    if mid != mid2:
+        raise ValueError("W_vocab and b_vocab are not adjacent in the flat buffer")
+    return lo, hi
