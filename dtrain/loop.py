@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from . import backend, checkpoint, signals, testhooks
-from .checkpoint_readers import load_newest_verified
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import evaluate
@@ -116,8 +115,8 @@ class Trainer:
 
     def _init_from(self):
         """--init-from: a new run (fresh Adam state and sampler) from a checkpoint's parameters."""
-        path, ckpt = load_newest_verified(self.cfg.init_from, self.ckpt_dir, "--init-from",
-                                          required=("params", "vocab"), say=self.log.say)
+        path, ckpt = checkpoint.choose_checkpoint(self.cfg.init_from, self.ckpt_dir, "--init-from",
+                                                  say=self.log.say, required=("params", "vocab"))
         checkpoint.check_compatible(ckpt, self.model.shapes, self.data.idx_to_word)
         for name in self.model.shapes:
             self.model.params[name] = np.asarray(ckpt["params"][name])
@@ -127,10 +126,11 @@ class Trainer:
     def _read_resume_state(self):
         """Rank 0: the RunState --resume names, checked against this run, or None (a fresh
         start: --resume latest in an empty directory)."""
-        path = checkpoint.resume_checkpoint(self.cfg.resume, self.ckpt_dir, self.log.say)
+        path, ckpt = checkpoint.choose_checkpoint(self.cfg.resume, self.ckpt_dir, "--resume",
+                                                  say=self.log.say, owner=True)
         if path is None:
             return None
-        state = checkpoint.RunState.read(path)
+        state = checkpoint.RunState.from_checkpoint(ckpt, path)
         state.check_resumable(self.model.shapes, self.data.idx_to_word, self.fingerprint,
                               self.cfg.batch_size)
         check_resume_settings(state.config, self.cfg.to_dict(), path,

@@ -16,10 +16,10 @@ from dtrain.checkpoint import (
     CheckpointError,
     check_compatible,
     checkpoint_path,
+    choose_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
-    resolve_resume,
     save_checkpoint,
 )
 
@@ -99,7 +99,9 @@ def test_latest_prune_resolve(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     assert latest_checkpoint(tmp_path / "nope") is None
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        resolve_resume("latest", tmp_path)
+        choose_checkpoint("latest", tmp_path, "--init-from", say=print)
+    # the run that owns the directory starts fresh in an empty one
+    assert choose_checkpoint("latest", tmp_path, "--resume", say=print, owner=True) == (None, None)
     for step in (5, 20, 100):
         save_checkpoint(checkpoint_path(tmp_path, step), {"step": step})
     # a temp file from a live writer (this process) and one from a dead pid
@@ -111,11 +113,19 @@ def test_latest_prune_resolve(tmp_path):
     dead.write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("x")
     assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 100)
-    assert resolve_resume("latest", tmp_path) == checkpoint_path(tmp_path, 100)
-    assert resolve_resume(str(tmp_path), None) == checkpoint_path(tmp_path, 100)
-    assert resolve_resume(checkpoint_path(tmp_path, 5), tmp_path) == checkpoint_path(tmp_path, 5)
-    with pytest.raises(CheckpointError, match="ckpt-00000007.h5"):
-        resolve_resume(checkpoint_path(tmp_path, 7), tmp_path)
+    def chosen(arg, directory):
+        path, state = choose_checkpoint(arg, directory, "--resume", say=print)
+        assert int(state["step"]) == int(path.name[5:13])
+        return path
+
+    assert chosen("latest", tmp_path) == checkpoint_path(tmp_path, 100)
+    assert chosen(str(tmp_path), None) == checkpoint_path(tmp_path, 100)
+    assert chosen(checkpoint_path(tmp_path, 5), tmp_path) == checkpoint_path(tmp_path, 5)
+    with pytest.raises(CheckpointError, match="ckpt-00000007.h5: no such checkpoint file"):
+        chosen(checkpoint_path(tmp_path, 7), tmp_path)
+    with pytest.raises(CheckpointError, match="ckpt-00000005.h5: missing key 'params'"):
+        choose_checkpoint(checkpoint_path(tmp_path, 5), None, "--resume", say=print,
+                          required=("params",))
     removed = prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == sorted(["ckpt-00000005.h5", dead.name])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

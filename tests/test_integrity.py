@@ -21,6 +21,7 @@ from dtrain.checkpoint import (
     CheckpointError,
     check_same_data,
     checkpoint_path,
+    choose_checkpoint,
     data_fingerprint,
     latest_checkpoint,
     latest_verified_checkpoint,
@@ -241,6 +242,32 @@ def test_latest_verified_checkpoint_skips_damaged(tmp_path):
                                               "truncated or corrupt?)")]  # fmt: skip
 
 
+def test_choose_checkpoint_renames_damaged_files_only_for_the_directory_owner(tmp_path):
+    """One resolution of "latest" for --resume, --init-from and readers; only the run that
+    owns the directory (--resume latest) sets damaged files aside."""
+    state = small_state()
+    for step in (100, 200):
+        save_checkpoint(checkpoint_path(tmp_path, step), dict(state, step=step))
+    good, bad = checkpoint_path(tmp_path, 100), checkpoint_path(tmp_path, 200)
+    bad.write_bytes(bad.read_bytes()[:-100])
+    why = latest_verified_checkpoint(tmp_path)[1][0][1]
+    for arg in ("latest", str(tmp_path)):
+        said = []
+        path, loaded = choose_checkpoint(arg, tmp_path, "--checkpoint", say=said.append)
+        assert path == good and int(loaded["step"]) == 100 and bad.exists()
+        assert said == [f"--checkpoint {arg}: skipped {bad}: {why}"]
+    said = []
+    path, _ = choose_checkpoint("latest", tmp_path, "--resume", say=said.append, owner=True)
+    assert path == good and not bad.exists() and said[0].endswith("(set aside as "
+                                                                  "ckpt-00000200.h5.damaged)")
+    good.write_bytes(b"\0" * 4096)
+    with pytest.raises(CheckpointError, match="--resume latest: no checkpoint in .* verifies "
+                       r"\(all 1 damaged, set aside as \*.damaged; the newest: not a dtrain"):
+        choose_checkpoint("latest", tmp_path, "--resume", say=print, owner=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-00000100.h5.damaged", "ckpt-00000200.h5.damaged"]
+
+
 # ------------------------------------------------------------------ writing
 
 
@@ -412,7 +439,7 @@ def test_check_same_data(tmp_path):
 
 
 def test_module_keeps_its_public_names():
-    for name in ("save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume",
+    for name in ("save_checkpoint", "load_checkpoint", "latest_checkpoint", "choose_checkpoint",
                  "checkpoint_path", "list_checkpoints", "prune_checkpoints", "check_compatible",
                  "verify_checkpoint", "latest_verified_checkpoint", "data_fingerprint",
                  "check_same_data", "set_aside_checkpoint", "CheckpointError"):  # fmt: skip

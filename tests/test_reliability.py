@@ -459,12 +459,12 @@ def test_checkpoint_deleted_while_read_is_chosen_again_not_called_damaged(two_ch
     newest file is pruned (and a newer one written) while it is read."""
     import shutil
 
-    import dtrain.checkpoint_readers as readers
+    import dtrain.checkpoint.choose as choose
 
     ck = tmp_path / "ck"
     shutil.copytree(two_checkpoints, ck)
     (ck / "ckpt-00000002.h5").unlink()
-    real = readers.checkpoint.load_checkpoint
+    real = choose.load_checkpoint
     seen = []
 
     def pruned_during_load(path, required=()):
@@ -474,8 +474,9 @@ def test_checkpoint_deleted_while_read_is_chosen_again_not_called_damaged(two_ch
             path.unlink()  # and its retention
         return real(path, required)
 
-    monkeypatch.setattr(readers.checkpoint, "load_checkpoint", pruned_during_load)
-    path, state = readers.load_newest_verified("latest", ck, "--checkpoint", required=("params",))
+    monkeypatch.setattr(choose, "load_checkpoint", pruned_during_load)
+    path, state = choose.choose_checkpoint("latest", ck, "--checkpoint", say=print,
+                                           required=("params",))
     assert path.name == "ckpt-00000006.h5" and seen == ["ckpt-00000004.h5", "ckpt-00000006.h5"]
     assert "params" in state
 

@@ -14,8 +14,9 @@ Modules, each with one job:
     read.py         load_checkpoint / verify_checkpoint: every byte checked, then HDF5
     index.py        the header and index in HDF5's user block, the digests
     errors.py       CheckpointError (one line naming the file), the loaded dict
-    store.py        the directory: names, newest, newest that verifies, retention,
-                    ``*.damaged``, which file a --resume means
+    store.py        the directory: names, newest by name, retention, ``*.damaged``
+    choose.py       which file --resume, --init-from, --checkpoint name: the one
+                    resolution of "latest" (the newest that verifies)
     compat.py       does a checkpoint fit the model and vocabulary
     fingerprint.py  the training data's fingerprint
 
@@ -24,6 +25,7 @@ One run owns a checkpoint directory at a time (dtrain/runlock.py).
 
 from __future__ import annotations
 
+from .choose import choose_checkpoint, latest_verified_checkpoint
 from .compat import check_compatible
 from .errors import CheckpointError, CheckpointState
 from .fingerprint import check_same_data, data_fingerprint
@@ -33,11 +35,8 @@ from .state import RunState
 from .store import (
     checkpoint_path,
     latest_checkpoint,
-    latest_verified_checkpoint,
     list_checkpoints,
     prune_checkpoints,
-    resolve_resume,
-    resume_checkpoint,
     set_aside_checkpoint,
 )
 from .write import save_checkpoint
@@ -49,6 +48,7 @@ __all__ = [
     "RunState",
     "check_compatible",
     "check_same_data",
+    "choose_checkpoint",
     "checkpoint_path",
     "data_fingerprint",
     "latest_checkpoint",
@@ -56,8 +56,6 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "prune_checkpoints",
-    "resolve_resume",
-    "resume_checkpoint",
     "save_checkpoint",
     "set_aside_checkpoint",
     "verify_checkpoint",

@@ -191,13 +191,19 @@ def load_checkpoint(path, required=()) -> CheckpointState:
         raise
     except Exception as exc:  # whatever a damaged or unreadable file raises: one line
         raise file_error(path, f"cannot be read (file damaged?): {first_line(exc)}") from None
+    check_required(state, path, required)
+    return state
+
+
+def check_required(state, path, required=()) -> None:
+    """CheckpointError naming ``path`` and the key for each "a/b" in ``required`` that the
+    loaded ``state`` lacks."""
     for req in required:
         node = state
         for part in req.split("/"):
             if not isinstance(node, dict) or part not in node:
                 raise file_error(path, f"missing key '{req}'")
             node = node[part]
-    return state
 
 
 def verify_checkpoint(path) -> None:

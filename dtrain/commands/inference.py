@@ -14,7 +14,6 @@ import numpy as np
 
 from .. import backend, checkpoint
 from ..captions_html import write_captions_page
-from ..checkpoint_readers import load_newest_verified
 from ..config import TrainConfig
 from ..data.coco import decode_captions
 from ..data.coco_results import split_image_ids, write_results
@@ -92,8 +91,9 @@ def load_for_inference(args, comm):
     info = None
     ckpt = None
     if comm.is_root:
-        path, ckpt = load_newest_verified(args.checkpoint, args.checkpoint_dir, "--checkpoint",
-                                          required=("params", "config", "vocab"), say=_warn)
+        path, ckpt = checkpoint.choose_checkpoint(args.checkpoint, args.checkpoint_dir,
+                                                  "--checkpoint", say=_warn,
+                                                  required=("params", "config", "vocab"))
         info = {"path": str(path), "config": dict(ckpt["config"])}
     info = comm.bcast_obj(info)
     saved = info["config"]
