@@ -1,4 +1,4 @@
-"""Command line: `python -m dtrain [train|sample|evaluate|data|bench] ...`.
+"""Command line: `python -m dtrain [train|sample|evaluate|score|data|bench] ...`.
 
 With no subcommand (or only flags), `python -m dtrain` trains. A missing or
 broken dependency (NumPy, h5py, mpi4py, Numba, ...) is reported in one line

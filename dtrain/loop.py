@@ -40,7 +40,6 @@ from .step import NonFiniteError, build_step, rank_threads
 from .trace import Tracer
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, resume with --resume latest
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def diagnostics_settings(cfg):

@@ -10,9 +10,10 @@ freely. The data are compared by their fingerprint elsewhere (checkpoint/fingerp
 
 from __future__ import annotations
 
-import math
+from types import SimpleNamespace
 
 from .errors import UserError
+from .step import micro_batch_rows, requested_threads
 
 # Settings whose change alters the parameters of the resumed run.
 ALTERING = ("seed", "replacement", "batch_size", "lr", "lr_decay", "cell", "wordvec_dim",
@@ -22,12 +23,14 @@ ALTERING_DETERMINISTIC = ("micro_batch", "threads_per_rank", "device")
 
 
 def effective(settings: dict) -> dict:
-    """The values a run uses, defaults resolved as the trainer resolves them (--deterministic:
-    one thread per rank, micro-shards of gcd(batch, 8) rows)."""
+    """The values a run uses, defaults resolved by the trainer's own policy (dtrain/step's
+    ``requested_threads`` and ``micro_batch_rows``) where --deterministic makes them count."""
     out = dict(settings)
     if out.get("deterministic"):
-        out["threads_per_rank"] = out.get("threads_per_rank") or 1
-        out["micro_batch"] = out.get("micro_batch") or math.gcd(int(out.get("batch_size", 8)), 8)
+        cfg = SimpleNamespace(**({"batch_size": 8, "micro_batch": None, "threads_per_rank": None}
+                                 | out))
+        out["threads_per_rank"] = requested_threads(cfg)
+        out["micro_batch"] = micro_batch_rows(cfg)
     return out
 
 

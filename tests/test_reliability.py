@@ -517,3 +517,19 @@ def test_deterministic_resume_compares_micro_batch_and_threads():
     # without --deterministic, a micro-batch or thread count changes only the rounding
     other = TrainConfig(micro_batch=8, threads_per_rank=2)
     assert changed_settings(TrainConfig().to_dict(), other.to_dict()) == []
+
+
+def test_resume_resolves_defaults_by_the_trainers_policy():
+    """The settings compared on resume resolve --deterministic's defaults through dtrain/step's
+    own micro_batch_rows and requested_threads (one policy)."""
+    from dtrain.config import TrainConfig
+    from dtrain.resume_settings import effective
+    from dtrain.step import micro_batch_rows, requested_threads
+
+    for batch in (12, 16, 7):
+        cfg = TrainConfig(deterministic=True, batch_size=batch)
+        got = effective(cfg.to_dict())
+        assert (got["micro_batch"], got["threads_per_rank"]) == (
+            micro_batch_rows(cfg), requested_threads(cfg)) == ({12: 4, 16: 8, 7: 1}[batch], 1)
+    loose = TrainConfig(batch_size=12).to_dict()
+    assert effective(loose) == loose  # without --deterministic nothing is resolved
