@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import time
 import uuid
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, checkpoint, signals, testhooks
+from . import backend, checkpoint, env, signals, testhooks
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import evaluate
@@ -46,16 +45,16 @@ def diagnostics_settings(cfg):
     """(stall timeout in seconds, trace path or None): --stall-timeout / --trace, else the
     environment's DTRAIN_STALL_TIMEOUT / DTRAIN_TRACE. A flag given (not at its default) wins."""
     timeout = getattr(cfg, "stall_timeout", None)
-    env = os.environ.get("DTRAIN_STALL_TIMEOUT")
-    if env and (timeout is None or timeout == 600.0):
+    env_timeout = env.get("DTRAIN_STALL_TIMEOUT")
+    if env_timeout and (timeout is None or timeout == 600.0):
         try:
-            timeout = float(env)
+            timeout = float(env_timeout)
         except ValueError:
-            raise UserError(f"DTRAIN_STALL_TIMEOUT: expected a number of seconds, got {env!r}") from None
+            raise UserError(f"DTRAIN_STALL_TIMEOUT: expected a number of seconds, got {env_timeout!r}") from None
     timeout = 600.0 if timeout is None else float(timeout)
     if not timeout >= 0:
         raise UserError(f"--stall-timeout: expected a non-negative number of seconds (0: off), got {timeout}")
-    trace = getattr(cfg, "trace", None) or os.environ.get("DTRAIN_TRACE") or None
+    trace = getattr(cfg, "trace", None) or env.get("DTRAIN_TRACE")
     if trace and Path(trace).is_dir():
         raise UserError(f"--trace: expected a file name, got the directory {trace}")
     return timeout, trace
@@ -78,7 +77,7 @@ class Trainer:
         self.val_split = self.data.split("val")
         self.model = build_model(cfg, self.data, self.xp)
         # the step (dtrain/step): micro-shards, accumulator, reducer and Adam, as the bench's
-        self.step_fn = build_step(cfg, comm, self.model, graphs=not os.environ.get("DTRAIN_NO_GRAPHS"))
+        self.step_fn = build_step(cfg, comm, self.model, graphs=not env.flag("DTRAIN_NO_GRAPHS"))
         self.adam, self.accumulator = self.step_fn.optimizer, self.step_fn.accumulator
         try:
             self.sampler = ShardedSampler(self.train_split.num_captions, cfg.batch_size, comm.rank,

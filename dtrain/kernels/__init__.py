@@ -12,9 +12,9 @@ DTRAIN_NO_KERNELS is set.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from .. import env
 
 
 def set_num_threads(n, ranks_on_node=1):
@@ -37,7 +37,7 @@ def set_num_threads(n, ranks_on_node=1):
 
 def for_arrays(xp, dtype):
     """The fused kernel set for array module ``xp``, or None (plain xp path)."""
-    if os.environ.get("DTRAIN_NO_KERNELS"):
+    if env.flag("DTRAIN_NO_KERNELS"):
         return None
     if xp is np:
         try:

@@ -33,7 +33,7 @@ import threading
 
 import numpy as np
 
-from .. import cores
+from .. import cores, env
 from . import openblas
 
 # void (*dojob)(int thread_num, void *jobdata, int dojob_data)
@@ -207,7 +207,7 @@ def install(threads: int, ranks_on_node: int = 1) -> bool:
     ``DTRAIN_BLAS_POOL=openblas`` leave OpenBLAS's own threads in charge (``status()``
     says which and why).
     """
-    if os.environ.get("DTRAIN_BLAS_POOL", "").lower() == "openblas":
+    if (env.get("DTRAIN_BLAS_POOL") or "").lower() == "openblas":
         uninstall()
         _state["why"] = "OpenBLAS's own threads (DTRAIN_BLAS_POOL=openblas)"
         return False
