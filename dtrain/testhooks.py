@@ -14,11 +14,12 @@ import signal
 
 import numpy as np
 
+from . import env
 from .backend import to_host
 
 
 def inject_fault(rank, step):
-    spec = os.environ.get("DTRAIN_FAULT")
+    spec = env.get("DTRAIN_FAULT")
     if not spec:
         return
     kind, _, where = spec.partition("@")
@@ -32,7 +33,7 @@ def inject_fault(rank, step):
 
 
 def dump_rank_state(rank, arrays: dict):
-    out = os.environ.get("DTRAIN_DUMP_DIR")
+    out = env.get("DTRAIN_DUMP_DIR")
     if not out:
         return
     os.makedirs(out, exist_ok=True)
@@ -41,7 +42,7 @@ def dump_rank_state(rank, arrays: dict):
 
 
 def _spec():
-    spec = os.environ.get("DTRAIN_FAULT", "")
+    spec = env.get("DTRAIN_FAULT", "")
     kind, _, where = spec.partition("@")
     rank, _, at = where.partition(":")
     return kind, rank, at
