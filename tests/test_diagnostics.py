@@ -219,14 +219,14 @@ def test_ranks_exit_when_the_launcher_proxy_dies(tiny_data, tmp_path, jobs):
 
 
 def test_report_labels_each_ranks_true_phase():
-    from dtrain.parallel.watchdog import Watchdog
+    from dtrain.parallel.stall_report import where
 
     rec = {"step": 4, "phase": "plot", "in_phase": 3.0, "seq": 40, "last_op": "barrier", "done": 4}
-    assert "drawing the loss plot for 3.0 s" in Watchdog._where(rec)
+    assert "drawing the loss plot for 3.0 s" in where(rec)
     rec |= {"phase": "step", "done": None, "step": 1}
-    assert "first training step (compiling kernels)" in Watchdog._where(rec)
+    assert "first training step (compiling kernels)" in where(rec)
     rec |= {"done": 7}
-    assert "in the training step" in Watchdog._where(rec)
+    assert "in the training step" in where(rec)
 
 
 # ------------------------------------------------------------------ --trace

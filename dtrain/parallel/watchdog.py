@@ -1,4 +1,4 @@
-"""The stall inspector, stop signals during a stall, and orphan exit (docs/diagnostics.md).
+"""The stall inspector: its thread, its messages, the stall protocol (docs/diagnostics.md).
 
 A data-parallel job hangs when one rank stops taking part: the others wait in
 a collective for ever, spinning, and a stop signal cannot be acted on because
@@ -25,10 +25,9 @@ This module makes such a job end, saying why:
   a completed step, and the blocked main thread is not changing them), the
   merged trace when ``--trace`` is on, prints the report and MPI-aborts the
   job with ``STALL_EXIT_CODE``.
-* :func:`arm_orphan_exit`: when the launcher (the rank's parent process, e.g.
-  hydra_pmi_proxy) dies, the rank exits: a parent-death signal
-  (prctl(PR_SET_PDEATHSIG) through ctypes, on Linux) plus a thread that
-  compares ``os.getppid()`` with the parent it started with, every second.
+* When the job stalls is decided in stall_rules.py (pure rules on the records
+  the ranks exchange), the report's text is written by stall_report.py, and
+  a rank whose launcher died is ended by orphan.py (``arm_orphan_exit``).
 
 It knows nothing of the model: the checkpoint to write after a stall is a
 callback given by the trainer, the trace an object with ``span`` and
@@ -37,7 +36,6 @@ callback given by the trainer, the trace an object with ``span`` and
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -49,153 +47,19 @@ import time
 import numpy as np
 
 from .. import signals
+from ..errors import write_stderr
+from .orphan import ORPHAN_EXIT_CODE, ORPHAN_SIGNAL, arm_orphan_exit, check_parent
+from .stall_report import ranks, stall_report
+from .stall_rules import Progress, stalled
 
 __all__ = ["ORPHAN_EXIT_CODE", "STALL_EXIT_CODE", "Progress", "Watchdog", "arm_orphan_exit"]
 
 STALL_EXIT_CODE = 124  # as timeout(1): a collective timed out
-ORPHAN_EXIT_CODE = 129  # 128 + SIGHUP: the launcher hung up
 SIGNAL_GRACE = 10.0  # s: after a stop signal, a collective waiting this long is checked for silent ranks
 WRITER_GRACE = 30.0  # s: how long the other ranks give the writer to end the job
 STOP_SIGNALS = signals.STOP_SIGNALS  # SIGTERM, SIGINT, SIGUSR1, SIGHUP
-ORPHAN_GRACE = 20.0  # s: an orphaned training rank checkpoints and exits within this, or is ended
-ORPHAN_SIGNAL = signal.SIGUSR2  # the parent-death signal
-_PR_SET_PDEATHSIG = 1
 
 _TAG_HEARTBEAT, _TAG_PING, _TAG_PONG, _TAG_STATUS, _TAG_TRACE = 7101, 7102, 7103, 7104, 7105
-
-PHASES = {
-    "setup": "setting up (data, model, first broadcast)",
-    "batch": "assembling its batch",
-    "step": "in the training step (forward, backward, gradient reduce, Adam)",
-    "after step": "after the step (log, consistency check)",
-    "evaluation": "evaluating",
-    "checkpoint": "writing or waiting for a checkpoint",
-    "plot": "drawing the loss plot",
-    "done": "finishing",
-}
-# Phases that may legitimately keep a rank away from the collectives for long (data loading,
-# evaluation, plotting, checkpoint I/O, the end of the run); a rank's first training step
-# (compiling kernels, possibly with a cold cache) counts too. The others are waited for in
-# them, up to LONG_PHASE_LIMIT, however short --stall-timeout is.
-LONG_PHASES = ("setup", "batch", "evaluation", "checkpoint", "plot", "done")
-LONG_PHASE_LIMIT = 600.0  # s, or 10 x --stall-timeout when that is longer
-SHORT_PHASE_LIMIT = 30.0  # s, or --stall-timeout when longer: a training step slower than a tiny
-# --stall-timeout is slow, not stalled
-
-
-class Progress:
-    """Where the main thread is. Written by the training loop, read by the watchdog thread.
-
-    ``done`` is ``(step, sampler_state)`` of the last step this rank completed
-    (None before the first): what a checkpoint written after a stall saves.
-    """
-
-    __slots__ = ("step", "phase", "since", "done")
-
-    def __init__(self):
-        self.step, self.phase, self.since, self.done = 0, "setup", time.perf_counter(), None
-
-    def enter(self, phase: str, step: int | None = None) -> None:
-        if step is not None:
-            self.step = step
-        self.phase, self.since = phase, time.perf_counter()
-
-    def completed(self, step: int, sampler_state: dict) -> None:
-        self.done = (step, sampler_state)
-        self.step, self.phase, self.since = step, "after step", time.perf_counter()
-
-
-def _err(text: str) -> None:
-    """One or more lines to stderr, never raising (the launcher's pipe may be gone)."""
-    try:
-        os.write(2, (text.rstrip("\n") + "\n").encode(errors="replace"))
-    except OSError:
-        pass
-
-
-def _fmt_bytes(n) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def _ranks(rs) -> str:
-    rs = list(rs)
-    return ", ".join(map(str, rs)) if rs else "none"
-
-
-# ---------------------------------------------------------------------- orphans
-_ORPHAN = {"armed": False, "ppid": None, "who": "", "gone": False}
-_LAUNCHER_ENV = ("PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
-
-
-def _orphan_exit() -> None:
-    """The launcher is gone (a closed terminal's SIGHUP to its process group, a pipe's SIGPIPE,
-    a kill). A training rank stops as for SIGHUP: the ranks agree at the next step, checkpoint
-    and exit, within ``ORPHAN_GRACE`` s or are ended then; any other process exits now."""
-    if _ORPHAN["gone"]:
-        return
-    _ORPHAN["gone"] = True
-    head = f"dtrain: {_ORPHAN['who']}: the launcher (parent process {_ORPHAN['ppid']}) is gone"
-    if not signals.installed():
-        _err(f"{head}; exiting (status {ORPHAN_EXIT_CODE})")
-        os._exit(ORPHAN_EXIT_CODE)
-    _err(f"{head}; stopping after this step with a checkpoint, as for SIGHUP")
-    timer = threading.Timer(ORPHAN_GRACE, _orphan_deadline)
-    timer.daemon = True
-    timer.start()
-    signals.request_stop("SIGHUP", signal.SIGHUP, why="orphan")
-
-
-def _orphan_deadline() -> None:
-    _err(f"dtrain: {_ORPHAN['who']}: no checkpoint within {ORPHAN_GRACE:.0f} s of the "
-         f"launcher's end; exiting (status {ORPHAN_EXIT_CODE})")
-    os._exit(ORPHAN_EXIT_CODE)
-
-
-def _check_parent(*_args) -> None:
-    if os.getppid() != _ORPHAN["ppid"]:
-        _orphan_exit()
-
-
-def _watch_parent() -> None:
-    while not _ORPHAN["gone"]:
-        time.sleep(1.0)
-        _check_parent()
-
-
-def _set_parent_death_signal(sig) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def arm_orphan_exit(rank: int, size: int) -> bool:
-    """Make this rank exit when its launcher dies (once per process; a no-op for a lone process).
-
-    The parent is the launcher's per-node proxy (hydra_pmi_proxy, prted,
-    slurmstepd). Its death sends ``ORPHAN_SIGNAL`` (prctl PR_SET_PDEATHSIG);
-    the handler, and a thread polling ``os.getppid()`` every second (for a
-    main thread blocked in MPI, and where prctl is missing), exit with
-    ``ORPHAN_EXIT_CODE`` once the parent is no longer the one we started with.
-    A spurious signal (a parent thread ending, a user's kill) changes nothing.
-    """
-    if _ORPHAN["armed"] or not (size > 1 or any(k in os.environ for k in _LAUNCHER_ENV)):
-        return False
-    _ORPHAN.update(armed=True, ppid=os.getppid(), who=f"rank {rank}/{size} (pid {os.getpid()})")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(ORPHAN_SIGNAL, _check_parent)
-        _set_parent_death_signal(ORPHAN_SIGNAL)
-    threading.Thread(target=_watch_parent, name="dtrain-orphan-exit", daemon=True).start()
-    _check_parent()  # the parent may have died before the signal was armed
-    return True
 
 
 def _park() -> None:
@@ -247,7 +111,7 @@ class Watchdog:
         if comm.MPI.Query_thread() >= comm.MPI.THREAD_MULTIPLE:
             return True
         if comm.rank == 0:
-            _err("dtrain: warning: MPI was initialised without MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level); "
+            write_stderr("dtrain: warning: MPI was initialised without MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level); "
                  "the stall inspector is off")
         return False
 
@@ -311,10 +175,10 @@ class Watchdog:
                 self._tick()
         except Exception as exc:
             if self.stalling:
-                _err(f"dtrain: rank {self.rank}/{self.size}: the watchdog failed while ending a stalled "
+                write_stderr(f"dtrain: rank {self.rank}/{self.size}: the watchdog failed while ending a stalled "
                      f"job: {type(exc).__name__}: {exc}")
                 self._abort(STALL_EXIT_CODE)
-            _err(f"dtrain: rank {self.rank}/{self.size}: warning: the stall watchdog stopped: "
+            write_stderr(f"dtrain: rank {self.rank}/{self.size}: warning: the stall watchdog stopped: "
                  f"{type(exc).__name__}: {exc}")
 
     def _tick(self) -> None:
@@ -349,7 +213,7 @@ class Watchdog:
             return
         for num in data:
             if num == ORPHAN_SIGNAL:
-                _check_parent()
+                check_parent()
             elif num in STOP_SIGNALS and self.signal_at is None:
                 self.signal_at, self.signal_name = now, signal.Signals(num).name
 
@@ -414,35 +278,14 @@ class Watchdog:
         self._silent = sorted(set(self.others) - set(self.pongs))
         return self._silent
 
-    def _legitimately_away(self, rec) -> bool:
-        """A rank outside the collectives that answers, and has not spent longer in its phase
-        than that phase may take (a long one, or a training step)."""
-        first_step = rec["phase"] == "step" and rec.get("done") is None  # compiling
-        if rec["phase"] in LONG_PHASES or first_step:
-            return rec["in_phase"] < max(LONG_PHASE_LIMIT, 10 * self.timeout)
-        return rec["in_phase"] < max(SHORT_PHASE_LIMIT, self.timeout)
-
     def _somebody_stuck(self) -> bool:
-        """After this rank waited --stall-timeout: is the job stalled, or only busy?
-
-        Every other rank is asked where it is. Stalled: a rank does not answer (twice), a rank
-        outside the collectives has spent longer in its phase than the phase may take, or every
-        rank has waited --stall-timeout in a collective (calls that do not match). Busy: the
-        ranks away are loading data, compiling, evaluating, plotting, writing a checkpoint
-        (up to max(600 s, 10 x timeout)) or in a training step (up to max(30 s, timeout)); the
-        wait is looked at again a timeout later.
-        """
+        """After this rank waited --stall-timeout: is the job stalled, or only busy? Every other
+        rank is asked where it is (twice if one is silent: an overloaded node can answer late
+        once); stall_rules.stalled decides. Busy: the wait is looked at again a timeout later."""
         silent = self._ping()
         if silent:
-            silent = self._ping()  # an overloaded node can answer late once
-        if silent is None:  # another rank began the stall protocol: join it
-            return True
-        if silent:
-            return True
-        away = [rec for rec in self.pongs.values() if rec.get("op") is None]
-        if not away:
-            return min(rec["waited"] for rec in self.pongs.values()) >= self.timeout
-        return not all(self._legitimately_away(rec) for rec in away)
+            silent = self._ping()
+        return stalled(self.pongs, silent, self.timeout)
 
     # ---------------------------------------------------------------- the stall protocol
     def _stall(self, why) -> None:
@@ -469,10 +312,11 @@ class Watchdog:
             self._stall_trace(writer, sorted(records))
         if writer != self.rank:
             time.sleep(WRITER_GRACE)  # the writer's MPI_Abort ends this process meanwhile
-            _err(f"dtrain: rank {self.rank}/{self.size}: stall: rank {writer} did not end the job "
+            write_stderr(f"dtrain: rank {self.rank}/{self.size}: stall: rank {writer} did not end the job "
                  f"within {WRITER_GRACE:.0f} s; aborting")
             self._abort(STALL_EXIT_CODE)
-        lines = self._report(why, records, got, waiting, now)
+        lines = stall_report(why, records, got, waiting, now, heard=self.heard, peers=self.peers,
+                             timeout=self.timeout)
         try:
             saved = self.checkpoint() if self.checkpoint is not None else None
             if saved is None:
@@ -486,7 +330,7 @@ class Watchdog:
         if self.tracer is not None:
             lines.append(self._write_trace(why, records))
         lines.append(f"dtrain: stall: ending the job (exit status {STALL_EXIT_CODE})")
-        _err("\n".join(lines))
+        write_stderr("\n".join(lines))
         self._abort(STALL_EXIT_CODE)
 
     def _stall_trace(self, writer, responders) -> None:
@@ -516,79 +360,12 @@ class Watchdog:
             for _r, data in sorted(self.traces.items()):
                 tracks.append(json.loads(data))
             missing = [r for r in range(self.size) if r not in {t["rank"] for t in tracks}]
-            note = (f"stall ({why['why']}): job ended; tracks of rank(s) {_ranks(missing)} missing"
+            note = (f"stall ({why['why']}): job ended; tracks of rank(s) {ranks(missing)} missing"
                     if missing else f"stall ({why['why']}): job ended")
             path = self.tracer.write(tracks, note=note, timeline=False)
-            return f"dtrain: stall: trace of ranks {_ranks(t['rank'] for t in tracks)} written to {path}"
+            return f"dtrain: stall: trace of ranks {ranks(t['rank'] for t in tracks)} written to {path}"
         except Exception as exc:
             return f"dtrain: stall: the trace could not be written: {type(exc).__name__}: {exc}"
-
-    def _report(self, why, records, got, waiting, t_ref) -> list[str]:
-        """Which ranks are missing, and where every rank was last seen.
-
-        The ranks waiting in a collective are the victims; the missing ones are
-        all the others: silent, or alive but not in a collective. (A rank can stop
-        inside a collective that some ranks complete and others do not, so the
-        waiting ranks need not all be in the same one.) Times are as of ``t_ref``,
-        when this rank sent its STATUS, like the waiting ranks' times.
-        """
-        missing = [r for r in range(self.size) if r not in waiting]
-        waited = max((records[r]["waited"] for r in waiting), default=0.0)
-        seqs = sorted({records[r]["op_seq"] for r in waiting})
-        where = "; ".join(
-            f"#{q} {records[rs[0]]['op']} in step {records[rs[0]]['step']} on rank(s) {_ranks(rs)}"
-            for q in seqs for rs in [[r for r in waiting if records[r]["op_seq"] == q]])
-        if why.get("why") == "signal":
-            head = (f"dtrain: stall: {why.get('signal')} received while rank(s) {_ranks(waiting)} waited up to "
-                    f"{waited:.1f} s in collectives ({where}); rank(s) {_ranks(why.get('silent', []))} do not "
-                    f"respond. Missing: rank(s) {_ranks(missing)}")
-        elif missing:
-            head = (f"dtrain: stall: rank(s) {_ranks(missing)} stopped taking part in collectives: rank(s) "
-                    f"{_ranks(waiting)} waited up to {waited:.1f} s for them ({where}; --stall-timeout "
-                    f"{self.timeout:g})")
-        else:
-            head = (f"dtrain: stall: every rank has waited up to {waited:.1f} s in a collective, but not in the "
-                    f"same one ({where}): the ranks' collective calls do not match (--debug checks every "
-                    "call and names the first mismatch)")
-        lines = [head, "dtrain: stall: where every rank was last seen:"]
-        # how far the silent ranks got: they entered every collective a waiting rank completed
-        done_seq = max(waiting, key=lambda r: records[r]["op_seq"], default=None)
-        # heartbeats, as heard by any responder: rank -> (record, seconds ago)
-        last = {r: (rec, t_ref - t) for r, (rec, t) in self.heard.items()}
-        for msg, t in got.values():
-            for r, (rec, age) in msg.get("heard", {}).items():
-                ago = max(age + (t_ref - t), 0.0)
-                if int(r) not in last or ago < last[int(r)][1]:
-                    last[int(r)] = (rec, ago)
-        for r in range(self.size):
-            host, pid = self.peers[r]
-            who = f"  rank {r} ({host}, pid {pid}): "
-            if r in records:
-                lines.append(who + self._where(records[r]) + ("" if r in waiting else "  <- missing"))
-                continue
-            got_to = ""
-            if done_seq is not None and records[done_seq]["op_seq"] > 1:
-                rec = records[done_seq]
-                got_to = (f"entered collective #{rec['op_seq'] - 1} ({rec['last_op']}), which rank {done_seq} "
-                          "completed; ")
-            heard_at = (f"last heard {last[r][1]:.1f} s ago: {self._where(last[r][0])}" if r in last
-                        else "never heard from")
-            lines.append(who + f"NOT RESPONDING; {got_to}{heard_at}  <- missing")
-        return lines
-
-    @staticmethod
-    def _where(rec) -> str:
-        text = f"step {rec['step']}, "
-        if rec.get("op") is not None:
-            return text + (f"waiting in collective #{rec['op_seq']} {rec['op']} ({_fmt_bytes(rec.get('nbytes'))}) "
-                           f"for {rec['waited']:.1f} s")
-        phase = PHASES.get(rec["phase"], rec["phase"])
-        if rec["phase"] == "step" and rec.get("done") is None:
-            phase = "in its first training step (compiling kernels)"
-        text += f"{phase} for {rec['in_phase']:.1f} s"
-        if rec.get("last_op"):
-            text += f", after collective #{rec['seq']} {rec['last_op']}"
-        return text
 
     def _abort(self, code: int) -> None:
         for stream in (sys.stdout, sys.stderr):
