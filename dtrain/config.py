@@ -26,6 +26,7 @@ class TrainConfig:
     wordvec_dim: int = 128
     hidden_dim: int = 256
     dtype: str = "float32"
+    precision: str = "fp32"  # fp32 | bf16: the GEMMs' operands (bf16: float32 sums, CPU with AMX)
     device: str = "cpu"
     # optimisation
     batch_size: int = 128  # global, across all ranks
@@ -97,6 +98,7 @@ class TrainConfig:
         need(self.cell in CELLS, "--cell", " or ".join(sorted(CELLS)), self.cell)
         need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64", self.dtype)
         need(self.device in ("cpu", "gpu", "auto"), "--device", "cpu, gpu or auto", self.device)
+        check_precision(self.precision, self.dtype, self.device)
         need(self.embed_reduce in ("auto", "dense", "sparse"), "--embed-reduce",
              "auto, dense or sparse", self.embed_reduce)
         # data
@@ -163,6 +165,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_precision(precision, dtype="float32", device="cpu"):
+    """ValueError (one line naming --precision) unless the GEMM precision can run here: bf16
+    needs float32 on the CPU, MKL (the extra ``bf16``) and AMX-BF16 (``bf16.available``)."""
+    if precision == "fp32":
+        return
+    if precision != "bf16":
+        raise ValueError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    if dtype != "float32" or device != "cpu":
+        raise ValueError(f"--precision bf16: expected --dtype float32 and --device cpu (the "
+                         f"bf16 GEMMs are built for the CPU step), got {dtype} on {device}")
+    from .kernels import bf16
+
+    ok, why = bf16.available()
+    if not ok:
+        raise ValueError(f"--precision bf16: {why}")
+
+
 def add_config_flags(parser: argparse.ArgumentParser):
     """One flag per field: --batch-size for batch_size, --no-x for booleans that default on."""
     defaults = TrainConfig()
@@ -202,10 +221,14 @@ def add_config_flags(parser: argparse.ArgumentParser):
                         "float32 sums on arrival; not with --deterministic)",
         "overlap_reduce": "reduce W_vocab's and b_vocab's gradients while backpropagation through "
                           "time runs (same sums; CPU, one pass per step; not with --deterministic)",
+        "precision": "GEMM operands: fp32 (default), or bf16 (rounded to bf16, float32 sums; "
+                     "weights, Adam, softmax, reductions stay float32; CPU with AMX-BF16 and "
+                     "the extra bf16, docs/precision.md)",
         "keep_checkpoints": "how many of the newest checkpoints to keep (at least 1; default 3)",
     }
     choices = {"cell": sorted(CELLS), "dtype": ["float32", "float64"], "device": ["cpu", "gpu", "auto"],
-               "embed_reduce": ["auto", "dense", "sparse"], "reduce_dtype": ["fp32", "bf16"]}
+               "embed_reduce": ["auto", "dense", "sparse"], "reduce_dtype": ["fp32", "bf16"],
+               "precision": ["fp32", "bf16"]}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)

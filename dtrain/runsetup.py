@@ -35,4 +35,4 @@ def open_data(cfg, comm):
 def build_model(cfg, data, xp):
     return CaptioningModel(data.word_to_idx, input_dim=data.feature_dim, wordvec_dim=cfg.wordvec_dim,
                            hidden_dim=cfg.hidden_dim, cell_type=cfg.cell, dtype=np.dtype(cfg.dtype),
-                           seed=cfg.seed, xp=xp)
+                           seed=cfg.seed, xp=xp, precision=getattr(cfg, "precision", "fp32"))

@@ -49,6 +49,12 @@ def run_bench(args):
         value = getattr(args, name, None)
         if value is not None and value < low:
             return _error(f"{flag}: expected an integer >= {low}, got {value}")
+    try:  # on every rank, before any work: bf16 without MKL or AMX is refused here
+        from ..config import check_precision
+
+        check_precision(getattr(args, "precision", "fp32"), args.dtype, args.device)
+    except ValueError as exc:
+        return _error(str(exc))
     if args.ranks and not _under_mpi():
         argv = bench_flags(args, drop={"ranks"})
         return subprocess.call([mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "dtrain", "bench",
@@ -108,7 +114,8 @@ def run_step_bench(args, comm, drive=None):
                                 work.input_dim if input_dim is None else input_dim,
                                 args.wordvec_dim if width is None else width,
                                 args.hidden_dim if width is None else width, args.cell, dtype=dtype,
-                                seed=args.seed, xp=xp, use_kernels=not args.no_kernels)
+                                seed=args.seed, xp=xp, use_kernels=not args.no_kernels,
+                                precision=getattr(args, "precision", "fp32"))
         step = build_step(settings, comm, model)
         return model, step.optimizer, step.accumulator, step
 
@@ -118,7 +125,8 @@ def run_step_bench(args, comm, drive=None):
         result.update({"framework": "dtrain", "pid": os.getpid(), "torch_loaded": "torch" in sys.modules,
                        "peak_rss_mb": float(comm.allreduce_scalars(np.array([peak]))[0]) / comm.size,
                        "deterministic": bool(args.deterministic), "micro_batch": micro, "batches": work.source,
-                       "cell": args.cell, "dtype": args.dtype, "N": args.batch_size, "D": work.input_dim,
+                       "cell": args.cell, "dtype": args.dtype,
+                       "precision": getattr(args, "precision", "fp32"), "N": args.batch_size, "D": work.input_dim,
                        "W": args.wordvec_dim, "H": args.hidden_dim, "V": len(work.word_to_idx),
                        "ranks": comm.size})
         return result

@@ -51,6 +51,9 @@ def add_workload_arguments(p):
                    help="vocabulary, synthetic (1004; implies --synthetic)")
     p.add_argument("--cell", choices=sorted(CELLS), default="lstm")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="GEMM operands: fp32 (default) or bf16 (float32 sums; CPU with AMX-BF16, "
+                        "the extra bf16)")
     p.add_argument("--steps", type=int, default=20,
                    help="timed steps (default 20; per round in a comparison)")
     p.add_argument("--warmup", type=int, default=3)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import backend, checkpoint
 from ..captions_html import write_captions_page
-from ..config import TrainConfig
+from ..config import TrainConfig, check_precision
 from ..data.coco import decode_captions
 from ..data.coco_results import split_image_ids, write_results
 from ..data.metrics import extra_metrics, missing_line
@@ -35,6 +35,9 @@ def add_parsers(sub):
         q.add_argument("--data", default=None, help="data directory (default: the one the checkpoint used)")
         q.add_argument("--split", choices=["train", "val"], default="val")
         q.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
+        q.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="GEMM operands: fp32 (default) or bf16 (float32 sums; CPU with "
+                            "AMX-BF16, the extra bf16)")
         q.add_argument("--max-length", type=int, default=16)
         q.add_argument("--threads-per-rank", type=int, default=None)
         q.add_argument("--beam-size", type=int, default=1,
@@ -72,6 +75,10 @@ def validate_args(args):
     if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
         raise UserError(f"--length-penalty: expected a finite number >= 0, "
                         f"got {args.length_penalty}")
+    try:
+        check_precision(args.precision, "float32", args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     for flag in ("--results-out", "--html-out"):
         out = getattr(args, flag[2:].replace("-", "_"), None)
         if out is None:
@@ -100,6 +107,7 @@ def load_for_inference(args, comm):
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     cfg.data = args.data or saved.get("data_dir")
     cfg.device = args.device
+    cfg.precision = args.precision
     cfg.max_length = args.max_length
     cfg.quiet = True
     backend.set_threads(backend.node_threads(comm.local_size, args.threads_per_rank), comm.local_size)

@@ -35,8 +35,13 @@ def set_num_threads(n, ranks_on_node=1):
         pool.note(f"OpenBLAS's own threads (the shared pool failed: {exc})")
 
 
-def for_arrays(xp, dtype):
-    """The fused kernel set for array module ``xp``, or None (plain xp path)."""
+def for_arrays(xp, dtype, precision="fp32"):
+    """The fused kernel set for array module ``xp``, or None (plain xp path).
+
+    ``precision="bf16"``: the CPU set with bf16 GEMM operands (``cpu/gemm_bf16.py``); it
+    exists only there, so anything else raises ValueError (one line) rather than run fp32."""
+    if precision != "fp32":
+        return _bf16_kernels(xp, dtype, precision)
     if env.flag("DTRAIN_NO_KERNELS"):
         return None
     if xp is np:
@@ -50,3 +55,22 @@ def for_arrays(xp, dtype):
     except ImportError:
         return None
     return GpuKernels(dtype)
+
+
+def _bf16_kernels(xp, dtype, precision):
+    if precision != "bf16":
+        raise ValueError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    if xp is not np or np.dtype(dtype) != np.float32:
+        raise ValueError("--precision bf16: expected --device cpu and --dtype float32 (bf16 "
+                         "GEMMs are built for the CPU step only)")
+    if env.flag("DTRAIN_NO_KERNELS"):
+        raise ValueError("--precision bf16: needs the fused CPU kernels, and DTRAIN_NO_KERNELS "
+                         "is set")
+    from .cpu import CpuKernels
+    from .cpu.gemm_bf16 import Bf16Gemm
+
+    gemm = Bf16Gemm()
+    kernel_set = CpuKernels(dtype, gemm=gemm)
+    # the step's description (the run's header, the bench) names the library and its code path
+    kernel_set.name = f"numba + bf16 GEMMs [{gemm.library}]"
+    return kernel_set

@@ -30,6 +30,7 @@ This module also holds the recurrent backward's GEMM helpers, which every cell u
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 
@@ -74,6 +75,11 @@ class Gemm:
         if self.recorder is None:
             return self._transposed(a, b, out)
         return self._recorded("transposed", self._transposed, a, b, out)
+
+    def weights_fixed(self, *weights):
+        """A block (``with``) in which ``weights`` do not change: a Gemm that converts its
+        operands (bf16, ``cpu/gemm_bf16.py``) converts those once for the block. Here none."""
+        return contextlib.nullcontext()
 
     def _recorded(self, kind, fn, a, b, out):
         t0 = time.perf_counter()

@@ -311,8 +311,12 @@ class CaptioningModel:
         seed=0,
         xp=np,
         use_kernels=True,
+        precision="fp32",
     ):
         self.cell = get_cell(cell_type)
+        # the GEMMs' operand precision (fp32, or bf16: operands rounded to bf16, sums and
+        # everything else float32; needs the fused kernels: dtrain/kernels/cpu/gemm_bf16.py)
+        self.precision = precision
         self.cell_type = cell_type
         self.dtype = np.dtype(dtype)
         self.xp = xp
@@ -340,10 +344,10 @@ class CaptioningModel:
         self._init_params(seed)
         self.ws = layers.Workspace()
         self.kernels = None
-        if use_kernels:
+        if use_kernels or precision != "fp32":
             from .. import kernels
 
-            self.kernels = kernels.for_arrays(xp, self.dtype)
+            self.kernels = kernels.for_arrays(xp, self.dtype, precision)
 
     @property
     def null_idx(self):
@@ -414,6 +418,12 @@ class CaptioningModel:
                          embed_ids=ids, embed_rows=rows, embed_dense=dense, kernels=self.kernels)
 
     def _packed_pass(self, features, packed, normalizer, forward_only, vocab_ready=None):
+        # the weights do not change during a pass: a converting Gemm (bf16) converts them once
+        p = self.params
+        with self.gemm.weights_fixed(p["W_proj"], p["Wx"], p["Wh"], p["W_vocab"]):
+            return self._packed_body(features, packed, normalizer, forward_only, vocab_ready)
+
+    def _packed_body(self, features, packed, normalizer, forward_only, vocab_ready):
         xp, ws, dtype, cell, gemm = self.xp, self.ws, self.dtype, self.cell, self.gemm
         p, g = self.params, self.grads
         if not packed.batch_sizes:  # no real token anywhere: zero loss and gradient

@@ -1,0 +1,166 @@
+"""The bf16 Gemm of the CPU step (``--precision bf16``): bf16 operands, float32 products and sums.
+
+Plugged into the seam (``dtrain/kernels/gemm.py``) as ``CpuKernels(float32, gemm=Bf16Gemm())``.
+Every GEMM of the step rounds its two float32 operands to bf16 (round to nearest even,
+``bf16.round_value``) and calls MKL's ``cblas_gemm_bf16bf16f32`` (``dtrain/kernels/bf16.py``),
+whose products are exact in float32 and whose sums and result are float32. Everything else
+stays float32: the master weights, Adam, the gate arithmetic, softmax and loss, the reductions
+and the checkpoints (the operands' bf16 copies live only here).
+
+Invariants:
+- ``op(bits)`` of an operand holds exactly the bf16 rounding of the float32 operand, whatever
+  its layout: a transposed view (``W.T``, ``x.T``) is rounded from its C-ordered base and
+  given to MKL with the transpose flag, never copied into another layout first.
+- The weights named to ``weights_fixed`` are rounded once on entry (one pass over each per
+  training pass, not one per time step) and looked up by address, shape and strides while the
+  block is open; the copies are forgotten on exit, so a weight changed afterwards (Adam, a
+  finite-difference probe) is rounded again on its next use, never read stale.
+- Activations are rounded into buffers this object owns and reuses (grown when a pass needs
+  more, never shrunk): no allocation per GEMM once the largest batch has run.
+- A GEMM's rows may be split across the shared pool's threads (``gemm_rows``, one block of
+  rows per thread); each row is one MKL call's row, which gives the bits of the whole GEMM
+  (tests/test_bf16.py), so the result does not depend on the thread count.
+- ``alpha`` is 1 always; ``beta`` is 0 (``matmul``, ``transposed``) or 1 (``accumulate``, one
+  GEMM adding into its output: ``accumulates``). The compiled LSTM loops call OpenBLAS's
+  sgemm, not this, so ``compiled_sgemm`` is False and the recurrence runs the Python loop
+  over the fused steps, whose GEMMs come here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from numba import njit, prange
+
+from .. import bf16
+from ..bf16 import gemm_arrays, gemm_rows, round_value
+from ..gemm import Gemm
+from . import dispatch
+from .jit import OPTS, SPLIT_OPTS, bounds
+
+# A buffer that must grow grows by this factor beyond the request, so that the packed
+# batches' varying token counts settle after a few steps instead of growing at every one.
+GROWTH = 1.25
+
+
+@njit(**OPTS)
+def round_rows(src, dst, lo, hi):
+    """dst[i] = bf16 bits of src[i] for rows lo..hi: src float32 2-D with unit column stride
+    (row views allowed), dst uint16 of the same shape."""
+    for i in range(lo, hi):
+        s, d = src[i], dst[i]
+        for j in range(s.shape[0]):
+            d[j] = round_value(s[j])
+
+
+@njit(**SPLIT_OPTS)
+def round_rows_split(parts, src, dst):
+    for p in prange(parts):
+        lo, hi = bounds(src.shape[0], parts, p, 1)
+        round_rows(src, dst, lo, hi)
+
+
+@njit(**SPLIT_OPTS)
+def gemm_split(parts, fn, a, b, out, trans_a, trans_b, alpha, beta):
+    """``gemm_arrays`` with out's rows in ``parts`` blocks, one per thread of the pool."""
+    for p in prange(parts):
+        lo, hi = bounds(out.shape[0], parts, p, 1)
+        gemm_rows(fn, a, b, out, trans_a, trans_b, alpha, beta, lo, hi)
+
+
+def _key(x):
+    """What identifies an operand's memory and layout (a weight, or a transposed view of one)."""
+    return x.ctypes.data, x.shape, x.strides
+
+
+def _rows_form(x):
+    """(src, trans): ``src`` float32 with unit column stride whose rows are x's rows
+    (trans False) or x's columns (trans True, x a transposed view of src)."""
+    item = x.itemsize
+    if x.shape[1] <= 1 or x.strides[1] == item:
+        return x, False
+    if x.shape[0] <= 1 or x.strides[0] == item:
+        return x.T, True
+    return np.ascontiguousarray(x), False  # no layout of the step's GEMMs comes here
+
+
+class Bf16Gemm(Gemm):
+    """The step's GEMMs with bf16 operands and float32 accumulation (MKL, AMX)."""
+
+    accumulates = True
+    compiled_sgemm = False
+    precision = "bf16"
+
+    def __init__(self):
+        mkl = bf16.library()
+        self._fn = mkl.gemm_address
+        self.library = mkl.describe()
+        self._weights = {}  # _key(weight or weight.T) -> (bits, trans) while weights_fixed
+        self._stores = {}  # slot -> flat uint16 buffer, reused
+
+    def _store(self, slot, shape):
+        size = int(np.prod(shape))
+        buf = self._stores.get(slot)
+        if buf is None or buf.size < size:
+            buf = np.empty(max(int(size * GROWTH), 1), np.uint16)
+            self._stores[slot] = buf
+        return buf[:size].reshape(shape)
+
+    def _round(self, x, slot):
+        """(bits, trans) with op(bits) = x rounded to bf16 (``weights_fixed``'s copy if x is
+        one of its weights or a transposed view of one)."""
+        hit = self._weights.get(_key(x))
+        if hit is not None:
+            return hit
+        src, trans = _rows_form(x)
+        bits = self._store(slot, src.shape)
+        dispatch.run(src.size, round_rows, round_rows_split, src, bits,
+                     serial_tail=(0, src.shape[0]))
+        return bits, trans
+
+    @contextlib.contextmanager
+    def weights_fixed(self, *weights):
+        """While open, ``weights`` (float32, unchanged inside) are rounded once here and
+        every GEMM that reads one of them, or its transpose, reads that copy."""
+        self._weights = {}
+        for i, w in enumerate(weights):
+            bits, trans = self._round(w, ("weight", i))
+            self._weights[_key(w)] = (bits, trans)
+            self._weights[_key(w.T)] = (bits, not trans)
+        try:
+            yield
+        finally:
+            self._weights = {}
+
+    def _product(self, a, b, out, beta):
+        """out = a @ b + beta out, a and b float32 rounded to bf16, out float32."""
+        if not all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in (a, b, out)):
+            raise TypeError("Bf16Gemm: expected float32 NumPy operands (--precision bf16 "
+                            "needs --dtype float32 on the CPU)")
+        if a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
+            raise ValueError(f"Bf16Gemm: {a.shape} @ {b.shape} does not give {out.shape}")
+        if out.size == 0:
+            return out
+        if a.shape[1] == 0:
+            if beta == 0:
+                out.fill(0)
+            return out
+        target = out if out.shape[1] <= 1 or out.strides[1] == out.itemsize else None
+        if target is None:  # no output of the step has such strides: correct, not fast
+            target = np.array(out, order="C") if beta else np.empty(out.shape, np.float32)
+        (a_bits, trans_a), (b_bits, trans_b) = self._round(a, "a"), self._round(b, "b")
+        dispatch.run(target.size, gemm_arrays, gemm_split, self._fn, a_bits, b_bits, target,
+                     trans_a, trans_b, 1.0, float(beta))
+        if target is not out:
+            out[...] = target
+        return out
+
+    def _matmul(self, a, b, out):
+        return self._product(a, b, out, 0.0)
+
+    def _accumulate(self, a, b, out):
+        return self._product(a, b, out, 1.0)
+
+    def _transposed(self, a, b, out):
+        return self._product(a, b.T, out, 0.0)
