@@ -11,7 +11,8 @@ import sys
 
 
 def sizes(root):
-    """(items, modules): (lines, "path:line name") of every def/class, (lines, path) of big modules."""
+    """(items, modules): (lines, "path:line name") of every def/class, (lines, path) of big
+    modules."""
     items, modules = [], []
     for path in sorted(pathlib.Path(root).rglob("*.py")):
         source = path.read_text()
@@ -20,7 +21,8 @@ def sizes(root):
             modules.append((lines, str(path)))
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                items.append((node.end_lineno - node.lineno + 1, f"{path}:{node.lineno} {node.name}"))
+                items.append((node.end_lineno - node.lineno + 1,
+                              f"{path}:{node.lineno} {node.name}"))
     return sorted(items, reverse=True), sorted(modules, reverse=True)
 
 

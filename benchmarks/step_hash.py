@@ -52,7 +52,8 @@ def step_hash(dtype, cell, N=128, T=16, V=1004, D=512, W=256, H=512):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cell", default="lstm")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS/kernel threads (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS/kernel threads (default: all)")
     args = parser.parse_args()
     if args.threads:
         from threadpoolctl import threadpool_limits

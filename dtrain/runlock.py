@@ -62,7 +62,8 @@ def pid_alive(pid: int) -> bool:
 def _describe(info: dict | None) -> str:
     if not info:
         return "another process (it has not written its name yet)"
-    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} since {info.get('start_time', '?')}"
+    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')} "
+            f"since {info.get('start_time', '?')}")
 
 
 class RunLock:
@@ -202,7 +203,8 @@ def check_writable_dir(path, flag: str) -> Path:
         finally:
             os.close(fd)
     except OSError as exc:
-        raise OutputPathError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+        raise OutputPathError(f"{flag} {path}: cannot write there "
+                              f"({exc.strerror or exc})") from None
     finally:
         try:
             probe.unlink()

@@ -62,7 +62,8 @@ class DivergenceWatch:
     Rule: L0 is the loss of the run's first step (at initialisation, about
     ln(V) per token); if RUNS consecutive progress lines have a mean loss above
     FACTOR * L0, print one warning (the loss has more than doubled and stayed
-    there: usually a learning rate too high). A non-finite loss stops the run instead (see step.NonFiniteError).
+    there: usually a learning rate too high). A non-finite loss stops the run
+    instead (see step.NonFiniteError).
     """
 
     FACTOR, RUNS = 2.0, 3
@@ -80,9 +81,9 @@ class DivergenceWatch:
         self.above = self.above + 1 if loss > self.FACTOR * self.first else 0
         if self.above >= self.RUNS:
             self.warned = True
-            log.say(f"warning: loss {loss:.4g} at step {step} has stayed above {self.FACTOR:g}x its "
-                    f"starting value {self.first:.4g} for {self.RUNS} progress lines: training is "
-                    "diverging (is --lr too high?)")
+            log.say(f"warning: loss {loss:.4g} at step {step} has stayed above "
+                    f"{self.FACTOR:g}x its starting value {self.first:.4g} for {self.RUNS} "
+                    "progress lines: training is diverging (is --lr too high?)")
             log.record({"kind": "warning", "step": step, "what": "divergence", "loss": loss,
                         "first_loss": self.first})
 
@@ -128,7 +129,8 @@ class RunLog:
                  f"{tok_s:8.0f} tok/s | {step_ms:6.1f} ms/step (comm {100 * comm_share:4.1f}%) | "
                  f"eta {fmt_time(eta)}")
         self.record({"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                     "tokens_per_s": tok_s, "step_ms": step_ms, "comm_ms": 1e3 * iv.comm_s / iv.steps,
+                     "tokens_per_s": tok_s, "step_ms": step_ms,
+                     "comm_ms": 1e3 * iv.comm_s / iv.steps,
                      "comm_share": comm_share, "embed_reduce": mode,
                      "bytes_per_step": iv.bytes / iv.steps, "ranks": ranks})
         if self.tensorboard is not None:
@@ -157,7 +159,8 @@ class RunLog:
             self._tensorboard_eval(res, step, more)
         if final:
             for hyp, refs in res["examples"][:5]:
-                self.say(f"  sample : {hyp}\n  refs   : {refs[0]} | {refs[1] if len(refs) > 1 else ''}")
+                second = refs[1] if len(refs) > 1 else ""
+                self.say(f"  sample : {hyp}\n  refs   : {refs[0]} | {second}")
 
     def _tensorboard_eval(self, res, step, more):
         b = res["bleu"]

@@ -1,4 +1,5 @@
-"""``--trace FILE``: a Chrome/Perfetto timeline of the run, one track per rank (docs/diagnostics.md).
+"""``--trace FILE``: a Chrome/Perfetto timeline of the run, one track per rank
+(docs/diagnostics.md).
 
 Every rank keeps its spans in memory (one tuple each: a few hundred
 nanoseconds); at the end rank 0 gathers the tracks, writes one JSON file in
@@ -35,11 +36,12 @@ __all__ = ["CATEGORIES", "Tracer", "summarize"]
 
 # the categories of timeline.png; "other" is what no span claims (logging, checks, gaps)
 CATEGORIES = ("compute", "communication", "waiting", "optimizer", "io", "other")
-COLORS = {"compute": "#4C72B0", "communication": "#DD8452", "waiting": "#C44E52", "optimizer": "#55A868",
-          "io": "#8172B3", "other": "#BBBBBB"}
+COLORS = {"compute": "#4C72B0", "communication": "#DD8452", "waiting": "#C44E52",
+          "optimizer": "#55A868", "io": "#8172B3", "other": "#BBBBBB"}
 # span category -> the category its own time (children excluded) counts as
 _SELF_CATEGORY = {"compute": "compute", "reduce": "compute", "communication": "communication",
-                  "waiting": "waiting", "optimizer": "optimizer", "io": "io", "step": "other", "setup": "other"}
+                  "waiting": "waiting", "optimizer": "optimizer", "io": "io", "step": "other",
+                  "setup": "other"}
 MAX_EVENTS = 2_000_000  # per rank; later spans are counted, not kept
 
 
@@ -50,7 +52,8 @@ class Tracer:
         self.path = Path(path)
         self.rank, self.size, self.limit = rank, size, limit
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.events = []  # (name, category, t0, t1, args, reduce mode); args: a dict or a collective's call tuple
+        # (name, category, t0, t1, args, reduce mode); args: a dict or a collective's call tuple
+        self.events = []
         self.dropped = 0
         self.origin = time.perf_counter()
         self.wall_origin = time.time()
@@ -69,7 +72,8 @@ class Tracer:
             self.dropped += 1
 
     def collective(self, call, t1: float) -> None:
-        """One collective (called by the communicator): call = (seq, op, count, dtype, nbytes, t0)."""
+        """One collective (called by the communicator):
+        call = (seq, op, count, dtype, nbytes, t0)."""
         if len(self.events) < self.limit:
             self.events.append((call[1], "communication", call[5], t1, call, None))
         else:
@@ -108,20 +112,22 @@ class Tracer:
                 args = {}
             if mode is not None:
                 args = dict(args, mode=mode)
-            out.append([name, cat, round((t0 - o) * 1e6, 3), round(max(t1 - t0, 0.0) * 1e6, 3), args])
-        return {"rank": self.rank, "host": self.host, "pid": self.pid, "wall_origin": self.wall_origin,
-                "dropped": self.dropped, "events": out}
+            out.append([name, cat, round((t0 - o) * 1e6, 3),
+                        round(max(t1 - t0, 0.0) * 1e6, 3), args])
+        return {"rank": self.rank, "host": self.host, "pid": self.pid,
+                "wall_origin": self.wall_origin, "dropped": self.dropped, "events": out}
 
     def finish(self, comm):
-        """Collective: every track to rank 0, which writes the trace (and timeline.png). Returns paths on rank 0."""
+        """Collective: every track to rank 0, which writes the trace (and timeline.png).
+        Returns paths on rank 0."""
         parts = comm.gather_bytes(json.dumps(self.export()).encode())
         if parts is None:
             return None
         return self.write([json.loads(p) for p in parts], timeline=True)
 
     def write(self, tracks, note=None, timeline=True):
-        """The merged trace from ``tracks`` (exports); ``timeline.png`` beside it. Returns the trace path
-        (and the png's, when written: a tuple)."""
+        """The merged trace from ``tracks`` (exports); ``timeline.png`` beside it. Returns the
+        trace path (and the png's, when written: a tuple)."""
         merged = merge(tracks, self.size, note)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
@@ -134,15 +140,18 @@ class Tracer:
         return (self.path, png) if png else self.path
 
     def write_own(self) -> None:
-        """On an abort of this rank: its own track, to FILE on rank 0, FILE.rank<R>.json elsewhere."""
+        """On an abort of this rank: its own track, to FILE on rank 0, FILE.rank<R>.json
+        elsewhere."""
         if self.rank != 0:
             self.path = self.path.with_name(f"{self.path.name}.rank{self.rank}.json")
-        self.write([self.export()], note=f"rank {self.rank} aborted; only its own track", timeline=False)
+        self.write([self.export()], note=f"rank {self.rank} aborted; only its own track",
+                   timeline=False)
 
 
 # -------------------------------------------------------------------- merging
 def merge(tracks, size: int, note=None) -> dict:
-    """One trace-event document from the ranks' tracks; collectives get wait_us (see the module doc)."""
+    """One trace-event document from the ranks' tracks; collectives get wait_us (see the
+    module doc)."""
     arrivals = {}  # collective seq -> latest start over ranks
     for t in tracks:
         for _name, cat, ts, _dur, args in t["events"]:
@@ -152,14 +161,17 @@ def merge(tracks, size: int, note=None) -> dict:
     for t in sorted(tracks, key=lambda t: t["rank"]):
         r = t["rank"]
         label = f"rank {r} ({t['host']}, pid {t['pid']})"
-        events += [{"ph": "M", "name": "process_name", "pid": r, "tid": r, "args": {"name": f"rank {r}"}},
-                   {"ph": "M", "name": "process_sort_index", "pid": r, "tid": r, "args": {"sort_index": r}},
-                   {"ph": "M", "name": "thread_name", "pid": r, "tid": r, "args": {"name": label}}]
+        events += [{"ph": "M", "name": "process_name", "pid": r, "tid": r,
+                    "args": {"name": f"rank {r}"}},
+                   {"ph": "M", "name": "process_sort_index", "pid": r, "tid": r,
+                    "args": {"sort_index": r}},
+                   {"ph": "M", "name": "thread_name", "pid": r, "tid": r,
+                    "args": {"name": label}}]
         for name, cat, ts, dur, args in t["events"]:
             if cat == "communication" and "seq" in args:
                 args = dict(args, wait_us=round(min(max(arrivals[args["seq"]] - ts, 0.0), dur), 3))
-            events.append({"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "pid": r, "tid": r,
-                           "args": args})
+            events.append({"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur,
+                           "pid": r, "tid": r, "args": args})
         if note:
             events.append({"name": note, "cat": "note", "ph": "i", "s": "g", "pid": r, "tid": r,
                            "ts": max((e[2] + e[3] for e in t["events"]), default=0.0)})
@@ -172,8 +184,9 @@ def merge(tracks, size: int, note=None) -> dict:
 
 
 def summarize(doc) -> dict:
-    """Seconds per category for each rank of a merged trace: each span's own time (children excluded)
-    goes to its category; collective time splits into waiting (wait_us) and communication."""
+    """Seconds per category for each rank of a merged trace: each span's own time (children
+    excluded) goes to its category; collective time splits into waiting (wait_us) and
+    communication."""
     per_rank = {}
     spans = {}
     for e in doc["traceEvents"]:
@@ -227,7 +240,8 @@ def plot_timeline(doc, out: Path, last_steps: int = 3):
     ax1.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax1.invert_yaxis()
     ax1.set_xlabel("seconds (whole run)")
-    ax1.legend(ncol=len(CATEGORIES), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax1.legend(ncol=len(CATEGORIES), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+               frameon=False)
     # Gantt of the last steps, from rank 0's step spans
     steps = sorted((e for e in doc["traceEvents"] if e.get("ph") == "X" and e["cat"] == "step"),
                    key=lambda e: e["ts"])
@@ -241,7 +255,8 @@ def plot_timeline(doc, out: Path, last_steps: int = 3):
             if cat == "communication":
                 wait = e["args"].get("wait_us", 0.0) * 1e-3
                 ax2.broken_barh([(x0, wait)], (e["pid"] - 0.4, 0.8), color=COLORS["waiting"])
-                ax2.broken_barh([(x0 + wait, w - wait)], (e["pid"] - 0.4, 0.8), color=COLORS["communication"])
+                ax2.broken_barh([(x0 + wait, w - wait)], (e["pid"] - 0.4, 0.8),
+                                color=COLORS["communication"])
             else:
                 ax2.broken_barh([(x0, w)], (e["pid"] - 0.4, 0.8), color=COLORS[cat])
         ax2.set_yticks(ranks, [f"rank {r}" for r in ranks])

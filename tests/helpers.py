@@ -61,7 +61,8 @@ def random_captions(rng, N, T, V, min_len=2):
 
 
 def final_state(ckpt_dir):
-    """(step, params as NumPy arrays, the loaded checkpoint) of the newest checkpoint in ``ckpt_dir``."""
+    """(step, params as NumPy arrays, the loaded checkpoint) of the newest checkpoint in
+    ``ckpt_dir``."""
     from dtrain.checkpoint import latest_checkpoint, load_checkpoint
 
     path = latest_checkpoint(ckpt_dir)

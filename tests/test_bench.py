@@ -53,7 +53,8 @@ def test_bench_under_mpiexec_reports_communication(tmp_path):
     assert r["ranks"] == 2 and r["embed_reduce"] == "sparse" and r["bytes_per_step"] > 0
     assert 0 <= r["comm_share"] < 1
     assert r["comm_wait_ms"] >= 0 and r["comm_transfer_ms"] >= 0
-    assert r["comm_wait_ms"] + r["comm_transfer_ms"] == pytest.approx(r["comm_ms"], rel=1e-6, abs=1e-6)
+    split = r["comm_wait_ms"] + r["comm_transfer_ms"]
+    assert split == pytest.approx(r["comm_ms"], rel=1e-6, abs=1e-6)
     assert "floor_ms" not in r  # the floor is measured on one rank only
 
 
@@ -91,7 +92,8 @@ def test_bench_floor_and_breakdown_add_up(tmp_path, tiny_data):
     assert parts["gemm"] > 0 and parts["gates"] > 0 and parts["softmax"] > 0 and parts["adam"] > 0
     assert parts["packing"] > 0 and parts["embedding"] > 0
     # the parts are the profiled step: the remainder is split, never lost or counted twice
-    assert sum(parts.values()) == pytest.approx(r["profiled_step_ms"], rel=1e-6) or parts["elementwise"] == 0
+    assert (sum(parts.values()) == pytest.approx(r["profiled_step_ms"], rel=1e-6)
+            or parts["elementwise"] == 0)
     assert r["time_steps"] >= 9  # captions of 8 to 15 words + <END>
     assert r["python_us_per_time_step"] >= 0
 
@@ -224,7 +226,8 @@ def test_tiny_captions_keep_the_packing():
     assert pack_captions(tiny, 0).batch_sizes == pack_captions(caps, 0).batch_sizes
 
 
-@pytest.mark.parametrize("argv,flag", [(["-H", "-3"], "--hidden-dim"), (["-N", "0"], "--batch-size"),
+@pytest.mark.parametrize("argv,flag", [(["-H", "-3"], "--hidden-dim"),
+                                       (["-N", "0"], "--batch-size"),
                                        (["--micro-batch", "0"], "--micro-batch")])
 def test_bad_sizes_are_one_line_errors(argv, flag):
     p = run_dtrain(None, "bench", "--steps", 1, *argv, check=False, timeout=60)

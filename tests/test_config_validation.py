@@ -80,7 +80,8 @@ def test_init_from():
     cfg = parse("--init-from", "runs/a/ckpt-00000600.h5")
     assert cfg.init_from == "runs/a/ckpt-00000600.h5" and cfg.resume is None
     assert parse().init_from is None
-    for argv in (("--init-from", "x.h5", "--resume"), ("--resume", "latest", "--init-from", "x.h5")):
+    for argv in (("--init-from", "x.h5", "--resume"),
+                 ("--resume", "latest", "--init-from", "x.h5")):
         text = refused(*argv)
         assert text.startswith("--init-from and --resume: give one, not both"), text
     helps = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
@@ -89,9 +90,10 @@ def test_init_from():
 
 def test_defaults_and_good_values_pass():
     assert parse() == TrainConfig()
-    cfg = parse("--eval-images", 0, "--eval-captions", 0, "--checkpoint-every", 0, "--check-every", 0,
-                "--keep-checkpoints", 1, "--max-train", 1, "--seed", 0, "--steps", 0,
-                "--feature-memory-budget-mb", 0, "--lr", "1e-6", "--micro-batch", 32)  # fmt: skip
+    cfg = parse("--eval-images", 0, "--eval-captions", 0, "--checkpoint-every", 0,
+                "--check-every", 0, "--keep-checkpoints", 1, "--max-train", 1, "--seed", 0,
+                "--steps", 0, "--feature-memory-budget-mb", 0, "--lr", "1e-6",
+                "--micro-batch", 32)  # fmt: skip
     assert cfg.keep_checkpoints == 1 and cfg.max_train == 1 and cfg.micro_batch == 32
 
 

@@ -19,7 +19,8 @@ OLD_CHECKPOINT = Path(__file__).parent / "data" / "ckpt-pre-runstate-00000004.h5
 
 
 def train(data, out, ranks, *extra, timeout=180):
-    return run_dtrain(ranks, "train", "--data", data, "--checkpoint-dir", out, *BASE, *extra, timeout=timeout)
+    return run_dtrain(ranks, "train", "--data", data, "--checkpoint-dir", out, *BASE, *extra,
+                      timeout=timeout)
 
 
 def assert_bitwise_equal(a_dir, b_dir):
@@ -70,8 +71,8 @@ def test_resume_on_other_world_size_bitwise(tiny_data, tmp_path, dtype):
 def test_non_finite_gradient_names_its_rank(tiny_data, tmp_path):
     """A NaN on rank 1 is never rounded into the integer sums: the step is not applied and
     the error names rank 1 alone."""
-    p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *BASE, "--steps", 4,
-                   env={"DTRAIN_FAULT": "nan@1:3"}, check=False, timeout=120)
+    p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *BASE,
+                   "--steps", 4, env={"DTRAIN_FAULT": "nan@1:3"}, check=False, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "step 3:" in p.stderr and "rank(s) [1]" in p.stderr and "Traceback" not in p.stderr
 
@@ -83,7 +84,8 @@ def test_float64_bitwise_identical(tiny_data, tmp_path):
 
 
 def test_without_deterministic_world_sizes_differ(tiny_data, tmp_path):
-    """The property is not free: plain float32 training on 1 and 2 ranks differs in the last bits."""
+    """The property is not free: plain float32 training on 1 and 2 ranks differs in the last
+    bits."""
     plain = [a for a in BASE if a != "--deterministic"]
     for ranks, out in ((None, "a"), (2, "b")):
         run_dtrain(ranks, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path / out, *plain,
@@ -100,7 +102,8 @@ def test_without_deterministic_world_sizes_differ(tiny_data, tmp_path):
 
 
 def test_ranks_must_divide_micro_shards(tiny_data, tmp_path):
-    p = run_dtrain(4, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *BASE, "--micro-batch", "8",
-                   "--steps", 1, check=False, timeout=60)
-    assert p.returncode == 2 and "--micro-batch 8" in p.stderr and "4 ranks" in p.stderr, p.stderr[-500:]
+    p = run_dtrain(4, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *BASE,
+                   "--micro-batch", "8", "--steps", 1, check=False, timeout=60)
+    assert p.returncode == 2, p.stderr[-500:]
+    assert "--micro-batch 8" in p.stderr and "4 ranks" in p.stderr, p.stderr[-500:]
     assert "Traceback" not in p.stderr

@@ -97,7 +97,8 @@ def test_fixed_batch_layout():
 def test_fixed_mode_matches_packed_on_cpu(cell, use_kernels):
     """forward_backward_fixed (all rows all steps, masked) == the packed pass, float64."""
     rng = np.random.default_rng(1)
-    model = CaptioningModel(W2I, **DIMS, cell_type=cell, dtype=np.float64, seed=2, use_kernels=use_kernels)
+    model = CaptioningModel(W2I, **DIMS, cell_type=cell, dtype=np.float64, seed=2,
+                            use_kernels=use_kernels)
     feats, caps = make_batch(rng)
     lp, gp = model.loss(feats, caps, normalizer=7)
     packed = model.forward_backward(feats, model.pack(caps), 7)
@@ -269,7 +270,8 @@ def test_gpu_loss_and_gradients_match_cpu(cell, dtype, tol):
         assert rel_err(host(gg[k]), gc[k]) < tol, ("packed", k)
     # fixed-shape path on the GPU (what training uses)
     fb = fixed_batch(caps, 0, dtype)
-    dev = {f: cp.asarray(getattr(fb, f)) for f in ("words", "targets", "weights", "order", "seg_start", "ids")}
+    dev = {f: cp.asarray(getattr(fb, f))
+           for f in ("words", "targets", "weights", "order", "seg_start", "ids")}
     fbd = type(fb)(**{**fb.__dict__, **dev})
     lf, gf = gpu.forward_backward_fixed(cp.asarray(feats, dtype), fbd, 24).loss, gpu.grads
     assert isinstance(lf, cp.ndarray) and lf.shape == ()
@@ -300,7 +302,8 @@ def test_graph_step_identical_to_eager(cell):
     runs = []
     for graphs in (True, False):
         model = CaptioningModel(W2I, **DIMS, cell_type=cell, dtype=np.float32, seed=4, xp=cp)
-        adam = Adam(model.num_params, lr=1e-2, xp=cp, dtype=np.float32, kernels=GpuKernels(np.float32))
+        adam = Adam(model.num_params, lr=1e-2, xp=cp, dtype=np.float32,
+                    kernels=GpuKernels(np.float32))
         step = GpuTrainStep(model, adam, graphs=graphs)
         losses = []
         for feats, caps in _batches(np.random.default_rng(8), 8):
@@ -311,7 +314,8 @@ def test_graph_step_identical_to_eager(cell):
     assert gs.use_graphs, gs.fallback_reason
     assert gs.captures == 2 and gs.replays == 6 and es.replays == 0
     assert gl == el, [a - b for a, b in zip(gl, el)]
-    for name, a, b in (("params", gm.param_buffer, em.param_buffer), ("m", ga.m, ea.m), ("v", ga.v, ea.v)):
+    for name, a, b in (("params", gm.param_buffer, em.param_buffer), ("m", ga.m, ea.m),
+                       ("v", ga.v, ea.v)):
         assert cp.array_equal(a, b), (name, float(cp.max(cp.abs(a - b))))
     assert ga.t == ea.t == 8
 
@@ -327,7 +331,8 @@ def test_graphed_training_matches_cpu_training(cell):
 
     cpu, gpu = _pair(cell, np.float64, seed=5)
     cpu_adam = Adam(cpu.num_params, lr=1e-2, dtype=np.float64)
-    gpu_adam = Adam(gpu.num_params, lr=1e-2, xp=cp, dtype=np.float64, kernels=GpuKernels(np.float64))
+    gpu_adam = Adam(gpu.num_params, lr=1e-2, xp=cp, dtype=np.float64,
+                    kernels=GpuKernels(np.float64))
     step = GpuTrainStep(gpu, gpu_adam)
     for feats, caps in _batches(np.random.default_rng(9), 6):
         lc, _ = cpu.loss(feats, caps, normalizer=16)
@@ -353,8 +358,9 @@ def test_two_ranks_sharing_one_gpu_match_one_rank(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = {"p1": (None, []), "p2-dense": (2, ["--embed-reduce", "dense"]),
             "p2-sparse": (2, ["--embed-reduce", "sparse"])}
-    procs = {name: subprocess.Popen(dtrain_cmd(r, *common, "--checkpoint-dir", tmp_path / name, *extra),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    procs = {name: subprocess.Popen(
+                 dtrain_cmd(r, *common, "--checkpoint-dir", tmp_path / name, *extra),
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for name, (r, extra) in runs.items()}  # concurrently: they share the GPU anyway
     out = {name: p.communicate(timeout=170)[0] for name, p in procs.items()}
     for name, p in procs.items():
@@ -376,15 +382,17 @@ def test_two_ranks_sharing_one_gpu_match_one_rank(tmp_path):
 @gpu_test
 @pytest.mark.timeout(240)
 def test_deterministic_two_ranks_sharing_one_gpu_bitwise(tmp_path):
-    """--deterministic on the GPU: 1 rank and 2 ranks sharing the GPU give the same bits (float32)."""
+    """--deterministic on the GPU: 1 rank and 2 ranks sharing the GPU give the same bits
+    (float32)."""
     from dtrain.data.synthetic import write_synthetic
     from dtrain_run import run_dtrain
     from helpers import final_state
 
     data = write_synthetic(tmp_path / "data", train_images=60, val_images=8, seed=3)
-    common = ["train", "--data", data, "--device", "gpu", "--batch-size", "16", "--micro-batch", "4",
-              "--deterministic", "--hidden-dim", "12", "--wordvec-dim", "8", "--eval-images", "8",
-              "--eval-captions", "16", "--max-length", "6", "--lr", "5e-3", "--steps", "8", "--quiet"]
+    common = ["train", "--data", data, "--device", "gpu", "--batch-size", "16",
+              "--micro-batch", "4", "--deterministic", "--hidden-dim", "12", "--wordvec-dim", "8",
+              "--eval-images", "8", "--eval-captions", "16", "--max-length", "6", "--lr", "5e-3",
+              "--steps", "8", "--quiet"]
     for ranks, name in ((None, "p1"), (2, "p2")):
         run_dtrain(ranks, *common, "--checkpoint-dir", tmp_path / name, timeout=200)
     _, a, ca = final_state(tmp_path / "p1")

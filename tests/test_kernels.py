@@ -80,7 +80,8 @@ def test_lstm_kernel_saturated_gates_finite():
 def test_embedding_grad_kernel_matches_sorting_path(dtype):
     k = CpuKernels(dtype)
     rng = np.random.default_rng(5)
-    for M, W in ((1, 8), (37, 12), (1556, 256), (300, 256)):  # shrinking after growing reuses buffers
+    # shrinking after growing reuses buffers
+    for M, W in ((1, 8), (37, 12), (1556, 256), (300, 256)):
         words = rng.integers(0, 60, M)
         dx = rng.standard_normal((M, W)).astype(dtype)
         ref_ids, ref_rows = layers.embedding_grad_sparse(words, dx)
@@ -88,8 +89,8 @@ def test_embedding_grad_kernel_matches_sorting_path(dtype):
         ids, rows = layers.embedding_grad_sparse(words, dx, k, 60, col_sum=col_sum)
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_array_equal(col_sum, _block_sums(rows))  # the rows' sums, in blocks
-        np.testing.assert_allclose(col_sum, dx.sum(axis=0), rtol=1e-12 if dtype == np.float64 else 1e-4,
-                                   atol=1e-12 if dtype == np.float64 else 1e-4)
+        tol = 1e-12 if dtype == np.float64 else 1e-4
+        np.testing.assert_allclose(col_sum, dx.sum(axis=0), rtol=tol, atol=tol)
         tol = 1e-12 if dtype == np.float64 else 1e-5
         np.testing.assert_allclose(rows, ref_rows, rtol=tol, atol=tol)
         dense = np.zeros((60, W), dtype)
@@ -143,7 +144,8 @@ def test_softmax_kernel_wide_rows_match_plain(dtype):
 def _ulps(got32, x32):
     """|got - exp(x)| in units of the float32 spacing at the float64 exp(x)."""
     ref = np.exp(x32.astype(np.float64))
-    return np.abs(got32.astype(np.float64) - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+    spacing = np.spacing(ref.astype(np.float32)).astype(np.float64)
+    return np.abs(got32.astype(np.float64) - ref) / spacing
 
 
 def test_exp32_accuracy():
@@ -160,7 +162,8 @@ def test_exp32_accuracy():
     worst, total, count = 0.0, 0.0, 0
     for first, last in ((0x80000000, lo), (0, hi)):  # negatives by bits from -0 down to -87
         for start in range(first, last + 1, stride << 22):
-            x = np.arange(start, min(start + (stride << 22), last + 1), stride, dtype=np.uint32).view(np.float32)
+            stop = min(start + (stride << 22), last + 1)
+            x = np.arange(start, stop, stride, dtype=np.uint32).view(np.float32)
             u = _ulps(k.exp32(x), x)
             worst, total, count = max(worst, float(u.max())), total + float(u.sum()), count + u.size
     print(f"exp32 over {count:,} float32: max {worst:.4f} ulp, mean {total / count:.4f}")
@@ -185,7 +188,8 @@ def test_exp32_polynomial_is_the_documented_fit():
     np.testing.assert_allclose(np.float32(fit), np.float32(cpu.EXP_POLY), rtol=2 ** -22)
     # n * LN2_HI is exact in float32 for every n exp32 meets (|n| <= 127)
     n = np.arange(-128, 129, dtype=np.float32)
-    assert np.all((n * np.float32(cpu.LN2_HI)).astype(np.float64) == n.astype(np.float64) * cpu.LN2_HI)
+    assert np.all((n * np.float32(cpu.LN2_HI)).astype(np.float64)
+                  == n.astype(np.float64) * cpu.LN2_HI)
     assert np.float32(cpu.LN2_LO) == np.float32(math.log(2) - cpu.LN2_HI)  # the rest, in float32
 
 
@@ -251,8 +255,8 @@ w2i = {"<NULL>": 0, "<START>": 1, "<END>": 2, **{f"w{i}": i for i in range(3, 20
 caps = np.array([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0]], np.int32)
 for dtype in (np.float32, np.float64):
     for cell in ("rnn", "lstm", "gru"):
-        m = CaptioningModel(w2i, input_dim=6, wordvec_dim=4, hidden_dim=5, cell_type=cell, dtype=dtype,
-                            seed=0, use_kernels=True)
+        m = CaptioningModel(w2i, input_dim=6, wordvec_dim=4, hidden_dim=5, cell_type=cell,
+                            dtype=dtype, seed=0, use_kernels=True)
         m.loss(np.ones((2, 6)), caps)
 """
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
@@ -296,7 +300,9 @@ def test_all_finite_kernel(dtype):
         a[::2] = -big
         assert k.all_finite(a)
         # each of the kernel's eight streams, the last entry of each, and the tail
-        for pos in {q * size // 8 for q in range(8)} | {(q + 1) * (size // 8) - 1 for q in range(8)} | {size - 1}:
+        starts = {q * size // 8 for q in range(8)}
+        lasts = {(q + 1) * (size // 8) - 1 for q in range(8)}
+        for pos in starts | lasts | {size - 1}:
             if pos < 0:
                 continue
             for bad in (np.nan, np.inf, -np.inf):

@@ -87,7 +87,8 @@ def _step_loop(cell, x, h0, Wx, Wh, b, dout):
         if cell == "lstm":
             h, c, cc = lstm.lstm_step_forward(x[:, t], h, c, Wx, Wh, b)
         else:
-            h, cc = {"rnn": rnn.rnn_step_forward, "gru": gru.gru_step_forward}[cell](x[:, t], h, Wx, Wh, b)
+            step = {"rnn": rnn.rnn_step_forward, "gru": gru.gru_step_forward}[cell]
+            h, cc = step(x[:, t], h, Wx, Wh, b)
         caches.append(cc)
         hs.append(h)
     dx = np.zeros_like(x)
@@ -235,15 +236,18 @@ def test_recurrent_backward_is_the_plain_product(dtype):
         d = rng.standard_normal((n, 256)).astype(dtype)
         out = np.empty((n, 64), dtype=dtype)
         assert layers.recurrent_backward(d, Wh, out, ws) is out
-        np.testing.assert_allclose(out, d @ Wh.T, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
+        np.testing.assert_allclose(out, d @ Wh.T, rtol=1e-5 if dtype == np.float32 else 1e-13,
+                                   atol=1e-5)
         # the scratch a packed backward pass takes once, before its time loop: the same bits
         again = np.empty_like(out)
-        layers.recurrent_backward(d, Wh, again, scratch=layers.recurrent_scratch(ws, 200, 64, dtype, np))
+        scratch = layers.recurrent_scratch(ws, 200, 64, dtype, np)
+        layers.recurrent_backward(d, Wh, again, scratch=scratch)
         assert np.array_equal(again, out)
 
 
-@pytest.mark.parametrize("shape,dtype", [((7,), np.float32), ((3, 1004), np.float32), ((513, 2048), np.float64),
-                                         ((0,), np.int64), ((2, 3, 5), np.int32)])
+@pytest.mark.parametrize("shape,dtype", [((7,), np.float32), ((3, 1004), np.float32),
+                                         ((513, 2048), np.float64), ((0,), np.int64),
+                                         ((2, 3, 5), np.int32)])
 def test_host_buffers_start_on_a_cache_line(shape, dtype):
     from dtrain import alloc
 
@@ -262,7 +266,8 @@ def test_the_step_buffers_start_on_a_cache_line():
     from dtrain.nn.model import CaptioningModel
     from dtrain.nn.optim import Adam
 
-    model = CaptioningModel(vocab(50), input_dim=24, wordvec_dim=12, hidden_dim=20, dtype=np.float32)
+    model = CaptioningModel(vocab(50), input_dim=24, wordvec_dim=12, hidden_dim=20,
+                            dtype=np.float32)
     adam = Adam(model.num_params, kernels=for_arrays(np, np.float32))
     features, captions = synthetic_batch(16, 9, 50, 24, np.random.default_rng(0))
     grads = model.forward_backward(features, model.pack(captions), 16)

@@ -80,7 +80,8 @@ def test_notebook_gradient_check(cell):
 
 def test_loss_gradients_are_owned_by_the_caller():
     rng = np.random.default_rng(3)
-    model = CaptioningModel(small_vocab(20), input_dim=6, wordvec_dim=5, hidden_dim=7, dtype=np.float64)
+    model = CaptioningModel(small_vocab(20), input_dim=6, wordvec_dim=5, hidden_dim=7,
+                            dtype=np.float64)
     f1, c1 = rng.standard_normal((4, 6)), random_captions(rng, 4, 6, 20)
     f2, c2 = rng.standard_normal((3, 6)), random_captions(rng, 3, 6, 20)
     _, g1 = model.loss(f1, c1)
@@ -118,7 +119,8 @@ def test_float32_matches_float64(cell):
     rng = np.random.default_rng(2)
     N, D, W, H, V, T = 16, 32, 24, 32, 50, 12
     models = {dt: CaptioningModel(small_vocab(V), input_dim=D, wordvec_dim=W, hidden_dim=H,
-                                  cell_type=cell, dtype=dt, seed=9) for dt in (np.float32, np.float64)}
+                                  cell_type=cell, dtype=dt, seed=9)
+              for dt in (np.float32, np.float64)}
     features = rng.standard_normal((N, D))
     captions = random_captions(rng, N, T, V)
     l32, g32 = models[np.float32].loss(features, captions)
@@ -168,7 +170,8 @@ def test_sample_any_batch(cell, N):
 
 
 def test_params_dict_semantics():
-    model = CaptioningModel(small_vocab(10), input_dim=4, wordvec_dim=3, hidden_dim=5, dtype=np.float64)
+    model = CaptioningModel(small_vocab(10), input_dim=4, wordvec_dim=3, hidden_dim=5,
+                            dtype=np.float64)
     model.params["Wh"] = np.ones((5, 20))
     assert np.all(model.param_buffer[model.param_buffer.size // 2 :].size > 0)
     assert np.shares_memory(model.params["Wh"], model.param_buffer)

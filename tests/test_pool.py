@@ -56,7 +56,8 @@ def _compiled():
 
 def _lstm_step_inputs(rng, n, H):
     """Pre-activations (n, 4H), their bias (4H,) and c_{t-1} (n, H), float32."""
-    return (rng.standard_normal((n, 4 * H)).astype(np.float32), rng.standard_normal(4 * H).astype(np.float32),
+    return (rng.standard_normal((n, 4 * H)).astype(np.float32),
+            rng.standard_normal(4 * H).astype(np.float32),
             rng.standard_normal((n, H)).astype(np.float32))
 
 
@@ -88,10 +89,12 @@ def test_split_lstm_steps_bitwise(parts, n_next):
     address = t.addresses.get(np.dtype(np.float32))
     if address is not None:  # dh_rec's first n_next rows given transposed, copied by the kernel
         dh_rec_T = np.ascontiguousarray(dh_rec0[:n_next].T)
-        bwds.append(lambda d, dh_up, dh_rec, *x: (dh_rec[:n_next].fill(np.nan),
-                                                  t.lstm_bwd_T(address, dh_rec_T, d, dh_up, dh_rec, *x)))
-        bwds.append(lambda d, dh_up, dh_rec, *x: (dh_rec[:n_next].fill(np.nan),
-                                                  t.lstm_bwd_T_split(parts, address, dh_rec_T, d, dh_up, dh_rec, *x)))
+        bwds.append(lambda d, dh_up, dh_rec, *x: (
+            dh_rec[:n_next].fill(np.nan),
+            t.lstm_bwd_T(address, dh_rec_T, d, dh_up, dh_rec, *x)))
+        bwds.append(lambda d, dh_up, dh_rec, *x: (
+            dh_rec[:n_next].fill(np.nan),
+            t.lstm_bwd_T_split(parts, address, dh_rec_T, d, dh_up, dh_rec, *x)))
     for bwd in bwds:
         d, dh_rec, dc_rec = a.copy(), dh_rec0.copy(), dc_rec0.copy()
         bwd(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
@@ -283,7 +286,8 @@ def test_recurrent_gemm_adding_to_the_gates_matches_the_separate_product(monkeyp
     for acc, sep in zip(*outs):
         np.testing.assert_allclose(acc, sep, rtol=1e-5, atol=1e-6)
     # against float64 (the plain layers)
-    Hp64, _ = lstm.lstm_packed_forward(*(v.astype(np.float64) for v in (x, h0, Wx, Wh, b)), batch_sizes)
+    Hp64, _ = lstm.lstm_packed_forward(*(v.astype(np.float64) for v in (x, h0, Wx, Wh, b)),
+                                       batch_sizes)
     np.testing.assert_allclose(outs[0][0], Hp64, rtol=1e-4, atol=1e-5)
     # the GEMM itself: out += a @ b, and the NumPy fallback for what it does not take
     a, bm = x[:7], Wx
@@ -309,8 +313,9 @@ def test_compiled_forward_loop_gives_the_python_loops_bits(parts, monkeypatch):
     rng = np.random.default_rng(parts)
     batch_sizes, W, H = [30, 30, 27, 11, 1], 12, 16
     total = sum(batch_sizes)
-    args = [rng.standard_normal((total, W)), rng.standard_normal((30, H)), 0.3 * rng.standard_normal((W, 4 * H)),
-            0.3 * rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H)]
+    args = [rng.standard_normal((total, W)), rng.standard_normal((30, H)),
+            0.3 * rng.standard_normal((W, 4 * H)), 0.3 * rng.standard_normal((H, 4 * H)),
+            rng.standard_normal(4 * H)]
     args = [a.astype(np.float32) for a in args]
     if parts > 1:
         monkeypatch.setattr(pool, "threads", lambda: parts)
@@ -321,7 +326,8 @@ def test_compiled_forward_loop_gives_the_python_loops_bits(parts, monkeypatch):
     for compiled in (True, False):
         kp = k.with_plan(replace(plan, compiled_forward=compiled))
         Hp, cache = lstm.lstm_packed_forward(*args, batch_sizes, layers.Workspace(), kp)
-        outs.append([Hp.copy()] + [np.array(x, copy=True) for x in (cache[4], cache[5], cache[6], cache[-1])])
+        outs.append([Hp.copy()] + [np.array(x, copy=True)
+                                   for x in (cache[4], cache[5], cache[6], cache[-1])])
     for x, y in zip(*outs):
         assert np.array_equal(x, y)
     assert CpuKernels.ticks_to_seconds(0) == 0 and CpuKernels.ticks_to_seconds(10**9) > 0
@@ -374,14 +380,17 @@ def test_gemm_transposed_matches_numpy():
     k = CpuKernels(np.float32)
     rng = np.random.default_rng(0)
     for m, n in ((7, 5), (1, 5), (7, 1), (128, 64)):
-        a, b = rng.standard_normal((m, 33)).astype(np.float32), rng.standard_normal((n, 33)).astype(np.float32)
+        a = rng.standard_normal((m, 33)).astype(np.float32)
+        b = rng.standard_normal((n, 33)).astype(np.float32)
         out = np.full((m, n), np.nan, np.float32)
         assert k.gemm.transposed(a, b, out) is out
-        np.testing.assert_allclose(out, a.astype(np.float64) @ b.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, a.astype(np.float64) @ b.T.astype(np.float64),
+                                   rtol=1e-5, atol=1e-5)
         if m > 1 and n > 1:  # the call numpy.matmul makes: the same bits
             assert np.array_equal(out, a @ b.T)
     rows = np.empty((7, 9), np.float32)[:, :5]  # rows farther apart than their length: still sgemm
-    a, b = rng.standard_normal((7, 33)).astype(np.float32), rng.standard_normal((5, 33)).astype(np.float32)
+    a = rng.standard_normal((7, 33)).astype(np.float32)
+    b = rng.standard_normal((5, 33)).astype(np.float32)
     assert np.array_equal(k.gemm.transposed(a, b, rows), a @ b.T)
 
 
@@ -458,14 +467,15 @@ _STEP_SCRIPT = textwrap.dedent("""
         digest.update(model.param_buffer.tobytes())
     a = rng.standard_normal((300, 200)).astype(np.float32)
     digest.update((a @ a.T).tobytes())
-    print(json.dumps({"shared": pool.shared(), "status": pool.status(), "digest": digest.hexdigest()}))
+    print(json.dumps({"shared": pool.shared(), "status": pool.status(),
+                      "digest": digest.hexdigest()}))
 """)
 
 
 def _run_step_script(env_extra):
     env = dict(os.environ, **env_extra)
-    proc = subprocess.run([sys.executable, "-c", _STEP_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _STEP_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -531,24 +541,26 @@ def test_split_kernels_load_from_the_cache():
         split.lstm_fwd32_split(2, a, a, np.zeros(16, np.float32), *ones(4),
                                np.ones((3, 4), np.float32), 3, np.zeros(16, np.float32))
         t = kernels._loops()
-        t.lstm_bwd_T_split(2, blas.ffi().addresses[np.dtype(np.float32)], np.ones((4, 3), np.float32),
-                           a, *ones(3), 3, *ones(2))
+        t.lstm_bwd_T_split(2, blas.ffi().addresses[np.dtype(np.float32)],
+                           np.ones((4, 3), np.float32), a, *ones(3), 3, *ones(2))
         import sys
         sys.path.insert(0, "tests")
         from helpers import random_captions, small_vocab
         from dtrain.nn.model import CaptioningModel
         rng = np.random.default_rng(0)
         model = CaptioningModel(small_vocab(30), 16, 8, 16, "lstm", dtype=np.float32, seed=0)
+        # the compiled loops
         model.forward_backward(rng.standard_normal((64, 16)).astype(np.float32),
-                               model.pack(random_captions(rng, 64, 8, 30)), 64)  # the compiled loops
+                               model.pack(random_captions(rng, 64, 8, 30)), 64)
         runner = pool._state["callback"] is not None
         hits = [f.stats.cache_hits.most_common(1)[0][1] if f.stats.cache_hits else 0
                 for f in (split.lstm_fwd32_split, t.lstm_bwd_T_split, t.lstm_forward_loop_split,
                           t.lstm_backward_loop_split)]
         print(min(hits), runner)
     """)
-    runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, DTRAIN_BLAS_POOL="")) for _ in range(2)]
+    runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, DTRAIN_BLAS_POOL=""))
+            for _ in range(2)]
     for proc in runs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     hits, runner = runs[1].stdout.split()
@@ -645,7 +657,8 @@ def test_forked_child_goes_back_to_openblas_threads():
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, DTRAIN_BLAS_POOL=""))
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        proc.stdout + proc.stderr[-3000:])
 
 
 def test_gemm_recorder_hears_every_recurrent_gemm_and_changes_no_bit():

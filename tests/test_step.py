@@ -50,7 +50,8 @@ def test_float_accumulation_equals_one_pass():
     assert len(seen) == 4 and sum(seen) == r4.tokens == r1.tokens  # one check per micro-shard
     assert r4.loss == pytest.approx(r1.loss, rel=1e-13)
     np.testing.assert_allclose(acc_model.grad_buffer, one_model.grad_buffer, rtol=1e-11, atol=1e-15)
-    np.testing.assert_allclose(acc_model.param_buffer, one_model.param_buffer, rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(acc_model.param_buffer, one_model.param_buffer, rtol=1e-11,
+                               atol=1e-15)
     assert r4.marks["forward_end"] == 0.0 and r1.marks["start"] < r1.marks["forward_end"]
 
 

@@ -26,7 +26,8 @@ def _batch(rng, N=5, T=7):
 
 
 def _torch_loss(cell, params, features, captions):
-    t = {k: torch.tensor(np.array(v), dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    t = {k: torch.tensor(np.array(v), dtype=torch.float64, requires_grad=True)
+         for k, v in params.items()}
     feats = torch.tensor(features)
     caps = torch.tensor(captions)
     cin, cout = caps[:, :-1], caps[:, 1:]
@@ -37,7 +38,8 @@ def _torch_loss(cell, params, features, captions):
     rnn = module(W, H, batch_first=True).double()
     Wx, Wh, b = t["Wx"], t["Wh"], t["b"]
     if cell == "lstm":  # ours i, f, o, g -> PyTorch's i, f, g, o
-        perm = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+        perm = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H),
+                          torch.arange(2 * H, 3 * H)])
         Wx, Wh, b = Wx[:, perm], Wh[:, perm], b[perm]
     weights = {"weight_ih_l0": Wx.T, "weight_hh_l0": Wh.T, "bias_ih_l0": b,
                "bias_hh_l0": torch.zeros_like(b)}
@@ -45,7 +47,8 @@ def _torch_loss(cell, params, features, captions):
     out, _ = torch.func.functional_call(rnn, weights, args)
     scores = out @ t["W_vocab"] + t["b_vocab"]
     mask = (cout != 0).double()
-    ce = torch.nn.functional.cross_entropy(scores.reshape(-1, V), cout.reshape(-1), reduction="none")
+    ce = torch.nn.functional.cross_entropy(scores.reshape(-1, V), cout.reshape(-1),
+                                           reduction="none")
     loss = (ce * mask.reshape(-1)).sum() / N
     loss.backward()
     return float(loss.detach()), {k: v.grad.numpy() for k, v in t.items()}

@@ -50,20 +50,22 @@ def test_equivalence_across_world_sizes(data_dir, tmp_path, cell):
         for mode in ("dense", "sparse"):
             out = tmp_path / f"p{ranks}-{mode}"
             micro = ["--micro-batch", 2] if (ranks, mode) == (2, "dense") else []
-            train(data_dir, out, ranks, "--steps", 20, "--cell", cell, "--embed-reduce", mode, *micro)
+            train(data_dir, out, ranks, "--steps", 20, "--cell", cell, "--embed-reduce", mode,
+                  *micro)
             params, _ = final_params(out)
             assert_close(ref_params, params)
             losses = train_losses(out)
             assert [s for s, _ in losses] == [s for s, _ in ref_losses]
-            np.testing.assert_allclose([v for _, v in losses], [v for _, v in ref_losses], rtol=1e-10)
+            np.testing.assert_allclose([v for _, v in losses], [v for _, v in ref_losses],
+                                       rtol=1e-10)
             rows = [line for line in open(out / "metrics.jsonl") if '"train"' in line]
             assert f'"embed_reduce": "{mode}"' in rows[-1]
 
 
 def test_ranks_bitwise_identical(data_dir, tmp_path):
     dump = tmp_path / "dump"
-    train(data_dir, tmp_path / "ck", 4, "--steps", 6, "--embed-reduce", "sparse", "--dtype", "float32",
-          "--check-every", "1", env={"DTRAIN_DUMP_DIR": str(dump)})
+    train(data_dir, tmp_path / "ck", 4, "--steps", 6, "--embed-reduce", "sparse",
+          "--dtype", "float32", "--check-every", "1", env={"DTRAIN_DUMP_DIR": str(dump)})
     for name in ("params", "m", "v"):
         ref = np.load(dump / f"rank0-{name}.npy")
         assert np.any(ref != 0)
@@ -81,7 +83,8 @@ def test_resume_on_other_world_size(data_dir, tmp_path, first, second):
     b, ck2 = final_params(tmp_path / "split")
     assert int(ck2["step"]) == 20
     assert_close(a, b)
-    np.testing.assert_allclose(np.asarray(ck["adam"]["m"]), np.asarray(ck2["adam"]["m"]), rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(ck["adam"]["m"]), np.asarray(ck2["adam"]["m"]),
+                               rtol=1e-9, atol=1e-14)
     la, lb = dict(train_losses(tmp_path / "full")), dict(train_losses(tmp_path / "split"))
     for s in range(11, 21):
         assert abs(la[s] - lb[s]) <= 1e-10 * abs(la[s])
@@ -112,7 +115,8 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes(data_dir, tmp_path):
 
 def test_external_sigterm_single_process(data_dir, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    args = ["train", "--data", str(data_dir), "--checkpoint-dir", str(tmp_path), *SMALL, "--steps", "100000"]
+    args = ["train", "--data", str(data_dir), "--checkpoint-dir", str(tmp_path), *SMALL,
+            "--steps", "100000"]
     args.remove("--quiet")
     proc = subprocess.Popen(dtrain_cmd(None, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -131,7 +135,8 @@ def test_external_sigterm_single_process(data_dir, tmp_path):
 
 
 def test_bad_flags_and_data_are_one_line_errors(data_dir, tmp_path):
-    p = run_dtrain(None, "train", "--data", tmp_path / "nope", "--steps", 1, check=False, timeout=60)
+    p = run_dtrain(None, "train", "--data", tmp_path / "nope", "--steps", 1, check=False,
+                   timeout=60)
     assert p.returncode != 0 and "nope" in p.stderr and "Traceback" not in p.stderr
     p = run_dtrain(2, "train", "--data", data_dir, "--batch-size", 7, "--steps", 1,
                    "--checkpoint-dir", tmp_path, check=False, timeout=60)
@@ -143,7 +148,8 @@ def test_bad_flags_and_data_are_one_line_errors(data_dir, tmp_path):
 def test_checkpoint_mismatch_refused(data_dir, tmp_path):
     train(data_dir, tmp_path, None, "--steps", 2)
     p = run_dtrain(None, "train", "--data", data_dir, "--checkpoint-dir", tmp_path, *SMALL,
-                   "--hidden-dim", "16", "--steps", 4, "--resume", "latest", check=False, timeout=60)
+                   "--hidden-dim", "16", "--steps", 4, "--resume", "latest", check=False,
+                   timeout=60)
     assert p.returncode != 0 and "W_proj" in p.stderr and "shape" in p.stderr
 
 
@@ -155,7 +161,7 @@ def test_sample_and_evaluate_any_ranks(data_dir, tmp_path, cell):
                        "--max-length", 6).stdout for r in (None, 2)]
     import json
 
-    r1, r2 = json.loads(outs[0].strip().splitlines()[-1]), json.loads(outs[1].strip().splitlines()[-1])
+    r1, r2 = (json.loads(out.strip().splitlines()[-1]) for out in outs)
     assert abs(r1["val_loss"] - r2["val_loss"]) < 1e-9 * abs(r1["val_loss"])
     assert r1["bleu4"] == pytest.approx(r2["bleu4"], abs=1e-12)
     s = run_dtrain(2, "sample", "--checkpoint", ck, "-n", 3, "--max-length", 6).stdout
@@ -163,7 +169,7 @@ def test_sample_and_evaluate_any_ranks(data_dir, tmp_path, cell):
 
 
 def test_debug_mode(data_dir, tmp_path):
-    p = run_dtrain(2, "train", "--data", data_dir, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 2,
-                   "--debug")
+    p = run_dtrain(2, "train", "--data", data_dir, "--checkpoint-dir", tmp_path, *SMALL,
+                   "--steps", 2, "--debug")
     assert "finite-difference check" in p.stdout
     assert "[rank 1] step 2" in p.stdout

@@ -73,7 +73,8 @@ def note(why: str) -> None:
 def _run_on_python_threads(sync, dojob, numjobs, elsize, jobdata, data):
     # More jobs than Numba threads: a thread each (ctypes releases the GIL in dojob).
     job = _DOJOB(dojob)
-    workers = [threading.Thread(target=job, args=(i, jobdata + i * elsize, data)) for i in range(1, numjobs)]
+    workers = [threading.Thread(target=job, args=(i, jobdata + i * elsize, data))
+               for i in range(1, numjobs)]
     for worker in workers:
         worker.start()
     job(0, jobdata, data)
@@ -89,7 +90,8 @@ def _build_callback():
     from numba.extending import intrinsic
 
     # the callback's C signature, pointers as integers (the same registers)
-    signature = types.void(types.int32, types.intp, types.int32, types.intp, types.intp, types.int32)
+    signature = types.void(types.int32, types.intp, types.int32, types.intp, types.intp,
+                           types.int32)
 
     @intrinsic
     def call_dojob(typingctx, fn, thread, jobdata, data):
@@ -108,7 +110,8 @@ def _build_callback():
         for i in prange(numjobs):
             call_dojob(dojob, np.int32(i), jobdata + i * elsize, data)
 
-    for helper in (call_dojob, run_jobs):  # fixed uuids, so that the callback caches (kernels/cpu.py)
+    # fixed uuids, so that the callback caches (kernels/cpu.py)
+    for helper in (call_dojob, run_jobs):
         try:
             helper._set_uuid(f"dtrain.kernels.pool.{helper.__name__}.v1")
         except (AttributeError, AssertionError):
@@ -157,7 +160,8 @@ def _threading_layer():
     try:
         return numba.threading_layer()
     except ValueError:  # no parallel region has run in this process yet
-        if not os.environ.get("NUMBA_THREADING_LAYER") and not os.environ.get("NUMBA_THREADING_LAYER_PRIORITY"):
+        if not (os.environ.get("NUMBA_THREADING_LAYER")
+                or os.environ.get("NUMBA_THREADING_LAYER_PRIORITY")):
             numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
     @njit(parallel=True, cache=True)
@@ -222,7 +226,8 @@ def install(threads: int, ranks_on_node: int = 1) -> bool:
         return False
     if threads > numba.config.NUMBA_NUM_THREADS:
         uninstall()
-        _state["why"] = f"OpenBLAS's own threads ({threads} threads > Numba's {numba.config.NUMBA_NUM_THREADS})"
+        _state["why"] = (f"OpenBLAS's own threads ({threads} threads > Numba's "
+                         f"{numba.config.NUMBA_NUM_THREADS})")
         return False
     if _state["forked"]:
         uninstall()
@@ -246,7 +251,8 @@ def install(threads: int, ranks_on_node: int = 1) -> bool:
         return False
     layer = _threading_layer()
     if layer not in _LAYERS:
-        _state["why"] = f"OpenBLAS's own threads (Numba's {layer} layer may run two jobs on one thread)"
+        _state["why"] = (f"OpenBLAS's own threads (Numba's {layer} layer may run two jobs "
+                         "on one thread)")
         return False
     if _state["callback"] is None:
         _state["callback"], _state["fallback"] = _build_callback()

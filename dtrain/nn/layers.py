@@ -206,7 +206,8 @@ def embedding_grad_sparse(words, dout, kernels=None, vocab_size=None, col_sum=No
     if xp is np:
         rows = np.add.reduceat(dout[order], starts, axis=0)
     else:  # CuPy has no reduceat: scatter-add into the unique slots
-        slot = xp.cumsum(xp.concatenate([xp.zeros(1, dtype=np.int64), (sorted_words[1:] != sorted_words[:-1]).astype(np.int64)]))
+        new_id = (sorted_words[1:] != sorted_words[:-1]).astype(np.int64)
+        slot = xp.cumsum(xp.concatenate([xp.zeros(1, dtype=np.int64), new_id]))
         rows = xp.zeros((ids.shape[0], dout.shape[1]), dtype=dout.dtype)
         xp.add.at(rows, slot, dout[order])
     return ids, rows

@@ -86,7 +86,8 @@ class ShardedSampler:
         try:
             epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"sampler state needs integer 'epoch' and 'step_in_epoch', got {state!r}") from None
+            raise ValueError("sampler state needs integer 'epoch' and 'step_in_epoch', "
+                             f"got {state!r}") from None
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
             raise ValueError(
                 f"sampler state epoch {epoch}, step {step} does not fit {self.steps_per_epoch} "

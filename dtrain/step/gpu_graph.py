@@ -49,9 +49,9 @@ class _Shape:
         self.host = gpu_plan.staging_views(host_bytes, layout)
         self.dev = gpu_plan.staging_views(self.dev_bytes, layout)
         d = self.dev
-        self.batch = FixedBatch(N=N, T=T, words=d["words"], targets=d["targets"], weights=d["weights"],
-                                order=d["order"], seg_start=d["seg_start"], ids=d["ids"], num_ids=0,
-                                num_tokens=0)
+        self.batch = FixedBatch(N=N, T=T, words=d["words"], targets=d["targets"],
+                                weights=d["weights"], order=d["order"], seg_start=d["seg_start"],
+                                ids=d["ids"], num_ids=0, num_tokens=0)
         self.loss = cp.zeros((), dtype=np.float64)
         self.pool = cp.cuda.MemoryPool()
         self.ws = Workspace()
@@ -130,7 +130,8 @@ class GpuTrainStep:
 
     def _body(self, st):
         model, adam = self.model, self.adam
-        model.forward_backward_fixed(st.dev["features"], st.batch, st.normalizer, ws=st.ws, loss_out=st.loss)
+        model.forward_backward_fixed(st.dev["features"], st.batch, st.normalizer, ws=st.ws,
+                                     loss_out=st.loss)
         if st.fuse_adam:
             self.kernels.adam_update_device(model.param_buffer, model.grad_buffer, adam.m, adam.v,
                                             st.dev["hyper"], adam.beta1, adam.beta2, adam.eps)
@@ -196,7 +197,8 @@ class GpuTrainStep:
                     self._body(st)
                 self.eager_runs += 1
                 if st.rows is None:  # the (M, W) buffer the embedding rows are summed into
-                    st.rows = st.ws.get("fx_embed_rows", (st.N * st.T, model.wordvec_dim), model.dtype, cp)
+                    st.rows = st.ws.get("fx_embed_rows", (st.N * st.T, model.wordvec_dim),
+                                        model.dtype, cp)
                 if self.use_graphs:
                     self._capture(st)  # recorded, not run: the next step of this shape replays it
         if self.timing:
@@ -204,5 +206,5 @@ class GpuTrainStep:
         # ... and the default stream (MPI staging, logging) waits for this step
         self._done.record(s)
         cp.cuda.Stream.null.wait_event(self._done)
-        return model.step_grads(st.loss, fb.num_tokens, st.batch.ids[: fb.num_ids], st.rows[: fb.num_ids],
-                                 dense=True)
+        return model.step_grads(st.loss, fb.num_tokens, st.batch.ids[: fb.num_ids],
+                                st.rows[: fb.num_ids], dense=True)

@@ -29,7 +29,8 @@ def main(comm):
         print(
             f"allreduce {buf.nbytes / 1e6:.1f} MB float32 on {comm.size} ranks: "
             f"median {med * 1e3:.2f} ms (mean of rank medians {mean_med * 1e3:.2f} ms), "
-            f"p10 {np.percentile(times, 10) * 1e3:.2f} ms, p90 {np.percentile(times, 90) * 1e3:.2f} ms, "
+            f"p10 {np.percentile(times, 10) * 1e3:.2f} ms, "
+            f"p90 {np.percentile(times, 90) * 1e3:.2f} ms, "
             f"algbw {buf.nbytes / med / 1e9:.2f} GB/s"
         )
 

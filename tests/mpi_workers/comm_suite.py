@@ -84,14 +84,17 @@ def main():
             rng = np.random.default_rng(7 + r)
             ids = np.sort(rng.choice(V, size=touched, replace=False)).astype(np.int64)
             grad_rows = rng.standard_normal((touched, W)).astype(np.float32)
-            buf = np.full(prefix + V * W, np.nan, np.float32)  # W_embed's block: garbage until reduced
+            # W_embed's block: garbage until reduced
+            buf = np.full(prefix + V * W, np.nan, np.float32)
             buf[:prefix] = r + 1
             grads = StepGrads(loss=float(r), tokens=r + 1, grad_buffer=buf, embed_offset=prefix,
-                              embed_shape=(V, W), embed_ids=ids, embed_rows=grad_rows, embed_dense=False)
+                              embed_shape=(V, W), embed_ids=ids, embed_rows=grad_rows,
+                              embed_dense=False)
             red = cls(comm).reduce(grads, float(r), r + 1, r == p - 1)
             assert red.loss == p * (p - 1) / 2 and red.tokens == p * (p + 1) / 2 and red.stop, red
             assert (red.bytes > 0) == (p > 1), red
-            np.testing.assert_array_equal(buf[:prefix], np.full(prefix, p * (p + 1) / 2, np.float32))
+            np.testing.assert_array_equal(buf[:prefix],
+                                          np.full(prefix, p * (p + 1) / 2, np.float32))
             np.testing.assert_allclose(grads.embed_grad, ref, rtol=1e-5, atol=1e-5)
             identical_everywhere(comm, buf)
             results[cls.mode] = (red.mode, buf.copy())

@@ -37,7 +37,8 @@ def main(comm):
     for settings, cls, micro, mode in cases:
         step = build_step(TrainConfig(**settings), comm, model())
         assert type(step.accumulator) is cls, (settings, step.accumulator)
-        assert step.micro_batch == micro and step.accumulator.mode == mode, (settings, step.describe())
+        assert step.micro_batch == micro and step.accumulator.mode == mode, (
+            settings, step.describe())
         assert not step.adam_in_pass and step.gpu is None
     if_fixed = build_step(TrainConfig(batch_size=32, deterministic=True), comm, model()).accumulator
     assert if_fixed.total_micro == 4  # gcd(32, 8) = 8 rows: 4 micro-shards in the global batch
@@ -53,7 +54,8 @@ def main(comm):
     bench = argparse.Namespace(batch_size=16, micro_batch=None, deterministic=True,
                                embed_reduce="sparse", threads=None)
     a = build_step(step_settings(bench), comm, model())
-    b = build_step(TrainConfig(batch_size=16, deterministic=True, embed_reduce="sparse"), comm, model())
+    b = build_step(TrainConfig(batch_size=16, deterministic=True, embed_reduce="sparse"), comm,
+                   model())
     assert a.describe() == b.describe() and a.micro_batch == b.micro_batch
     assert a.accumulator.total_micro == b.accumulator.total_micro == 2
     if comm.rank == 0:

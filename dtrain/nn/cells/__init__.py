@@ -12,7 +12,8 @@ def get_cell(name: str) -> Cell:
     try:
         return CELLS[name]
     except KeyError:
-        raise ValueError(f"cell_type: expected one of {', '.join(sorted(CELLS))}, got {name!r}") from None
+        raise ValueError(f"cell_type: expected one of {', '.join(sorted(CELLS))}, "
+                         f"got {name!r}") from None
 
 
 __all__ = ["CELLS", "Cell", "get_cell"]

@@ -23,7 +23,8 @@ class Cell:
 
     ``gates``: blocks of width H in Wx (W, gates*H), Wh (H, gates*H), b (gates*H,).
     ``packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws, kernels) -> (H_packed, cache)``
-    ``packed_backward(dH_packed, cache, ws, kernels, out, input_grad=True) -> (dx_packed, dh0, dWx, dWh, db)``;
+    ``packed_backward(dH_packed, cache, ws, kernels, out, input_grad=True)
+    -> (dx_packed, dh0, dWx, dWh, db)``;
     with ``input_grad=False``, the gradient of x Wx + b (total, gates*H) in dx_packed's place
     and db not written (the caller sums it).
     ``sample_step(x, state, Wx, Wh, b) -> (h, state)``: one step of greedy sampling;
@@ -48,7 +49,8 @@ class Cell:
         return {"Wx": (wordvec_dim, G), "Wh": (hidden_dim, G), "b": (G,)}
 
     def init_params(self, rng: np.random.Generator, wordvec_dim: int, hidden_dim: int) -> dict:
-        """CS231n's initialisation (float64, from ``rng``): Wx ~ N(0, 1/W), Wh ~ N(0, 1/H), b = 0."""
+        """CS231n's initialisation (float64, from ``rng``): Wx ~ N(0, 1/W), Wh ~ N(0, 1/H),
+        b = 0."""
         G = self.gates * hidden_dim
         return {
             "Wx": rng.standard_normal((wordvec_dim, G)) / np.sqrt(wordvec_dim),
@@ -61,7 +63,8 @@ class Cell:
 
 
 def single_state_sampler(step_forward):
-    """``sample_step`` of a cell whose state is h alone: ``step_forward(x, h, Wx, Wh, b) -> (h, cache)``."""
+    """``sample_step`` of a cell whose state is h alone:
+    ``step_forward(x, h, Wx, Wh, b) -> (h, cache)``."""
 
     def sample_step(x, state, Wx, Wh, b):
         h, _ = step_forward(x, state[0], Wx, Wh, b)

@@ -108,8 +108,8 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
     n0 = batch_sizes[0] if batch_sizes else 0
     dax = L.buffer(ws, "gru_dax", (total, 3 * H), dtype, xp)
     dah = L.buffer(ws, "gru_dah", (total, 3 * H), dtype, xp)
-    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "gru_prev_h", (total, H), dtype, xp),
-                             kernels)
+    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets,
+                             L.buffer(ws, "gru_prev_h", (total, H), dtype, xp), kernels)
     dh_rec = L.buffer(ws, "gru_dh_rec", (n0, H), dtype, xp)  # (da_h Wh^T) of step t+1
     carry = L.buffer(ws, "gru_carry", (n0, H), dtype, xp)  # dh * z of step t+1 (the direct path)
     dh = L.buffer(ws, "gru_dh", (n0, H), dtype, xp)
@@ -150,7 +150,8 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
             dh_t[:, : 2 * H] = dx_t[:, : 2 * H]
             xp.multiply(d_n, r, out=dh_t[:, 2 * H :])
             xp.multiply(d, z, out=carry[:n])
-        L.recurrent_backward(dh_t, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
+        L.recurrent_backward(dh_t, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch,
+                             kernels=kernels)
         if t == 0:
             dh0[:n] += carry[:n]
     return L.weight_grads(x_packed, prev_h, dax, Wx, dh0, out, ws, da_h=dah, input_grad=input_grad,
@@ -165,6 +166,8 @@ def gru_backward(dh, cache):
     return L.full_sequence_backward(gru_packed_backward, dh, cache)
 
 
-CELL = Cell(name="gru", gates=3, packed_forward=gru_packed_forward, packed_backward=gru_packed_backward,
-            forward=gru_forward, backward=gru_backward, sample_step=single_state_sampler(gru_step_forward),
+CELL = Cell(name="gru", gates=3,
+            packed_forward=gru_packed_forward, packed_backward=gru_packed_backward,
+            forward=gru_forward, backward=gru_backward,
+            sample_step=single_state_sampler(gru_step_forward),
             kernels=("gru_step_forward", "gru_step_backward"))

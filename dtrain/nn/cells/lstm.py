@@ -202,6 +202,7 @@ def _init_state(h0):
     return (h0, xp.zeros_like(h0))
 
 
-CELL = Cell(name="lstm", gates=4, packed_forward=lstm_packed_forward, packed_backward=lstm_packed_backward,
+CELL = Cell(name="lstm", gates=4,
+            packed_forward=lstm_packed_forward, packed_backward=lstm_packed_backward,
             forward=lstm_forward, backward=lstm_backward, sample_step=_sample_step,
             init_state=_init_state, kernels=("lstm_step_forward", "lstm_step_backward"))

@@ -84,9 +84,10 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
             xp.multiply(h, h, out=tmp)
             xp.subtract(1.0, tmp, out=tmp)
             d *= tmp
-        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch, kernels=kernels)
-    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets, L.buffer(ws, "rnn_prev_h", (total, H), dtype, xp),
-                             kernels)
+        L.recurrent_backward(d, Wh, (dh_rec if t > 0 else dh0)[:n], scratch=scratch,
+                             kernels=kernels)
+    prev_h = L.prev_h_packed(Hp, h0, batch_sizes, offsets,
+                             L.buffer(ws, "rnn_prev_h", (total, H), dtype, xp), kernels)
     return L.weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, input_grad=input_grad,
                           kernels=kernels)
 
@@ -101,6 +102,8 @@ def rnn_backward(dh, cache):
 
 
 
-CELL = Cell(name="rnn", gates=1, packed_forward=rnn_packed_forward, packed_backward=rnn_packed_backward,
-            forward=rnn_forward, backward=rnn_backward, sample_step=single_state_sampler(rnn_step_forward),
+CELL = Cell(name="rnn", gates=1,
+            packed_forward=rnn_packed_forward, packed_backward=rnn_packed_backward,
+            forward=rnn_forward, backward=rnn_backward,
+            sample_step=single_state_sampler(rnn_step_forward),
             kernels=("rnn_step_forward", "rnn_step_backward"))
