@@ -25,17 +25,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .coco import (
-    CAPTIONS_FILE,
-    SPECIAL_TOKENS,
-    VOCAB_FILE,
-    CocoData,
-    DataError,
-    _fail,
-    feature_file,
-    load_vocab,
-    urls_file,
-)
+from .checks import DataError, fail
+from .coco import CAPTIONS_FILE, VOCAB_FILE, CocoData, feature_file, urls_file
+from .vocab import SPECIAL_TOKENS, load_vocab
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -67,14 +59,14 @@ def _read_json(path: Path):
         with open(path, encoding="utf-8") as f:
             blob = json.load(f)
     except FileNotFoundError:
-        raise _fail(path, "(file)", "a COCO caption annotation JSON file", "no such file") from None
+        raise fail(path, "(file)", "a COCO caption annotation JSON file", "no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, "(file)", "valid JSON", type(e).__name__) from None
+        raise fail(path, "(file)", "valid JSON", type(e).__name__) from None
     if not isinstance(blob, dict):
-        raise _fail(path, "(file)", "a JSON object", type(blob).__name__)
+        raise fail(path, "(file)", "a JSON object", type(blob).__name__)
     for key in ("images", "annotations"):
         if not isinstance(blob.get(key), list):
-            raise _fail(path, key, "a list", "no such key" if key not in blob else
+            raise fail(path, key, "a list", "no such key" if key not in blob else
                         type(blob[key]).__name__)
     return blob
 
@@ -85,14 +77,14 @@ def _read_captions(path: Path):
     urls = {}
     for k, im in enumerate(blob["images"]):
         if not isinstance(im, dict) or not isinstance(im.get("id"), int):
-            raise _fail(path, f"images[{k}].id", "an integer image id", repr(im)[:60])
+            raise fail(path, f"images[{k}].id", "an integer image id", repr(im)[:60])
         urls[im["id"]] = im.get("coco_url") or im.get("flickr_url") or ""
     pairs = []
     for k, ann in enumerate(blob["annotations"]):
         if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int):
-            raise _fail(path, f"annotations[{k}].image_id", "an integer image id", repr(ann)[:60])
+            raise fail(path, f"annotations[{k}].image_id", "an integer image id", repr(ann)[:60])
         if not isinstance(ann.get("caption"), str):
-            raise _fail(path, f"annotations[{k}].caption", "a string",
+            raise fail(path, f"annotations[{k}].caption", "a string",
                         repr(ann.get("caption"))[:60])
         pairs.append((ann["image_id"], ann["caption"]))
     return pairs, urls
@@ -102,16 +94,16 @@ def _read_image_ids(path: Path) -> list[int]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise _fail(path, "(file)", "an image-id order file", "no such file") from None
+        raise fail(path, "(file)", "an image-id order file", "no such file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise _fail(path, "(file)", "a readable text file", type(e).__name__) from None
+        raise fail(path, "(file)", "a readable text file", type(e).__name__) from None
     if path.suffix == ".json":
         try:
             ids = json.loads(text)
         except json.JSONDecodeError:
-            raise _fail(path, "(file)", "a JSON list of image ids", "invalid JSON") from None
+            raise fail(path, "(file)", "a JSON list of image ids", "invalid JSON") from None
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-            raise _fail(path, "(file)", "a JSON list of integer image ids", type(ids).__name__)
+            raise fail(path, "(file)", "a JSON list of integer image ids", type(ids).__name__)
         return ids
     ids = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -121,9 +113,9 @@ def _read_image_ids(path: Path) -> list[int]:
         try:
             ids.append(int(line))
         except ValueError:
-            raise _fail(path, f"line {n}", "an integer image id", repr(line[:40])) from None
+            raise fail(path, f"line {n}", "an integer image id", repr(line[:40])) from None
     if len(set(ids)) != len(ids):
-        raise _fail(path, "(file)", "each image id once", "repeated ids")
+        raise fail(path, "(file)", "each image id once", "repeated ids")
     return ids
 
 
@@ -134,28 +126,28 @@ class _FeatureSource:
         self.path, self.key = path, dataset
         self._file = None
         if not path.is_file():
-            raise _fail(path, "(file)", "a features array (.npy or .h5)", "no such file")
+            raise fail(path, "(file)", "a features array (.npy or .h5)", "no such file")
         if path.suffix == ".npy":
             self.key = "(array)"
             try:
                 self.array = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
-                raise _fail(path, "(file)", "a readable .npy array", type(e).__name__) from None
+                raise fail(path, "(file)", "a readable .npy array", type(e).__name__) from None
         elif path.suffix in (".h5", ".hdf5"):
             try:
                 self._file = h5py.File(path, "r")
             except OSError as e:
-                raise _fail(path, "(file)", "a readable HDF5 file", type(e).__name__) from None
+                raise fail(path, "(file)", "a readable HDF5 file", type(e).__name__) from None
             if dataset not in self._file or not isinstance(self._file[dataset], h5py.Dataset):
                 self.close()
-                raise _fail(path, dataset, "a 2-D feature dataset", "no such key")
+                raise fail(path, dataset, "a 2-D feature dataset", "no such key")
             self.array = self._file[dataset]
         else:
-            raise _fail(path, "(file)", "a .npy or .h5 file", f"suffix {path.suffix!r}")
+            raise fail(path, "(file)", "a .npy or .h5 file", f"suffix {path.suffix!r}")
         if self.array.ndim != 2 or self.array.dtype.kind not in "fiu":
             shape, dtype = self.array.shape, self.array.dtype
             self.close()
-            raise _fail(path, self.key, "a 2-D numeric array", f"shape {shape}, dtype {dtype}")
+            raise fail(path, self.key, "a 2-D numeric array", f"shape {shape}, dtype {dtype}")
         self.shape = tuple(int(s) for s in self.array.shape)
 
     def blocks(self, rows=8192):
@@ -163,10 +155,10 @@ class _FeatureSource:
             try:
                 block = np.asarray(self.array[start:start + rows], dtype=np.float32)
             except OSError as e:
-                raise _fail(self.path, self.key, "readable data", type(e).__name__) from None
+                raise fail(self.path, self.key, "readable data", type(e).__name__) from None
             if not np.isfinite(block).all():
                 r = start + int(np.argwhere(~np.isfinite(block))[0][0])
-                raise _fail(self.path, self.key, "finite values", f"a non-finite value in row {r}")
+                raise fail(self.path, self.key, "finite values", f"a non-finite value in row {r}")
             yield start, block
 
     def close(self):
@@ -231,7 +223,7 @@ def import_coco(out_dir, train_captions, val_captions, train_features, val_featu
             toks.append(t)
             rows.append(r)
         if not toks:
-            raise _fail(cap_path, "annotations", "captions of images listed in " + ids_path.name,
+            raise fail(cap_path, "annotations", "captions of images listed in " + ids_path.name,
                         "none")
         tokens[name], image_rows[name] = toks, rows
         id_orders[name], url_maps[name] = order, urls
@@ -252,7 +244,7 @@ def import_coco(out_dir, train_captions, val_captions, train_features, val_featu
         try:
             n, D = src.shape
             if n != len(id_orders[name]):
-                raise _fail(feat_path, src.key, f"{len(id_orders[name])} rows (one per id in "
+                raise fail(feat_path, src.key, f"{len(id_orders[name])} rows (one per id in "
                             f"{ids_path.name})", n)
             kind = feature_kind or ("full" if D == 4096 else "pca")
             if kind not in ("pca", "full"):

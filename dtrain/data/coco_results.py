@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from .coco import DataError, _fail
+from .checks import DataError, fail
 
 _ID_IN_NAME = re.compile(r"(?:^|_)(\d+)\.[A-Za-z]+$")
 
@@ -63,11 +63,11 @@ def _load_json(path: Path, what: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise _fail(path, "(file)", what, "no such file") from None
+        raise fail(path, "(file)", what, "no such file") from None
     except IsADirectoryError:
-        raise _fail(path, "(file)", what, "a directory") from None
+        raise fail(path, "(file)", what, "a directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, "(file)", f"valid JSON ({what})", f"{type(e).__name__}: {e}") from None
+        raise fail(path, "(file)", f"valid JSON ({what})", f"{type(e).__name__}: {e}") from None
 
 
 def _is_id(value):
@@ -79,27 +79,27 @@ def read_results(path) -> dict[int, str]:
     path = Path(path)
     blob = _load_json(path, 'a COCO results list [{"image_id": int, "caption": str}]')
     if not isinstance(blob, list):
-        raise _fail(path, "(file)", 'a JSON list of {"image_id", "caption"} objects',
+        raise fail(path, "(file)", 'a JSON list of {"image_id", "caption"} objects',
                     type(blob).__name__)
     if not blob:
-        raise _fail(path, "(file)", "at least one result", "an empty list")
+        raise fail(path, "(file)", "at least one result", "an empty list")
     out = {}
     for k, entry in enumerate(blob):
         if not isinstance(entry, dict):
-            raise _fail(path, f"[{k}]", 'an object {"image_id", "caption"}', type(entry).__name__)
+            raise fail(path, f"[{k}]", 'an object {"image_id", "caption"}', type(entry).__name__)
         for key in ("image_id", "caption"):
             if key not in entry:
-                raise _fail(path, f"[{k}]", f'a "{key}" key', f"keys {sorted(entry)}")
+                raise fail(path, f"[{k}]", f'a "{key}" key', f"keys {sorted(entry)}")
         image_id, caption = entry["image_id"], entry["caption"]
         if not _is_id(image_id):
-            raise _fail(path, f"[{k}].image_id", "an integer", repr(image_id)[:40])
+            raise fail(path, f"[{k}].image_id", "an integer", repr(image_id)[:40])
         if not isinstance(caption, str):
-            raise _fail(path, f"[{k}].caption", "a string", type(caption).__name__)
+            raise fail(path, f"[{k}].caption", "a string", type(caption).__name__)
         if not caption.strip():
-            raise _fail(path, f"[{k}].caption", "a non-empty caption",
+            raise fail(path, f"[{k}].caption", "a non-empty caption",
                         f"an empty one for image_id {image_id}")
         if image_id in out:
-            raise _fail(path, f"[{k}].image_id", "one caption per image",
+            raise fail(path, f"[{k}].image_id", "one caption per image",
                         f"a second caption for image_id {image_id}")
         out[image_id] = caption
     return out
@@ -110,24 +110,24 @@ def read_annotations(path) -> dict[int, list[str]]:
     path = Path(path)
     blob = _load_json(path, "a COCO caption annotation file")
     if not isinstance(blob, dict):
-        raise _fail(path, "(file)", 'a JSON object with "images" and "annotations"',
+        raise fail(path, "(file)", 'a JSON object with "images" and "annotations"',
                     type(blob).__name__)
     for key in ("images", "annotations"):
         if not isinstance(blob.get(key), list):
-            raise _fail(path, key, "a list", "no such key" if key not in blob
+            raise fail(path, key, "a list", "no such key" if key not in blob
                         else type(blob[key]).__name__)
     refs = {}
     for k, im in enumerate(blob["images"]):
         if not isinstance(im, dict) or not _is_id(im.get("id")):
-            raise _fail(path, f"images[{k}].id", "an integer image id", repr(im)[:60])
+            raise fail(path, f"images[{k}].id", "an integer image id", repr(im)[:60])
         refs.setdefault(im["id"], [])
     for k, ann in enumerate(blob["annotations"]):
         if not isinstance(ann, dict) or not _is_id(ann.get("image_id")):
-            raise _fail(path, f"annotations[{k}].image_id", "an integer image id", repr(ann)[:60])
+            raise fail(path, f"annotations[{k}].image_id", "an integer image id", repr(ann)[:60])
         if not isinstance(ann.get("caption"), str):
-            raise _fail(path, f"annotations[{k}].caption", "a string", repr(ann)[:60])
+            raise fail(path, f"annotations[{k}].caption", "a string", repr(ann)[:60])
         if ann["image_id"] not in refs:
-            raise _fail(path, f"annotations[{k}].image_id", "an id listed in images",
+            raise fail(path, f"annotations[{k}].image_id", "an id listed in images",
                         ann["image_id"])
         refs[ann["image_id"]].append(ann["caption"])
     return refs
