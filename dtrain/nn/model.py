@@ -491,9 +491,18 @@ class CaptioningModel:
         gemm.matmul(feats.T, dh0[:n0], g["W_proj"])
         dh0[:n0].sum(axis=0, out=g["b_proj"])
 
-        ids, da_rows = layers.embedding_grad_sparse(words, da_x, self.kernels, self.vocab_size, col_sum=g["b"])
-        rows = ws.get("embed_rows", (da_rows.shape[0], self.wordvec_dim), dtype, xp)
-        gemm.matmul(da_rows, p["Wx"].T, rows)
+        if getattr(gemm, "precision", "fp32") != "fp32":
+            # A GEMM that rounds its operands would round each rank's partial per-word sums
+            # (other bits on another number of ranks): one GEMM row per position, then the sums
+            dx = ws.get("embed_dx", (total, self.wordvec_dim), dtype, xp)
+            gemm.matmul(da_x, p["Wx"].T, dx)
+            da_x.sum(axis=0, out=g["b"])
+            ids, rows = layers.embedding_grad_sparse(words, dx, self.kernels, self.vocab_size)
+        else:
+            ids, da_rows = layers.embedding_grad_sparse(words, da_x, self.kernels, self.vocab_size,
+                                                        col_sum=g["b"])
+            rows = ws.get("embed_rows", (da_rows.shape[0], self.wordvec_dim), dtype, xp)
+            gemm.matmul(da_rows, p["Wx"].T, rows)
         grads = self.step_grads(float(loss), packed.num_tokens, ids, rows, dense=False)
         grads.forward_end = forward_end
         return grads

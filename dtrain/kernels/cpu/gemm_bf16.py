@@ -17,9 +17,13 @@ Invariants:
   finite-difference probe) is rounded again on its next use, never read stale.
 - Activations are rounded into buffers this object owns and reuses (grown when a pass needs
   more, never shrunk): no allocation per GEMM once the largest batch has run.
-- A GEMM's rows may be split across the shared pool's threads (``gemm_rows``, one block of
-  rows per thread); each row is one MKL call's row, which gives the bits of the whole GEMM
-  (tests/test_bf16.py), so the result does not depend on the thread count.
+- An output element's bits do not depend on how many rows or columns its GEMM has, so not on
+  the rank count, the packed step's size or the thread count. MKL gives a row (column) of a
+  GEMM of 2 or more rows (columns) the same bits whatever their number, but computes a
+  one-row or one-column output another way (gemv: other bits; tests/test_precision.py
+  shows both); such an output is computed here as two equal rows (columns). A GEMM's rows
+  may be split across the shared pool's threads (``gemm_rows``), in blocks of 2 rows or
+  more, for the same reason.
 - ``alpha`` is 1 always; ``beta`` is 0 (``matmul``, ``transposed``) or 1 (``accumulate``, one
   GEMM adding into its output: ``accumulates``). The compiled LSTM loops call OpenBLAS's
   sgemm, not this, so ``compiled_sgemm`` is False and the recurrence runs the Python loop
@@ -97,15 +101,36 @@ class Bf16Gemm(Gemm):
         self._fn = mkl.gemm_address
         self.library = mkl.describe()
         self._weights = {}  # _key(weight or weight.T) -> (bits, trans) while weights_fixed
-        self._stores = {}  # slot -> flat uint16 buffer, reused
+        self._stores = {}  # slot -> flat buffer, reused (uint16 bits; float32 for _two_wide)
 
-    def _store(self, slot, shape):
+    def _store(self, slot, shape, dtype=np.uint16):
         size = int(np.prod(shape))
         buf = self._stores.get(slot)
-        if buf is None or buf.size < size:
-            buf = np.empty(max(int(size * GROWTH), 1), np.uint16)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = np.empty(max(int(size * GROWTH), 1), dtype)
             self._stores[slot] = buf
         return buf[:size].reshape(shape)
+
+    def _two_wide(self, a, b, out, beta):
+        """out = a @ b + beta out for an out of one row or one column, computed with that row
+        (column) twice: MKL's path for 2 or more, whose bits the row has in any larger GEMM."""
+        m, n = out.shape
+        if m == 1:
+            a = self._repeat(a, "a2")  # (2, k)
+        if n == 1:
+            b = self._repeat(b.T, "b2").T  # (k, 2)
+        wide = self._store("out2", (max(m, 2), max(n, 2)), np.float32)
+        if beta:
+            wide[...] = out  # a row (column) broadcast to two
+        self._product(a, b, wide, beta)
+        out[...] = wide[:m, :n]
+        return out
+
+    def _repeat(self, row, slot):
+        """A float32 (2, k) buffer holding ``row`` (1, k) twice."""
+        two = self._store(slot, (2, row.shape[1]), np.float32)
+        two[...] = row
+        return two
 
     def _round(self, x, slot):
         """(bits, trans) with op(bits) = x rounded to bf16 (``weights_fixed``'s copy if x is
@@ -146,12 +171,19 @@ class Bf16Gemm(Gemm):
             if beta == 0:
                 out.fill(0)
             return out
+        if min(out.shape) == 1:
+            return self._two_wide(a, b, out, beta)
         target = out if out.shape[1] <= 1 or out.strides[1] == out.itemsize else None
         if target is None:  # no output of the step has such strides: correct, not fast
             target = np.array(out, order="C") if beta else np.empty(out.shape, np.float32)
         (a_bits, trans_a), (b_bits, trans_b) = self._round(a, "a"), self._round(b, "b")
-        dispatch.run(target.size, gemm_arrays, gemm_split, self._fn, a_bits, b_bits, target,
-                     trans_a, trans_b, 1.0, float(beta))
+        # blocks of at least 2 rows (a one-row block would take MKL's gemv path)
+        parts = min(dispatch.parts_for(target.size), target.shape[0] // 2)
+        args = (self._fn, a_bits, b_bits, target, trans_a, trans_b, 1.0, float(beta))
+        if parts > 1:
+            gemm_split(parts, *args)
+        else:
+            gemm_arrays(*args)
         if target is not out:
             out[...] = target
         return out
