@@ -254,12 +254,12 @@ class CocoData:
             s = self._splits[name]
             lengths = caption_lengths(s.captions, self.word_to_idx)
             unk_frac = float((s.captions == unk).sum()) / max(1, int(lengths.sum()))
+            low, high, mean = ((lengths.min(), lengths.max(), lengths.mean()) if lengths.size
+                               else (0, 0, 0))
             lines.append(
                 f"  {name}: {s.num_captions} captions of {s.num_images} images "
                 f"({len(np.unique(s.image_idxs))} captioned), {s.captions.shape[1]} slots, "
-                f"words/caption {lengths.min() if lengths.size else 0}-"
-                f"{lengths.max() if lengths.size else 0} (mean {lengths.mean() if lengths.size else 0:.1f}), "
-                f"<UNK> {100 * unk_frac:.2f}%")
+                f"words/caption {low}-{high} (mean {mean:.1f}), <UNK> {100 * unk_frac:.2f}%")
             if s.num_captions:
                 lines.append(f"    e.g. \"{decode_captions(s.captions[0], self.idx_to_word)}\"")
         return "\n".join(lines)
