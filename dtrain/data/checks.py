@@ -7,6 +7,7 @@ importer (coco_import.py) and the results reader (coco_results.py) share ``fail`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -30,6 +31,31 @@ class DataError(ValueError):
 def fail(path, key: str, expected: str, got) -> DataError:
     """The DataError "<path>: <key>: expected <expected>, got <got>" (raise it)."""
     return DataError(f"{path}: {key}: expected {expected}, got {got}", str(path), key)
+
+
+def read_text(path, what: str) -> str:
+    """The UTF-8 text of ``path``; DataError "expected <what>" when it is missing, a
+    directory or unreadable."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise fail(path, "(file)", what, "no such file") from None
+    except IsADirectoryError:
+        raise fail(path, "(file)", what, "a directory") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise fail(path, "(file)", f"a readable UTF-8 file ({what})", type(e).__name__) from None
+
+
+def read_json(path, what: str):
+    """The JSON value in ``path`` (read_text's errors, and "valid JSON" naming the line of
+    a parse error). Never more than JSON: nothing in a data file can run code."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise fail(path, "(file)", f"valid JSON ({what})",
+                   f"a parse error at line {e.lineno}: {e.msg}") from None
 
 
 def open_h5(path: Path) -> h5py.File:

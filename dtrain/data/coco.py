@@ -32,6 +32,7 @@ from .checks import (
     fail,
     open_h5,
     read_data,
+    read_text,
 )
 from .vocab import (
     SPECIAL_TOKENS,
@@ -214,10 +215,7 @@ class CocoData:
         path = self.data_dir / urls_file(name)
         if not path.is_file():
             return None
-        try:
-            return path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise fail(path, "(file)", "a readable UTF-8 text file", type(e).__name__) from None
+        return read_text(path, "a URL list, one per line").splitlines()
 
     def _subsample_train(self, max_train: int, seed: int):
         split = self._splits["train"]

@@ -25,8 +25,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .checks import DataError, fail
+from .checks import DataError, fail, read_text
 from .coco import CAPTIONS_FILE, VOCAB_FILE, CocoData, feature_file, urls_file
+from .coco_results import read_caption_annotations
 from .vocab import SPECIAL_TOKENS, load_vocab
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -54,49 +55,8 @@ def encode(tokens, word_to_idx, slots) -> list[int]:
     return ids + [word_to_idx["<NULL>"]] * (slots - len(ids))
 
 
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            blob = json.load(f)
-    except FileNotFoundError:
-        raise fail(path, "(file)", "a COCO caption annotation JSON file", "no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(path, "(file)", "valid JSON", type(e).__name__) from None
-    if not isinstance(blob, dict):
-        raise fail(path, "(file)", "a JSON object", type(blob).__name__)
-    for key in ("images", "annotations"):
-        if not isinstance(blob.get(key), list):
-            raise fail(path, key, "a list", "no such key" if key not in blob else
-                        type(blob[key]).__name__)
-    return blob
-
-
-def _read_captions(path: Path):
-    """[(image_id, caption)] in file order, and {image_id: url}."""
-    blob = _read_json(path)
-    urls = {}
-    for k, im in enumerate(blob["images"]):
-        if not isinstance(im, dict) or not isinstance(im.get("id"), int):
-            raise fail(path, f"images[{k}].id", "an integer image id", repr(im)[:60])
-        urls[im["id"]] = im.get("coco_url") or im.get("flickr_url") or ""
-    pairs = []
-    for k, ann in enumerate(blob["annotations"]):
-        if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int):
-            raise fail(path, f"annotations[{k}].image_id", "an integer image id", repr(ann)[:60])
-        if not isinstance(ann.get("caption"), str):
-            raise fail(path, f"annotations[{k}].caption", "a string",
-                        repr(ann.get("caption"))[:60])
-        pairs.append((ann["image_id"], ann["caption"]))
-    return pairs, urls
-
-
 def _read_image_ids(path: Path) -> list[int]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise fail(path, "(file)", "an image-id order file", "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise fail(path, "(file)", "a readable text file", type(e).__name__) from None
+    text = read_text(path, "an image-id order file")
     if path.suffix == ".json":
         try:
             ids = json.loads(text)
@@ -207,7 +167,7 @@ def import_coco(out_dir, train_captions, val_captions, train_features, val_featu
     tokens, image_rows, summary = {}, {}, {"splits": {}}
     id_orders, url_maps = {}, {}
     for name, (cap_path, _, ids_path) in splits.items():
-        pairs, urls = _read_captions(cap_path)
+        pairs, urls = read_caption_annotations(cap_path)
         order = _read_image_ids(ids_path)
         row_of = {image_id: r for r, image_id in enumerate(order)}
         toks, rows, skipped, truncated = [], [], 0, 0

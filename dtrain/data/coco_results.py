@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from .checks import DataError, fail
+from .checks import DataError, fail, read_json
 
 _ID_IN_NAME = re.compile(r"(?:^|_)(\d+)\.[A-Za-z]+$")
 
@@ -58,18 +58,6 @@ def write_results(path, image_ids, captions):
     return path
 
 
-def _load_json(path: Path, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise fail(path, "(file)", what, "no such file") from None
-    except IsADirectoryError:
-        raise fail(path, "(file)", what, "a directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(path, "(file)", f"valid JSON ({what})", f"{type(e).__name__}: {e}") from None
-
-
 def _is_id(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -77,7 +65,7 @@ def _is_id(value):
 def read_results(path) -> dict[int, str]:
     """{image_id: caption} of a results file; DataError on the first problem."""
     path = Path(path)
-    blob = _load_json(path, 'a COCO results list [{"image_id": int, "caption": str}]')
+    blob = read_json(path, 'a COCO results list [{"image_id": int, "caption": str}]')
     if not isinstance(blob, list):
         raise fail(path, "(file)", 'a JSON list of {"image_id", "caption"} objects',
                     type(blob).__name__)
@@ -105,31 +93,45 @@ def read_results(path) -> dict[int, str]:
     return out
 
 
-def read_annotations(path) -> dict[int, list[str]]:
-    """{image_id: [reference captions]} of a COCO caption annotation file."""
+def read_caption_annotations(path) -> tuple[list[tuple[int, str]], dict[int, str]]:
+    """([(image_id, caption)] in file order, {image_id: URL or ""} of every listed image) of
+    a COCO caption annotation file (captions_*2014.json); DataError naming the entry at
+    fault. Every caption's image must be listed in "images"."""
     path = Path(path)
-    blob = _load_json(path, "a COCO caption annotation file")
+    blob = read_json(path, "a COCO caption annotation file")
     if not isinstance(blob, dict):
         raise fail(path, "(file)", 'a JSON object with "images" and "annotations"',
-                    type(blob).__name__)
+                   type(blob).__name__)
     for key in ("images", "annotations"):
         if not isinstance(blob.get(key), list):
             raise fail(path, key, "a list", "no such key" if key not in blob
-                        else type(blob[key]).__name__)
-    refs = {}
+                       else type(blob[key]).__name__)
+    urls = {}
     for k, im in enumerate(blob["images"]):
         if not isinstance(im, dict) or not _is_id(im.get("id")):
             raise fail(path, f"images[{k}].id", "an integer image id", repr(im)[:60])
-        refs.setdefault(im["id"], [])
+        urls[im["id"]] = im.get("coco_url") or im.get("flickr_url") or ""
+    pairs = []
     for k, ann in enumerate(blob["annotations"]):
         if not isinstance(ann, dict) or not _is_id(ann.get("image_id")):
             raise fail(path, f"annotations[{k}].image_id", "an integer image id", repr(ann)[:60])
         if not isinstance(ann.get("caption"), str):
-            raise fail(path, f"annotations[{k}].caption", "a string", repr(ann)[:60])
-        if ann["image_id"] not in refs:
+            raise fail(path, f"annotations[{k}].caption", "a string",
+                       repr(ann.get("caption"))[:60])
+        if ann["image_id"] not in urls:
             raise fail(path, f"annotations[{k}].image_id", "an id listed in images",
-                        ann["image_id"])
-        refs[ann["image_id"]].append(ann["caption"])
+                       ann["image_id"])
+        pairs.append((ann["image_id"], ann["caption"]))
+    return pairs, urls
+
+
+def read_annotations(path) -> dict[int, list[str]]:
+    """{image_id: [reference captions]} of a COCO caption annotation file, every listed
+    image present (an image without captions has an empty list)."""
+    pairs, urls = read_caption_annotations(path)
+    refs = {image_id: [] for image_id in urls}
+    for image_id, caption in pairs:
+        refs[image_id].append(caption)
     return refs
 
 
@@ -147,5 +149,5 @@ def match_results(results: dict, annotations: dict, results_path, annotations_pa
     return ids, [results[i] for i in ids], [annotations[i] for i in ids]
 
 
-__all__ = ["coco_id_from_url", "match_results", "read_annotations", "read_results",
-           "split_image_ids", "write_results"]
+__all__ = ["coco_id_from_url", "match_results", "read_annotations", "read_caption_annotations",
+           "read_results", "split_image_ids", "write_results"]

@@ -6,12 +6,11 @@ no index is hard-coded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .checks import fail
+from .checks import fail, read_json
 
 SPECIAL_TOKENS = ("<NULL>", "<START>", "<END>", "<UNK>")
 
@@ -19,16 +18,7 @@ SPECIAL_TOKENS = ("<NULL>", "<START>", "<END>", "<UNK>")
 def load_vocab(path) -> tuple[dict[str, int], list[str]]:
     """Read and validate coco2014_vocab.json -> (word_to_idx, idx_to_word)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise fail(path, "(file)", "a vocabulary JSON file", "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise fail(path, "(file)", "a readable UTF-8 JSON file", type(e).__name__) from None
-    try:
-        blob = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise fail(path, "(file)", "valid JSON", f"a parse error at line {e.lineno}") from None
+    blob = read_json(path, "a vocabulary JSON file")
     if not isinstance(blob, dict):
         raise fail(path, "(file)", "a JSON object", type(blob).__name__)
     return validate_vocab(blob.get("word_to_idx"), blob.get("idx_to_word"), path)
