@@ -1,7 +1,16 @@
 """Helpers shared by the tests: numeric gradients, error measures, vocabularies, caption
-batches, and the final state of a run's checkpoints."""
+batches, the final state of a run's checkpoints, and waiting for a Slurm job."""
+
+import time
+from pathlib import Path
 
 import numpy as np
+
+# Slurm job states after which a job runs no more
+SLURM_FINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+    "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT",
+}  # fmt: skip
 
 
 def numeric_grad(f, x, df=None, h=1e-5):
@@ -69,3 +78,23 @@ def final_state(ckpt_dir):
     assert path is not None, f"no checkpoint in {ckpt_dir}"
     ck = load_checkpoint(path)
     return int(ck["step"]), {k: np.asarray(v) for k, v in ck["params"].items()}, ck
+
+
+def read_output(path: Path) -> str:
+    """A job's output file, or a line saying it is missing (for assertion messages)."""
+    return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
+
+
+def wait_slurm_job(cluster, job_id, out: Path, timeout) -> dict:
+    """``cluster.job(job_id)`` once the job reached a final state; after ``timeout`` s the
+    job is cancelled and the test fails with its output and the cluster's logs."""
+    deadline = time.monotonic() + timeout
+    info = {}
+    while time.monotonic() < deadline:
+        info = cluster.job(job_id)
+        if info.get("JobState") in SLURM_FINAL_STATES:
+            return info
+        time.sleep(0.5)
+    cluster.run("scancel", job_id, check=False)
+    raise AssertionError(f"job {job_id} not finished after {timeout} s: {info.get('JobState')} "
+                         f"({info.get('Reason')})\n{read_output(out)}\n{cluster.logs()}")

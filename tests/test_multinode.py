@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 
 from dtrain.parallel.comm import describe_layout
+from helpers import read_output, wait_slurm_job
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = REPO / "slurm" / "train.sbatch"
 LAUNCH = REPO / "launch" / "mpirun.py"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"}
 STEPS = 60
 # --deterministic: the same bits on any number of ranks; 4 micro-shards of 4 rows
 # divide among 1, 2 and 4 ranks.
@@ -158,29 +158,16 @@ def _submit(cluster, workdir: Path, data, ckpt_dir, nodes, per_node, extra=(), s
     return r.stdout.strip().split(";")[0], out
 
 
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
-
-
 def _wait_job(cluster, job_id, out: Path, timeout=240) -> dict:
-    deadline = time.monotonic() + timeout
-    info = {}
-    while time.monotonic() < deadline:
-        info = cluster.job(job_id)
-        if info.get("JobState") in FINAL_STATES:
-            return info
-        time.sleep(0.5)
-    cluster.run("scancel", job_id, check=False)
-    raise AssertionError(f"job {job_id} not finished after {timeout} s: {info.get('JobState')} "
-                         f"({info.get('Reason')})\n{_read(out)}\n{cluster.logs()}")
+    return wait_slurm_job(cluster, job_id, out, timeout)
 
 
 def _wait_for(predicate, what, cluster, job_id, out, timeout=120):
     deadline = time.monotonic() + timeout
     while not predicate():
         info = cluster.job(job_id)
-        assert info["JobState"] in ("PENDING", "RUNNING"), f"{what}: {info}\n{_read(out)}"
-        assert time.monotonic() < deadline, f"{what}: not after {timeout} s\n{_read(out)}"
+        assert info["JobState"] in ("PENDING", "RUNNING"), f"{what}: {info}\n{read_output(out)}"
+        assert time.monotonic() < deadline, f"{what}: not after {timeout} s\n{read_output(out)}"
         time.sleep(0.2)
 
 
@@ -318,7 +305,7 @@ def test_sbatch_two_nodes_partition_healed_then_preempted_resumes(hosts, synth_d
         info = _wait_job(hosts, job_id, out)
     finally:
         _heal(hosts)
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
     assert info["Restarts"] == "1", text
     assert "dtrain: stall" not in text, text
@@ -350,7 +337,7 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
         _wait_for(lambda: list(ckpt.glob("ckpt-*.h5")), "first checkpoint", hosts, job_id, out)
         hosts.on_node("node2", "ip", "link", "set", "eth0", "down")
         cut = time.monotonic()
-        _wait_for(lambda: "training step exited" in _read(out), "the job's end", hosts, job_id,
+        _wait_for(lambda: "training step exited" in read_output(out), "the job's end", hosts, job_id,
                   out, timeout=STALL_TIMEOUT + 60)
         ended = time.monotonic() - cut
         print(f"lost host: the job ended {ended:.1f} s after the cut (--stall-timeout "
@@ -359,7 +346,7 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
         info = _wait_job(hosts, job_id, out)
     finally:
         _heal(hosts)
-    text = _read(out)
+    text = read_output(out)
     assert ended < STALL_TIMEOUT + STALL_BOUND, f"ended {ended:.1f} s after the cut\n{text}"
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "124:0", f"{info}\n{text}"
     assert info["Restarts"] == "0", text  # a stalled job is not requeued
@@ -376,7 +363,7 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
     job2, out2 = _submit(hosts, tmp_path / "job2", synth_data, ckpt, 2, 1,
                          sbatch=["--exclude=node2"])
     info2 = _wait_job(hosts, job2, out2)
-    text2 = _read(out2)
+    text2 = read_output(out2)
     assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", f"{info2}\n{text2}"
     assert "[node1: ranks 0 local 0 x 1 thread(s); node3: ranks 1 local 0" in text2, text2
     assert re.search(rf"resumed from \S+ at step {stalled_at}\b", text2), text2

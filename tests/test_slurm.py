@@ -19,14 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers import read_output, wait_slurm_job
+
 REPO = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = REPO / "slurm" / "train.sbatch"
 BIN = Path(sys.executable).parent  # the venv's bin: python3 and mpiexec for the jobs
 MPIEXEC = BIN / "mpiexec"
-FINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT",
-}  # fmt: skip
 PREEMPTED_EXIT = 75
 
 # A small LSTM on the built-in data, float64 so runs compare to 1e-10.
@@ -82,22 +80,7 @@ def _submit(cluster, workdir: Path, data, ckpt_dir, steps, extra=(), ntasks=2):
 
 
 def _wait_job(cluster, job_id, out: Path, timeout=180) -> dict:
-    deadline = time.monotonic() + timeout
-    info = {}
-    while time.monotonic() < deadline:
-        info = cluster.job(job_id)
-        if info.get("JobState") in FINAL_STATES:
-            return info
-        time.sleep(0.5)
-    cluster.run("scancel", job_id, check=False)
-    raise AssertionError(
-        f"job {job_id} not finished after {timeout} s: {info.get('JobState')} "
-        f"({info.get('Reason')})\n{_read(out)}\n{cluster.logs()}"
-    )
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
+    return wait_slurm_job(cluster, job_id, out, timeout)
 
 
 def _final_params(ckpt_dir):
@@ -130,7 +113,7 @@ def test_sbatch_two_tasks_matches_mpiexec(slurm_cluster, synth_data, tmp_path):
     job_id, out = _submit(slurm_cluster, tmp_path, synth_data, tmp_path / "job-ckpt", steps)
     info = _wait_job(slurm_cluster, job_id, out)
     _finish(ref)
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "COMPLETED", f"{info}\n{text}"
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", text
     assert "srun --mpi=pmi2" in text, text  # MPICH: the script picked pmi2
@@ -148,8 +131,8 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, synth_data, t
     deadline = time.monotonic() + 120
     while not list(ckpt.glob("ckpt-*.h5")):
         info = slurm_cluster.job(job_id)
-        assert info["JobState"] in ("PENDING", "RUNNING"), f"{info}\n{_read(out)}"
-        assert time.monotonic() < deadline, f"no checkpoint after 120 s\n{_read(out)}"
+        assert info["JobState"] in ("PENDING", "RUNNING"), f"{info}\n{read_output(out)}"
+        assert time.monotonic() < deadline, f"no checkpoint after 120 s\n{read_output(out)}"
         time.sleep(0.2)
     # What Slurm does at --signal=B:USR1@T: signal the batch shell only.
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
@@ -159,7 +142,7 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, synth_data, t
     ref = _start_mpiexec_run(synth_data, tmp_path / "ref" / "ckpt", steps)
     info = _wait_job(slurm_cluster, job_id, out, timeout=240)
     _finish(ref)
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "COMPLETED", f"{info}\n{text}"
     assert info["ExitCode"] == "0:0", text
     assert info["Restarts"] == "1", text  # requeued once, and not again once finished
@@ -195,7 +178,7 @@ def _sbatch_plain(cluster, workdir: Path, extra_flags: str, **env_vars):
 def test_sbatch_without_data_dir_trains_on_builtin_data(slurm_cluster, tmp_path):
     job_id, out = _sbatch_plain(slurm_cluster, tmp_path, " ".join(["--steps", "4", *COMMON]))
     info = _wait_job(slurm_cluster, job_id, out, timeout=300)
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
     launch = next(line for line in text.splitlines() if "launch: " in line)
     assert " --data " not in launch, launch
@@ -228,11 +211,11 @@ def test_sbatch_user_errors_exit_2_not_137(slurm_cluster, tmp_path):
         jobs[name] = _sbatch_plain(slurm_cluster, workdir, case["extra_flags"], **case.get("env", {}))
     for name, (job_id, out) in jobs.items():
         info = _wait_job(slurm_cluster, job_id, out, timeout=180)
-        text = _read(out)
+        text = read_output(out)
         assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{name}: {info}\n{text}"
         assert cases[name]["expect"] in text, f"{name}:\n{text}"
         assert info["Restarts"] == "0", f"{name}: {info}"
-    text = _read(jobs["bad-resume"][1])
+    text = read_output(jobs["bad-resume"][1])
     assert "training step exited with code" in text, text
     if "training step exited with code 137" in text:  # srun killed the other rank
         assert "a rank reported a user error (dtrain exit code 2" in text, text
