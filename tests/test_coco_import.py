@@ -140,7 +140,7 @@ def test_import_cli(inputs, capsys):
 
 
 @pytest.mark.parametrize("case", ["no annotations", "bad caption", "nan feature", "bad id line",
-                                  "no features file"])
+                                  "no features file", "unlisted image", "not JSON"])
 def test_import_errors(inputs, case):
     tmp, args, train_feats, _ = inputs
     if case == "no annotations":
@@ -153,6 +153,12 @@ def test_import_errors(inputs, case):
         train_feats[2, 1] = np.nan
         np.save(tmp / "train_feats.npy", train_feats)
         where = ("train_feats.npy", "(array)")
+    elif case == "unlisted image":  # one reader of annotation files: import-coco as score
+        coco_json(tmp / "captions_train2014.json", [(11, "")], [(11, "a man"), (99, "a dog")])
+        where = ("captions_train2014.json", "annotations[1].image_id")
+    elif case == "not JSON":
+        (tmp / "captions_val2014.json").write_text('{"images": [')
+        where = ("captions_val2014.json", "(file)")
     elif case == "bad id line":
         (tmp / "train_ids.txt").write_text("33\n11\nabc\n")
         where = ("train_ids.txt", "line 3")
