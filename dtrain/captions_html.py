@@ -6,6 +6,8 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4",
          "rouge_l": "ROUGE-L", "cider_d": "CIDEr-D", "meteor": "METEOR", "spice": "SPICE"}
 
@@ -41,8 +43,4 @@ def captions_page(title, metrics: dict, rows, details: dict) -> str:
 
 
 def write_captions_page(path, title, metrics, rows, details) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(captions_page(title, metrics, rows, details), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, captions_page(title, metrics, rows, details))

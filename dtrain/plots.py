@@ -14,6 +14,8 @@ import math
 from html import escape
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 METRIC_KEYS = (("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("cider_d", "CIDEr-D"))
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
@@ -131,7 +133,4 @@ def write_loss_svg(metrics_path, out_path) -> Path | None:
     if not history["train"] and not history["eval"]:
         return None
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(loss_svg(history), encoding="utf-8")
-    tmp.replace(out_path)
-    return out_path
+    return write_text_atomic(out_path, loss_svg(history))

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text_atomic
+
 __all__ = ["CATEGORIES", "Tracer", "summarize"]
 
 # the categories of timeline.png; "other" is what no span claims (logging, checks, gaps)
@@ -130,10 +132,7 @@ class Tracer:
         trace path (and the png's, when written: a tuple)."""
         merged = merge(tracks, self.size, note)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(merged, f, separators=(",", ":"))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(merged, separators=(",", ":")))
         if not timeline:
             return self.path
         png = plot_timeline(merged, self.path.with_name("timeline.png"))

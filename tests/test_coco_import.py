@@ -108,7 +108,7 @@ def test_import(inputs):
                            "http://coco/55.jpg"]
         assert va.urls == ["", "http://coco/7.jpg"]
     assert (out / "train2014_vgg16_fc7_pca.h5").is_file()
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp*"))
 
 
 def test_import_with_given_vocab_and_full_features(inputs):

@@ -17,7 +17,6 @@ names and renamed, then the directory is validated with CocoData.
 from __future__ import annotations
 
 import json
-import os
 import string
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..atomic import replaced_atomically, write_text_atomic
 from .checks import DataError, fail, read_text
 from .coco import CAPTIONS_FILE, VOCAB_FILE, CocoData, feature_file, urls_file
 from .coco_results import read_caption_annotations
@@ -128,20 +128,8 @@ class _FeatureSource:
 
 
 def _write_atomic_h5(path: Path, fill):
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_atomic_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp, h5py.File(tmp, "w") as f:
+        fill(f)
 
 
 def import_coco(out_dir, train_captions, val_captions, train_features, val_features,
@@ -219,13 +207,13 @@ def import_coco(out_dir, train_captions, val_captions, train_features, val_featu
             _write_atomic_h5(out / feature_file(name, kind == "pca"), fill)
         finally:
             src.close()
-        _write_atomic_text(out / urls_file(name),
+        write_text_atomic(out / urls_file(name),
                            "".join(url_maps[name].get(i, "") + "\n" for i in id_orders[name]))
         summary["splits"][name]["images"] = n
     if widths["train"] != widths["val"]:
         raise DataError(f"{splits['val'][1]}: features: expected width {widths['train']} "
                         f"(as train), got {widths['val']}")
-    _write_atomic_text(out / VOCAB_FILE, json.dumps({"idx_to_word": idx_to_word,
+    write_text_atomic(out / VOCAB_FILE, json.dumps({"idx_to_word": idx_to_word,
                                                      "word_to_idx": word_to_idx}))
 
     def fill_captions(f):

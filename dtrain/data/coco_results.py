@@ -16,10 +16,10 @@ otherwise (saying so), so a results file names the data set's images either way.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from .checks import DataError, fail, read_json
 
 _ID_IN_NAME = re.compile(r"(?:^|_)(\d+)\.[A-Za-z]+$")
@@ -48,14 +48,7 @@ def write_results(path, image_ids, captions):
         raise ValueError(f"{len(image_ids)} image ids but {len(captions)} captions")
     path = Path(path)
     blob = [{"image_id": int(i), "caption": str(c)} for i, c in zip(image_ids, captions)]
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(blob), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text_atomic(path, json.dumps(blob))
 
 
 def _is_id(value):
