@@ -55,3 +55,39 @@ def test_bf16_with_deterministic_refused_by_the_cli(tmp_path):
     assert p.returncode != 0 and len(lines) == 1, p.stderr
     assert "--reduce-dtype bf16" in lines[0] and "--deterministic" in lines[0]
     assert not list(ckpt.glob("*.h5"))
+
+
+def _commmodel():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slurm" / "local-cluster"))
+    try:
+        import commmodel
+    finally:
+        sys.path.pop(0)
+    return commmodel
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8, 9, 32, 128])
+def test_model_bytes_are_the_reducers_count(p):
+    """slurm/local-cluster/commmodel.py counts the bytes dtrain's reducer counts
+    (ring_bytes, embedding_bytes, the sparse/dense choice), at the CS231n sizes."""
+    from dtrain.parallel.reducer import choose_embedding_mode, embedding_bytes, ring_bytes
+
+    m = _commmodel()
+    rows = m.ROWS_PER_RANK * p
+    mode = choose_embedding_mode(p, [m.ROWS_PER_RANK] * p, m.VOCAB, m.WORDVEC, 4)
+    dense = ring_bytes(p, 4 * m.DENSE_FLOATS, 2)
+    want = dense + embedding_bytes(p, rows, m.VOCAB, m.WORDVEC, 4)[mode]
+    got = m.step_bytes(p)
+    assert got["embed"] == mode and abs(got["bytes"] - want) <= 2
+    half = ring_bytes(p, 2 * m.DENSE_FLOATS, 2)  # bf16: the dense part halves
+    embed16 = embedding_bytes(p, rows, m.VOCAB, m.WORDVEC, 2 if mode == "dense" else 4)[mode]
+    assert abs(m.step_bytes(p, "bf16")["bytes"] - half - embed16) <= 2
+
+
+def test_model_fit_recovers_its_constants():
+    m = _commmodel()
+    B, L = 1.1e9, 3e-4
+    pts = [(m.step_bytes(p)["bytes"], m.rounds(p), m.comm_seconds(p, B, L)) for p in (2, 3, 4, 8)]
+    f = m.fit_link(pts)
+    assert abs(f["B"] / B - 1) < 1e-6 and abs(f["L"] / L - 1) < 1e-6
+    assert max(abs(r) for r in f["residuals"]) < 1e-9

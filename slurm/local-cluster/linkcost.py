@@ -20,10 +20,16 @@ its packets pass through a Python process, which caps the rate it can carry. Eve
 link is restored at the end.
 Standard library only; dtrain runs in subprocesses.
 
-    .venv/bin/python slurm/local-cluster/linkcost.py --model [--plot docs/cluster-comm.png]
+    ... linkcost.py --reduce-only ... --json runs.jsonl     # dtrain's reduction alone
+    .venv/bin/python slurm/local-cluster/linkcost.py --model [--fit runs.jsonl] \
+        [--plot docs/cluster-comm.png]
 
-prints the communication model instead (``step_model``; docs/cluster.md): bytes and
-time per step against ranks P, link bandwidth and latency, projected to 128 nodes.
+``--reduce-only`` times dtrain's reducer alone (reducecost.py, a barrier before each of
+``--steps`` repetitions) instead of training. ``--model`` prints the communication model
+(commmodel.py; docs/cluster.md): with ``--fit``, its bandwidth and latency fitted per
+link setting to the reduce-only runs of a JSON file written by ``--json`` (least
+squares, residuals), checked against the training runs in the same file, and the
+projection to 128 nodes for each variant (float32, --overlap-reduce, --reduce-dtype bf16).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import commmodel  # noqa: E402  (beside this script)
+
 REPO = HERE.parents[1]
 ON_NODE = HERE / "on-node.sh"
 MPIRUN = REPO / "launch" / "mpirun.py"
@@ -109,8 +118,15 @@ def link_bytes(root: str, node: str) -> int:
     return sum(int(x) for x in out.split())
 
 
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def run_once(opts, root: str, nodes: list[str], ppn: int, workdir: Path) -> dict:
-    """One training run; its steady-state metrics and the bytes on the links."""
+    """One training run; its steady-state metrics (medians over the steps after the
+    warm-up, one record per step) and the bytes on the links."""
     hostfile = workdir / "hostfile"
     hostfile.write_text("".join(f"{n}:{ppn}\n" for n in nodes))
     ranks = len(nodes) * ppn
@@ -120,8 +136,8 @@ def run_once(opts, root: str, nodes: list[str], ppn: int, workdir: Path) -> dict
            str(opts.threads), "--", "train", "--checkpoint-dir", str(ckpt), "--steps",
            str(opts.steps), "--batch-size", str(opts.per_rank * ranks), "--hidden-dim",
            str(opts.hidden), "--wordvec-dim", str(opts.wordvec), "--cell", opts.cell,
-           "--eval-every", "0", "--eval-images", "1", "--log-every",
-           str(max(1, opts.steps // 3)), "--checkpoint-every", "0", "--quiet"]
+           "--eval-every", "0", "--eval-images", "1", "--log-every", "1",
+           "--checkpoint-every", "0", "--quiet", *opts.extra.split()]
     if opts.data:
         cmd += ["--data", opts.data]
     before = sum(link_bytes(root, n) for n in nodes)
@@ -130,91 +146,80 @@ def run_once(opts, root: str, nodes: list[str], ppn: int, workdir: Path) -> dict
     if r.returncode != 0:
         raise SystemExit(f"linkcost: training failed ({r.returncode}):\n{r.stdout}{r.stderr}")
     recs = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in recs if x.get("kind") == "train"][1:]  # the first has the warm-up
-    if not train:
-        raise SystemExit("linkcost: too few steps for a steady-state interval; raise --steps")
-    mean = lambda key: sum(x[key] for x in train) / len(train)  # noqa: E731
-    return {"ranks": ranks, "ms": mean("step_ms"), "comm": mean("comm_share"),
-            "est_bytes": mean("bytes_per_step"), "embed": train[-1].get("embed_reduce"),
+    train = [x for x in recs if x.get("kind") == "train"][WARMUP_STEPS:]
+    if len(train) < 3:
+        raise SystemExit("linkcost: too few steps after the warm-up; raise --steps")
+    step_ms = median([x["step_ms"] for x in train])
+    comm_ms = median([x["comm_ms"] for x in train])
+    return {"ranks": ranks, "ms": step_ms, "comm_ms": comm_ms, "comm": comm_ms / step_ms,
+            "steps_ms": [x["step_ms"] for x in train], "comms_ms": [x["comm_ms"] for x in train],
+            "est_bytes": median([x["bytes_per_step"] for x in train]),
+            "embed": train[-1].get("embed_reduce"),
             # a byte between hosts is sent by one rank and received by another, as in
             # dtrain's count; bytes between ranks of one host never reach a link
             "link_bytes": (after - before) / opts.steps / ranks}
 
 
-# ------------------------------------------------------------------ the model
-# CS231n sizes, float32: the dense gradient (everything but the word embedding) of
-# the LSTM with H=512, W=256, V=1004 and 512 input features, and the embedding.
-DENSE_BYTES = 4 * (512 * 512 + 512 + 256 * 2048 + 512 * 2048 + 2048 + 512 * 1004 + 1004)
-VOCAB, WORDVEC = 1004, 256
-ROWS_PER_RANK = 232  # distinct words in a rank's N=128 batch of the built-in data (measured)
+WARMUP_STEPS = 2  # the first steps compile, allocate and fill caches
 
 
-def step_bytes(p: int, rows_per_rank: int = ROWS_PER_RANK) -> tuple[float, str]:
-    """(bytes one rank sends plus receives per step, embedding reduction), as dtrain's
-    reducer counts them: a ring Allreduce of the dense gradient, 4(P-1)/P S, and the
-    cheaper of the embedding's sparse Allgatherv of every rank's rows (id + W floats)
-    and its dense Allreduce."""
-    if p < 2:
-        return 0.0, "local"
-    ring = (p - 1) / p
-    sparse = 2 * ring * p * rows_per_rank * (4 * WORDVEC + 8)
-    dense = 4 * ring * VOCAB * WORDVEC * 4
-    return 4 * ring * DENSE_BYTES + min(sparse, dense), "sparse" if sparse < dense else "dense"
+def reduce_once(opts, root: str, nodes: list[str], ppn: int, workdir: Path) -> dict:
+    """The reduction alone (reducecost.py) over the hosts: its median time and spread."""
+    hostfile = workdir / "hostfile"
+    hostfile.write_text("".join(f"{n}:{ppn}\n" for n in nodes))
+    ranks = len(nodes) * ppn
+    cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), "-f", str(hostfile),
+           "-ppn", str(ppn), "-launcher", "ssh", "-launcher-exec", str(Path(root) / "bin" / "rsh"),
+           sys.executable, str(HERE / "reducecost.py"), "--repeat", str(opts.steps),
+           *opts.extra.split()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    before = sum(link_bytes(root, n) for n in nodes)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout, env=env)
+    after = sum(link_bytes(root, n) for n in nodes)
+    if r.returncode != 0:
+        raise SystemExit(f"linkcost: reducecost.py failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"ranks": ranks, "ms": res["reduce_ms"], "comm_ms": res["reduce_ms"], "comm": 1.0,
+            "p10_ms": res["p10_ms"], "p90_ms": res["p90_ms"], "est_bytes": res["bytes"],
+            "embed": res["embed"], "link_bytes": (after - before) / (opts.steps + 3) / ranks}
 
 
-def step_model(p: int, gbit: float, latency_s: float, compute_s: float) -> dict:
-    """Step time with one rank per node: compute, then the reduction (no overlap today).
-
-    The reduction sends half of ``step_bytes`` and receives the other half at once over a
-    full-duplex link of ``gbit``, and pays ``latency_s`` per ring round: 2(P-1) for the
-    dense Allreduce, P-1 for the embedding's Allgatherv, log2 P for the small Allgather
-    of row counts and losses.
-    """
-    nbytes, embed = step_bytes(p)
-    rounds = 2 * (p - 1) + (p - 1 if embed == "sparse" else 0) + max(1, (p - 1).bit_length())
-    comm = nbytes / 2 / (gbit * 1e9 / 8) + rounds * latency_s if p > 1 else 0.0
-    return {"bytes": nbytes, "embed": embed, "comm_s": comm, "step_s": compute_s + comm,
-            "share": comm / (compute_s + comm)}
+# ------------------------------------------------------------------ the model and its fit
+REAL_LINKS = [("10 Gbit/s, 20 us", 10e9 / 8, 20e-6), ("10 Gbit/s, 50 us", 10e9 / 8, 50e-6),
+              ("1 Gbit/s, 50 us", 1e9 / 8, 50e-6)]
+COMPUTE_S = 0.115  # N=128, 1 rank x 2 threads on this machine, quiet (docs/performance.md)
 
 
-def print_model(plot: str | None) -> None:
-    links = [(10, 20e-6), (10, 0.5e-3), (1, 20e-6), (1, 0.5e-3)]
-    computes = [("CPU, N=128, 2 threads", 0.115), ("GPU (H100), N=128", 0.0016)]
-    ps = [2, 3, 4, 8, 32, 128]
-    print("| compute | link | " + " | ".join(f"P={p}" for p in ps) + " |")
-    print("|---|---|" + "---|" * len(ps))
-    for name, tc in computes:
-        for gbit, lat in links:
-            cells = []
-            for p in ps:
-                m = step_model(p, gbit, lat, tc)
-                cells.append(f"{1e3 * m['step_s']:.1f} ms ({100 * m['share']:.0f}%)")
-            print(f"| {name} | {gbit} Gbit/s, {1e3 * lat:g} ms | " + " | ".join(cells) + " |")
-    print("\n| P | bytes/step/rank | embedding |\n|---|---|---|")
-    for p in ps:
-        nbytes, embed = step_bytes(p)
-        print(f"| {p} | {nbytes / 1e6:.2f} MB | {embed} |")
+def print_model(records_path: str | None, plot: str | None) -> None:
+    """The fit of commmodel.py to the reduce-only records, its check against the training
+    records (1 rank per host), and the projection to 128 nodes."""
+    fits = {}
+    if records_path:
+        recs = [json.loads(line) for line in Path(records_path).read_text().splitlines()]
+        print("| variant | link | B (fit) | L (fit) | points (P: measured -> model, ms) "
+              "| residual rms |\n|---|---|---|---|---|---|")
+        for variant in ("fp32", "bf16"):
+            for link, f in commmodel.fit_records(recs, variant).items():
+                if variant == "fp32":
+                    fits[link] = f
+                pts = ", ".join(f"{q[3]}: {1e3 * q[2]:.0f} -> {1e3 * (q[2] - r):.0f}"
+                                for q, r in sorted(zip(f["points"], f["residuals"]),
+                                                   key=lambda z: z[0][3]))
+                rms = (sum(r * r for r in f["residuals"]) / len(f["residuals"])) ** 0.5
+                bw = "inf" if f["B"] == float("inf") else f"{8 * f['B'] / 1e9:.2f} Gbit/s"
+                print(f"| {variant} | {link} | {bw} | {1e3 * f['L']:.2f} ms | {pts} "
+                      f"| {1e3 * rms:.0f} ms |")
+        print("\ncheck against training (1 rank per host, fp32; comm ms median -> model):")
+        for r in recs:
+            if not r.get("reduce_only") and r.get("ppn") == 1 and r.get("variant") == "fp32" \
+                    and r["link"] in fits:
+                f = fits[r["link"]]
+                model = commmodel.comm_seconds(r["ranks"], f["B"], f["L"])
+                print(f"  {r['link']} {r['hosts']} hosts: {r['comm_ms']:.0f} -> {1e3 * model:.0f}")
+    print(f"\nprojection, compute {1e3 * COMPUTE_S:.0f} ms/step; ms per step (share):\n")
+    print(commmodel.projection_table(COMPUTE_S, REAL_LINKS))
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        grid = [2 ** k for k in range(1, 8)]
-        for name, tc in computes:
-            for gbit, lat in links:
-                ax.plot(grid, [100 * step_model(p, gbit, lat, tc)["share"] for p in grid],
-                        marker="o", ls="-" if tc > 0.01 else "--",
-                        label=f"{name}; {gbit} Gbit/s, {1e3 * lat:g} ms")
-        ax.axhline(15, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("nodes (1 rank each)")
-        ax.set_ylabel("communication share of the step, %")
-        ax.set_title("dtrain at CS231n sizes (H=512, W=256, V=1004): model")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(plot, dpi=110)
+        commmodel.plot(plot, COMPUTE_S, REAL_LINKS[:2], fits)
         print(f"\nplot: {plot}")
 
 
@@ -223,7 +228,8 @@ def main(argv=None) -> int:
         argv = sys.argv[1:]
     if "--model" in argv:
         plot = argv[argv.index("--plot") + 1] if "--plot" in argv else None
-        print_model(plot)
+        fit = argv[argv.index("--fit") + 1] if "--fit" in argv else None
+        print_model(fit, plot)
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="COCO-layout data (default: the built-in data set)")
@@ -238,6 +244,13 @@ def main(argv=None) -> int:
     p.add_argument("--cell", default="lstm")
     p.add_argument("--threads", type=int, default=1, help="threads per rank")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--repeat", type=int, default=1, help="runs per setting (medians, spread)")
+    p.add_argument("--extra", default="", help="more flags for dtrain train, one string")
+    p.add_argument("--label", default="", help="a name for --extra in the table and JSON")
+    p.add_argument("--json", help="append one JSON line per run to this file (for --fit)")
+    p.add_argument("--reduce-only", action="store_true",
+                   help="time dtrain's reduction alone (reducecost.py; --steps repetitions, "
+                        "--extra its flags) instead of training")
     opts = p.parse_args(argv)
     root = os.environ.get("SLURM_ROOT")
     if not root or not (Path(root) / "hosts" / "state").exists():
@@ -248,9 +261,9 @@ def main(argv=None) -> int:
     for link in opts.links:
         parse_link(link)
     nodes_all = [f"node{i}" for i in range(1, have + 1)]
-    print("| link | hosts x ranks | ms/step | comm share | bytes/step/rank (dtrain) "
-          "| bytes/step/rank (links) | embedding |")
-    print("|---|---|---|---|---|---|---|")
+    print("| link | hosts x ranks | variant | ms/step (median; runs) | comm share "
+          "| bytes/step/rank (dtrain) | bytes/step/rank (links) | embedding |")
+    print("|---|---|---|---|---|---|---|---|")
     procs = []
     try:
         for link in opts.links:
@@ -258,12 +271,26 @@ def main(argv=None) -> int:
             procs = shape(root, nodes_all, link)
             for hosts in opts.hosts:
                 for ppn in opts.ppn:
-                    with tempfile.TemporaryDirectory(prefix="linkcost-") as tmp:
-                        res = run_once(opts, root, nodes_all[:hosts], ppn, Path(tmp))
-                    print(f"| {link} | {hosts} x {ppn} | {res['ms']:.1f} "
-                          f"| {100 * res['comm']:.0f}% "
-                          f"| {res['est_bytes'] / 1e6:.2f} MB | {res['link_bytes'] / 1e6:.2f} MB "
-                          f"| {res['embed']} |", flush=True)
+                    runs = []
+                    for _ in range(opts.repeat):
+                        once = reduce_once if opts.reduce_only else run_once
+                        with tempfile.TemporaryDirectory(prefix="linkcost-") as tmp:
+                            res = once(opts, root, nodes_all[:hosts], ppn, Path(tmp))
+                        res.update(link=link, hosts=hosts, ppn=ppn, variant=opts.label,
+                                   reduce_only=opts.reduce_only,
+                                   per_rank=opts.per_rank, threads=opts.threads)
+                        runs.append(res)
+                        if opts.json:
+                            with open(opts.json, "a") as f:
+                                f.write(json.dumps(res) + "\n")
+                    ms = [r["ms"] for r in runs]
+                    share = [100 * r["comm"] for r in runs]
+                    print(f"| {link} | {hosts} x {ppn} | {opts.label or '-'} "
+                          f"| {median(ms):.0f} ({', '.join(f'{x:.0f}' for x in ms)}) "
+                          f"| {median(share):.0f}% ({', '.join(f'{x:.0f}' for x in share)}) "
+                          f"| {runs[0]['est_bytes'] / 1e6:.2f} MB "
+                          f"| {median([r['link_bytes'] for r in runs]) / 1e6:.2f} MB "
+                          f"| {runs[-1]['embed']} |", flush=True)
     finally:
         unshape(procs)
         shape(root, nodes_all, "none")
