@@ -173,17 +173,17 @@ class PendingSum:
     that drives it. ``wait()`` returns when it is complete (every rank then holds the
     sums), and is a collective in the stall watchdog's sense: every rank waits."""
 
-    def __init__(self, request, comm=None, nbytes: int = 0):
+    def __init__(self, request, comm=None, nbytes: int = 0, polled: bool = True):
         self.request, self.comm, self.nbytes = request, comm, nbytes
         self.completed_early = False  # done before wait() was called (it overlapped)
         self._done = threading.Event()
         self._stop = threading.Event()
         self._thread = None
-        if request is not None:
+        if request is not None and polled:
             self._thread = threading.Thread(target=self._poll, name="dtrain-iallreduce",
                                             daemon=True)
             self._thread.start()
-        else:
+        elif request is None:
             self._done.set()
 
     def _poll(self) -> None:
@@ -200,7 +200,8 @@ class PendingSum:
         self.completed_early = self._done.is_set()
         comm._enter("wait_sum", 0, None, self.nbytes)
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if not self._done.is_set():
             self.request.Wait()
         self.request = None
@@ -457,7 +458,10 @@ class Communicator:
         self._enter("iallreduce_sum_", buf.size, buf.dtype, buf.nbytes)
         request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         self._leave()
-        return PendingSum(request, self, buf.nbytes)
+        # a second thread may call MPI only under MPI_THREAD_MULTIPLE (mpi4py's default);
+        # without it the sum still completes, in wait(), just without overlapping
+        polled = self.MPI.Query_thread() >= self.MPI.THREAD_MULTIPLE
+        return PendingSum(request, self, buf.nbytes, polled)
 
     def allreduce_sum_bf16_(self, buf) -> None:
         """In-place SUM over ranks of a float32 1-D ``buf``, sent as bf16, summed in float32.
