@@ -97,10 +97,27 @@ def step_model(p, bandwidth_Bps, latency_s, compute_s, variant="fp32") -> dict:
 
 
 # ---------------------------------------------------------------------- the fit
-def fit_link(points) -> dict:
-    """Least squares of T = x / 2B + n L over ``points`` [(bytes x, rounds n, seconds T)],
-    with B > 0 and L >= 0 (where the free solution breaks one, the other is fitted alone):
-    B in bytes/s, L in s, residuals in s. No intercept: no bytes, no rounds, no time."""
+def link_bandwidth(link: str) -> float:
+    """The rate a link setting of linkcost.py gives (tbf), bytes/s; inf unshaped."""
+    rate = link.partition("+")[0]
+    if rate == "none":
+        return float("inf")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}[rate[-4]]
+    return float(rate[:-4]) * scale / 8
+
+
+def fit_link(points, bandwidth=None) -> dict:
+    """Least squares of T = x / 2B + n L over ``points`` [(bytes x, rounds n, seconds T)]:
+    B in bytes/s, L in s, residuals in s. No intercept: no bytes, no rounds, no time.
+
+    With ``bandwidth`` B is that (the link's rate) and L alone is fitted. Else both, with
+    B > 0 and L >= 0 (where the free solution breaks one, the other is fitted alone)."""
+    if bandwidth is not None:
+        inv_b = 1 / bandwidth
+        lat = (sum(n * (t - x / 2 * inv_b) for x, n, t in points)
+               / sum(n * n for _, n, _ in points))
+        resid = [t - (x / 2 * inv_b + n * lat) for x, n, t in points]
+        return {"B": bandwidth, "L": lat, "residuals": resid}
     sxx = sum(x * x / 4 for x, _, _ in points)
     snn = sum(n * n for _, n, _ in points)
     sxn = sum(x / 2 * n for x, n, _ in points)
@@ -118,16 +135,22 @@ def fit_link(points) -> dict:
     return {"B": 1 / inv_b if inv_b > 0 else float("inf"), "L": lat, "residuals": resid}
 
 
-def fit_records(records, variant="fp32") -> dict:
-    """Per link setting, the fit over reduce-only records (1 rank per host) of ``variant``."""
+def fit_records(records, variant="fp32", fixed_bandwidth=True, cores=2) -> dict:
+    """Per link setting, the fit over reduce-only records (1 rank per host) of ``variant``:
+    L alone with B the link's rate (``fixed_bandwidth``), else both.
+
+    On one machine the hosts' ranks share its ``cores``: a round's work (the TCP stack's
+    copies, MPI's progress) then takes max(1, P / cores) times as long, so the rounds are
+    weighted so in the fit. A cluster's node has its own cores: the projection does not."""
     by_link: dict[str, list] = {}
     for r in records:
         if r.get("reduce_only") and r.get("ppn") == 1 and (r.get("variant") or "fp32") == variant:
             by_link.setdefault(r["link"], []).append(
-                (r["est_bytes"], rounds(r["ranks"], variant), r["ms"] / 1e3, r["ranks"]))
+                (r["est_bytes"], rounds(r["ranks"], variant) * max(1.0, r["ranks"] / cores),
+                 r["ms"] / 1e3, r["ranks"]))
     out = {}
     for link, pts in by_link.items():
-        f = fit_link([p[:3] for p in pts])
+        f = fit_link([p[:3] for p in pts], link_bandwidth(link) if fixed_bandwidth else None)
         f["points"] = pts
         out[link] = f
     return out
@@ -161,8 +184,9 @@ def plot(path, compute_s, links, fits=None):
             color = ax.plot([q[3] for q in pts], [1e3 * q[2] for q in pts], "o", alpha=0.6,
                             label=f"{link}: measured")[0].get_color()
             grid = sorted({q[3] for q in pts})
-            ax.plot(grid, [1e3 * comm_seconds(p, f["B"], f["L"]) for p in grid], "-",
+            ax.plot(grid, [1e3 * comm_seconds(p, f["B"], f["L"] * max(1.0, p / 2)) for p in grid], "-",
                     color=color, label=f"{link}: fit")
+        ax.set_yscale("log")
         ax.set_xlabel("hosts (1 rank each)")
         ax.set_ylabel("reduction, ms (median of 20)")
         ax.set_title("fit on the namespace hosts (2 shared cores)", fontsize=9)

@@ -214,7 +214,8 @@ def print_model(records_path: str | None, plot: str | None) -> None:
             if not r.get("reduce_only") and r.get("ppn") == 1 and r.get("variant") == "fp32" \
                     and r["link"] in fits:
                 f = fits[r["link"]]
-                model = commmodel.comm_seconds(r["ranks"], f["B"], f["L"])
+                model = commmodel.comm_seconds(r["ranks"], f["B"],
+                                               f["L"] * max(1.0, r["ranks"] / 2))
                 print(f"  {r['link']} {r['hosts']} hosts: {r['comm_ms']:.0f} -> {1e3 * model:.0f}")
     print(f"\nprojection, compute {1e3 * COMPUTE_S:.0f} ms/step; ms per step (share):\n")
     print(commmodel.projection_table(COMPUTE_S, REAL_LINKS))
