@@ -91,7 +91,7 @@ def test_a_row_has_the_same_bits_in_a_gemm_of_any_size():
 
 def test_every_form_and_layout_gives_the_bits_of_mkls_bf16_gemm():
     """matmul, accumulate and transposed, on transposed and row views, with and without the
-    weights rounded ahead (weights_fixed): bit for bit MKL's product of the bf16 roundings."""
+    weights rounded ahead (operands_fixed): bit for bit MKL's product of the bf16 roundings."""
     from dtrain.kernels.cpu.gemm_bf16 import Bf16Gemm
 
     g, rng = Bf16Gemm(), np.random.default_rng(0)
@@ -102,7 +102,7 @@ def test_every_form_and_layout_gives_the_bits_of_mkls_bf16_gemm():
         views = {"a": a, "a.T.T": np.ascontiguousarray(a.T).T, "rows": big[1:m + 1, 2:k + 2]}
         c0 = rng.standard_normal((m, n)).astype(np.float32)
         for fixed in (False, True):
-            ctx = g.weights_fixed(w) if fixed else g.weights_fixed()
+            ctx = g.operands_fixed(w) if fixed else g.operands_fixed()
             with ctx:
                 for name, x in views.items():
                     out = np.full((m, n), np.nan, np.float32)
@@ -125,7 +125,7 @@ def test_every_form_and_layout_gives_the_bits_of_mkls_bf16_gemm():
 
 
 def test_weights_are_rounded_again_after_the_block_and_buffers_are_reused():
-    """A weight changed after weights_fixed's block is read anew (never a stale copy); a
+    """A weight changed after operands_fixed's block is read anew (never a stale copy); a
     second, smaller GEMM reuses the operand buffers (no allocation per step)."""
     from dtrain.kernels.cpu.gemm_bf16 import Bf16Gemm
 
@@ -133,11 +133,19 @@ def test_weights_are_rounded_again_after_the_block_and_buffers_are_reused():
     a = rng.standard_normal((64, 32)).astype(np.float32)
     w = rng.standard_normal((32, 48)).astype(np.float32)
     out = np.empty((64, 48), np.float32)
-    with g.weights_fixed(w):
+    with g.operands_fixed(w):
         g.matmul(a, w, out)
     w *= 3.0  # Adam (or a finite-difference probe) changes the weight in place
     g.matmul(a, w, out)
     assert np.array_equal(out, mkl_reference(a, w, out * 0, 0.0))
+    with g.operands_fixed(w):  # blocks nest: the inner one's exit forgets only its arrays
+        with g.operands_fixed(a):
+            g.matmul(a, w, out)
+        a *= -0.5  # a workspace buffer written again after the inner block
+        g.matmul(a, w, out)
+        assert np.array_equal(out, mkl_reference(a, w, out * 0, 0.0))
+        assert len(g._weights) == 2  # w and w.T
+    assert g._weights == {}
     buffers = {slot: buf.ctypes.data for slot, buf in g._stores.items()}
     g.matmul(a[:10], w[:, :20], out[:10, :20])
     assert {slot: buf.ctypes.data for slot, buf in g._stores.items()} == buffers

@@ -76,9 +76,10 @@ class Gemm:
             return self._transposed(a, b, out)
         return self._recorded("transposed", self._transposed, a, b, out)
 
-    def weights_fixed(self, *weights):
-        """A block (``with``) in which ``weights`` do not change: a Gemm that converts its
-        operands (bf16, ``cpu/gemm_bf16.py``) converts those once for the block. Here none."""
+    def operands_fixed(self, *arrays):
+        """A block (``with``, may nest) in which ``arrays`` do not change: a Gemm that converts
+        its operands (bf16, ``cpu/gemm_bf16.py``) converts each of those once for the block
+        instead of at every GEMM that reads it. Here nothing to do."""
         return contextlib.nullcontext()
 
     def _recorded(self, kind, fn, a, b, out):

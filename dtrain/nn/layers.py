@@ -127,13 +127,14 @@ def weight_grads(x_packed, prev_h, da, Wx, dh0, out, ws, da_h=None, input_grad=T
         )
     dWx, dWh, db = out
     gemm = gemm_of(kernels)
-    gemm.matmul(x_packed.T, da, dWx)
-    gemm.matmul(prev_h.T, da if da_h is None else da_h, dWh)
-    if not input_grad:
-        return da, dh0, dWx, dWh, db
-    da.sum(axis=0, out=db)
-    dx_packed = buffer(ws, "dx_packed", (da.shape[0], Wx.shape[0]), da.dtype, xp)
-    gemm.matmul(da, Wx.T, dx_packed)
+    with gemm.operands_fixed(da):  # read by two or three GEMMs (rounded once in bf16)
+        gemm.matmul(x_packed.T, da, dWx)
+        gemm.matmul(prev_h.T, da if da_h is None else da_h, dWh)
+        if not input_grad:
+            return da, dh0, dWx, dWh, db
+        da.sum(axis=0, out=db)
+        dx_packed = buffer(ws, "dx_packed", (da.shape[0], Wx.shape[0]), da.dtype, xp)
+        gemm.matmul(da, Wx.T, dx_packed)
     return dx_packed, dh0, dWx, dWh, db
 
 

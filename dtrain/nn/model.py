@@ -420,7 +420,7 @@ class CaptioningModel:
     def _packed_pass(self, features, packed, normalizer, forward_only, vocab_ready=None):
         # the weights do not change during a pass: a converting Gemm (bf16) converts them once
         p = self.params
-        with self.gemm.weights_fixed(p["W_proj"], p["Wx"], p["Wh"], p["W_vocab"]):
+        with self.gemm.operands_fixed(p["W_proj"], p["Wx"], p["Wh"], p["W_vocab"]):
             return self._packed_body(features, packed, normalizer, forward_only, vocab_ready)
 
     def _packed_body(self, features, packed, normalizer, forward_only, vocab_ready):
@@ -471,11 +471,12 @@ class CaptioningModel:
         if forward_only:
             return float(loss)
         forward_end = time.perf_counter()
-        gemm.matmul(scored.T, dscores, g["W_vocab"])
-        if vocab_ready is not None:  # W_vocab's and b_vocab's gradients are final: may travel now
-            vocab_ready()
         dscored = ws.get("dscored", scored.shape, dtype, xp)
-        gemm.matmul(dscores, p["W_vocab"].T, dscored)
+        with gemm.operands_fixed(dscores):  # two GEMMs read it (rounded once in bf16)
+            gemm.matmul(scored.T, dscores, g["W_vocab"])
+            if vocab_ready is not None:  # W_vocab's and b_vocab's gradients are final: may travel
+                vocab_ready()
+            gemm.matmul(dscores, p["W_vocab"].T, dscored)
         if packed.score_pos is None:
             dhidden = dscored
         else:

@@ -11,10 +11,11 @@ Invariants:
 - ``op(bits)`` of an operand holds exactly the bf16 rounding of the float32 operand, whatever
   its layout: a transposed view (``W.T``, ``x.T``) is rounded from its C-ordered base and
   given to MKL with the transpose flag, never copied into another layout first.
-- The weights named to ``weights_fixed`` are rounded once on entry (one pass over each per
+- The arrays named to ``operands_fixed`` (the weights, for a whole pass; dscores and the gate
+  gradient for the GEMMs that share them) are rounded once on entry (one pass over Wh per
   training pass, not one per time step) and looked up by address, shape and strides while the
-  block is open; the copies are forgotten on exit, so a weight changed afterwards (Adam, a
-  finite-difference probe) is rounded again on its next use, never read stale.
+  block is open; the copies are forgotten on exit, so an array changed afterwards (Adam, a
+  finite-difference probe, a reused workspace buffer) is rounded again, never read stale.
 - Activations are rounded into buffers this object owns and reuses (grown when a pass needs
   more, never shrunk): no allocation per GEMM once the largest batch has run.
 - An output element's bits do not depend on how many rows or columns its GEMM has, so not on
@@ -100,7 +101,8 @@ class Bf16Gemm(Gemm):
         mkl = bf16.library()
         self._fn = mkl.gemm_address
         self.library = mkl.describe()
-        self._weights = {}  # _key(weight or weight.T) -> (bits, trans) while weights_fixed
+        self._weights = {}  # _key(array or array.T) -> (bits, trans) while operands_fixed
+        self._depth = 0  # operands_fixed blocks open
         self._stores = {}  # slot -> flat buffer, reused (uint16 bits; float32 for _two_wide)
 
     def _store(self, slot, shape, dtype=np.uint16):
@@ -133,8 +135,8 @@ class Bf16Gemm(Gemm):
         return two
 
     def _round(self, x, slot):
-        """(bits, trans) with op(bits) = x rounded to bf16 (``weights_fixed``'s copy if x is
-        one of its weights or a transposed view of one)."""
+        """(bits, trans) with op(bits) = x rounded to bf16 (``operands_fixed``'s copy if x is
+        one of its arrays or a transposed view of one)."""
         hit = self._weights.get(_key(x))
         if hit is not None:
             return hit
@@ -145,18 +147,21 @@ class Bf16Gemm(Gemm):
         return bits, trans
 
     @contextlib.contextmanager
-    def weights_fixed(self, *weights):
-        """While open, ``weights`` (float32, unchanged inside) are rounded once here and
-        every GEMM that reads one of them, or its transpose, reads that copy."""
-        self._weights = {}
-        for i, w in enumerate(weights):
-            bits, trans = self._round(w, ("weight", i))
-            self._weights[_key(w)] = (bits, trans)
-            self._weights[_key(w.T)] = (bits, not trans)
+    def operands_fixed(self, *arrays):
+        """While open, ``arrays`` (float32, unchanged inside) are rounded once here and every
+        GEMM that reads one of them, or its transpose, reads that copy. Blocks nest: an inner
+        block adds its arrays, and its exit forgets only those."""
+        outer, depth = self._weights, self._depth
+        fixed = dict(outer)
+        for i, x in enumerate(arrays):
+            bits, trans = self._round(x, ("fixed", depth, i))
+            fixed[_key(x)] = (bits, trans)
+            fixed[_key(x.T)] = (bits, not trans)
+        self._weights, self._depth = fixed, depth + 1
         try:
             yield
         finally:
-            self._weights = {}
+            self._weights, self._depth = outer, depth
 
     def _product(self, a, b, out, beta):
         """out = a @ b + beta out, a and b float32 rounded to bf16, out float32."""
