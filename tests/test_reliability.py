@@ -324,7 +324,9 @@ def test_scancel_signal_term_checkpoints_and_ends_without_requeue(slurm_cluster,
                                                                   tmp_path):
     """The README's `scancel --signal=TERM <id>` (it signals the job step, not the batch
     script): the ranks checkpoint and exit 75, and train.sbatch does not requeue."""
-    from test_slurm import _read, _submit, _wait_job
+    from test_slurm import _submit, _wait_job
+
+    from helpers import read_output as _read
 
     ckpt = tmp_path / "ck"
     job_id, out = _submit(slurm_cluster, tmp_path, synth_data, ckpt, 100000,
