@@ -154,6 +154,11 @@ def describe_layout(records, max_hosts: int = 8) -> str:
     return f"{len(by_host)} host(s) x {count} rank(s) [{'; '.join(shown)}{tail}]"
 
 
+def _widen(bits: np.ndarray, out: np.ndarray) -> None:
+    """float32 values of bf16 ``bits`` into ``out`` (exact: bf16 is a float32's upper half)."""
+    np.left_shift(bits, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+
+
 def _bucket_bounds(n: int, buckets: int) -> list[tuple[int, int]]:
     """``buckets`` contiguous [lo, hi) pieces covering range(n), empty ones dropped."""
     buckets = max(1, int(buckets))
@@ -474,7 +479,7 @@ class Communicator:
         Allreduce move, and each entry is within ``BF16_SUM_BOUND * sum_r |g_r|`` of the
         exact sum (each term rounded once, the sum once; unit roundoff 2^-8 each).
         """
-        from ..kernels.bf16 import from_bf16, to_bf16
+        from ..kernels.bf16 import to_bf16
 
         self._check_flat(buf, "allreduce_sum_bf16_")
         if np.dtype(buf.dtype) != np.float32:
@@ -489,23 +494,37 @@ class Communicator:
         counts = [hi - lo for lo, hi in bounds]
         displs = [lo for lo, _ in bounds]
         mine = counts[rank]
-        send = to_bf16(host)
-        received = np.empty(size * mine, np.uint16)
+        send, received, total, term = self._bf16_buffers(host.size, mine)
+        to_bf16(host, out=send)
         self.comm.Alltoallv([send, (counts, displs), MPI.UINT16_T],
                             [received, ([mine] * size, [mine * r for r in range(size)]),
                              MPI.UINT16_T])
-        total = from_bf16(received[:mine])
+        _widen(received[:mine], total)
         for r in range(1, size):  # rank order: the same sum on whichever rank owns the chunk
-            total += from_bf16(received[r * mine : (r + 1) * mine])
-        gathered = np.empty(host.size, np.uint16)
-        self.comm.Allgatherv([to_bf16(total), MPI.UINT16_T],
-                             [gathered, (counts, displs), MPI.UINT16_T])
+            _widen(received[r * mine : (r + 1) * mine], term)
+            total += term
+        to_bf16(total, out=send[:mine])  # the send buffer is free again: the rounded sums
+        gathered = received[: host.size]
+        self.comm.Allgatherv([send[:mine], MPI.UINT16_T], [gathered, (counts, displs),
+                                                          MPI.UINT16_T])
         if _is_cupy(buf):
-            buf.set(from_bf16(gathered))
+            out = np.empty(host.size, np.float32)
+            _widen(gathered, out)
+            buf.set(out)
             self._sync_device()
         else:
-            host[...] = from_bf16(gathered)
+            _widen(gathered, host)  # bf16 bits -> float32, straight into the buffer
         self._leave()
+
+    def _bf16_buffers(self, n: int, mine: int):
+        """(send bits (n,), received bits, float32 sums (mine,), one term (mine,)), kept
+        between calls; the received buffer also takes the gathered result (n bits)."""
+        key = (n, mine)
+        if getattr(self, "_bf16_key", None) != key:
+            self._bf16 = (np.empty(n, np.uint16), np.empty(max(n, self.size * mine), np.uint16),
+                          np.empty(mine, np.float32), np.empty(mine, np.float32))
+            self._bf16_key = key
+        return self._bf16
 
     def allreduce_scalars(self, values) -> np.ndarray:
         """float64 SUM over ranks of a small vector (losses, token counts)."""
