@@ -30,6 +30,7 @@ from pathlib import Path
 
 import h5py
 
+from .. import env
 from .coco import CAPTIONS_FILE, VOCAB_FILE, feature_file, urls_file
 from .synthetic_scenes import generate_split
 from .synthetic_world import CAPTIONS_PER_IMAGE, FEATURE_DIM, VERSION
@@ -71,8 +72,8 @@ def write_synthetic(out_dir, train_images=20000, val_images=2000, seed=0) -> Pat
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("DTRAIN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dtrain"
+    cache = env.get("DTRAIN_CACHE")
+    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "dtrain"
 
 
 def builtin_name(train_images=20000, val_images=2000, seed=0) -> str:
