@@ -55,6 +55,8 @@ def run_bench(args):
         check_precision(getattr(args, "precision", "fp32"), args.dtype, args.device)
     except ValueError as exc:
         return _error(str(exc))
+    if getattr(args, "precision", "fp32") != "fp32" and args.no_kernels:
+        return _error("--precision bf16: runs on the fused CPU kernels, not with --no-kernels")
     if args.ranks and not _under_mpi():
         argv = bench_flags(args, drop={"ranks"})
         return subprocess.call([mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "dtrain", "bench",
