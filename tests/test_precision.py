@@ -370,6 +370,7 @@ def test_bench_times_the_bf16_step(tmp_path):
                         "--warmup", "1", "--precision", "bf16", "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "lstm float32 bf16-GEMMs N=8" in p.stdout and "GEMM floor" in p.stdout
     result = json.loads(out.read_text())
     result = result[0] if isinstance(result, list) else result
     assert result["precision"] == "bf16" and "bf16 GEMMs" in result["step_mode"]

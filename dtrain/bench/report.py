@@ -9,7 +9,8 @@ from .floor import CATEGORIES
 
 
 def print_header(r, title="dtrain bench"):
-    print(f"{title}: {r['cell']} {r['dtype']} N={r['N']} T={r['T']} D={r['D']} W={r['W']} "
+    gemms = " bf16-GEMMs" if r.get("precision", "fp32") != "fp32" else ""
+    print(f"{title}: {r['cell']} {r['dtype']}{gemms} N={r['N']} T={r['T']} D={r['D']} W={r['W']} "
           f"H={r['H']} V={r['V']} ranks={r['ranks']} device={r['device']}")
     print(f"  batches: {r['batches']}")
     b = r["blas"]
