@@ -128,7 +128,8 @@ def run_step_bench(args, comm, drive=None):
                        "peak_rss_mb": float(comm.allreduce_scalars(np.array([peak]))[0]) / comm.size,
                        "deterministic": bool(args.deterministic), "micro_batch": micro, "batches": work.source,
                        "cell": args.cell, "dtype": args.dtype,
-                       "precision": getattr(args, "precision", "fp32"), "N": args.batch_size, "D": work.input_dim,
+                       "precision": getattr(args, "precision", "fp32"), "N": args.batch_size,
+                       "D": work.input_dim,
                        "W": args.wordvec_dim, "H": args.hidden_dim, "V": len(work.word_to_idx),
                        "ranks": comm.size})
         return result
