@@ -375,3 +375,34 @@ def test_bench_times_the_bf16_step(tmp_path):
     result = result[0] if isinstance(result, list) else result
     assert result["precision"] == "bf16" and "bf16 GEMMs" in result["step_mode"]
     assert "code path amx" in result["step_mode"] and result["median_ms"] > 0
+
+
+THREADS_CHILD = """
+import sys
+import numpy as np
+from dtrain import kernels
+from dtrain.kernels import pool
+from dtrain.nn.model import CaptioningModel
+import test_precision as tp
+
+def grads(threads):
+    kernels.set_num_threads(threads)
+    m = CaptioningModel(tp.vocab(300), input_dim=64, wordvec_dim=64, hidden_dim=128, seed=0,
+                        precision="bf16")
+    feats, caps = tp.batch(np.random.default_rng(5), n=96, t=9, d=64, v=300)
+    return m.loss(feats, caps)[1], pool.threads()
+
+(g1, t1), (g2, t2) = grads(1), grads(2)
+print(t1, t2, all(np.array_equal(g1[k], g2[k]) for k in g1))
+"""
+
+
+def test_bf16_gradient_has_the_same_bits_on_1_and_2_threads():
+    """The GEMMs' rows and the roundings split across the shared pool's two threads (blocks of
+    two rows or more): the same bits as one thread (in a child: the pool is per process)."""
+    import os
+
+    p = subprocess.run([sys.executable, "-c", THREADS_CHILD], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(__file__))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["1", "2", "True"], p.stdout
