@@ -98,7 +98,7 @@ class TrainConfig:
         need(self.cell in CELLS, "--cell", " or ".join(sorted(CELLS)), self.cell)
         need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64", self.dtype)
         need(self.device in ("cpu", "gpu", "auto"), "--device", "cpu, gpu or auto", self.device)
-        check_precision(self.precision, self.dtype, self.device)
+        check_precision(self.precision, self.dtype, self.device, self.deterministic)
         need(self.embed_reduce in ("auto", "dense", "sparse"), "--embed-reduce",
              "auto, dense or sparse", self.embed_reduce)
         # data
@@ -165,9 +165,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def check_precision(precision, dtype="float32", device="cpu"):
+# MKL_CBWR values under which MKL's bf16 GEMM was seen to give a row the same bits in GEMMs of
+# any row count (2 or more), which --deterministic --precision bf16 relies on
+# (docs/precision-phase2.md); under COMPATIBLE, for one, it does not
+ROW_REPRODUCIBLE_CBWR = ("", "AUTO", "AUTO,STRICT")
+
+
+def check_precision(precision, dtype="float32", device="cpu", deterministic=False):
     """ValueError (one line naming --precision) unless the GEMM precision can run here: bf16
-    needs float32 on the CPU, MKL (the extra ``bf16``) and AMX-BF16 (``bf16.available``)."""
+    needs float32 on the CPU, MKL (the extra ``bf16``) and AMX-BF16 (``bf16.available``);
+    with --deterministic, an MKL_CBWR under which its rows keep their bits."""
     if precision == "fp32":
         return
     if precision != "bf16":
@@ -180,6 +187,11 @@ def check_precision(precision, dtype="float32", device="cpu"):
     ok, why = bf16.available()
     if not ok:
         raise ValueError(f"--precision bf16: {why}")
+    cbwr = os.environ.get("MKL_CBWR", "")
+    if deterministic and cbwr.upper().replace(" ", "") not in ROW_REPRODUCIBLE_CBWR:
+        raise ValueError(f"--deterministic --precision bf16: not with MKL_CBWR={cbwr} (under it "
+                         "a row of MKL's bf16 GEMM has other bits in GEMMs of other row counts); "
+                         "unset it or use AUTO")
 
 
 def add_config_flags(parser: argparse.ArgumentParser):

@@ -326,6 +326,18 @@ def test_bf16_is_refused_in_one_line_on_every_rank(tiny_data, tmp_path, how):
     assert not any(tmp_path.iterdir())  # no checkpoint, nothing written
 
 
+def test_deterministic_bf16_refuses_an_mkl_cbwr_that_breaks_row_bits(monkeypatch):
+    from dtrain.config import TrainConfig
+
+    for value in ("AUTO", "auto,strict"):
+        monkeypatch.setenv("MKL_CBWR", value)
+        TrainConfig(precision="bf16", deterministic=True).validate()
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    TrainConfig(precision="bf16").validate()  # without --deterministic: only the rounding
+    with pytest.raises(ValueError, match="^--deterministic --precision bf16: not with MKL_CBWR"):
+        TrainConfig(precision="bf16", deterministic=True).validate()
+
+
 def test_a_bf16_run_resumes_in_fp32_and_back(tiny_data, tmp_path):
     """Checkpoints hold float32 master weights: a bf16 run continues in fp32 and an fp32 run in
     bf16 (with --allow-changed-settings: precision changes the results, so it is refused
