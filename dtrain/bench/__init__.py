@@ -52,7 +52,8 @@ def run_bench(args):
     try:  # on every rank, before any work: bf16 without MKL or AMX is refused here
         from ..config import check_precision
 
-        check_precision(getattr(args, "precision", "fp32"), args.dtype, args.device)
+        check_precision(getattr(args, "precision", "fp32"), args.dtype, args.device,
+                        bool(args.deterministic))
     except ValueError as exc:
         return _error(str(exc))
     if getattr(args, "precision", "fp32") != "fp32" and args.no_kernels:
