@@ -327,6 +327,8 @@ def test_bf16_is_refused_in_one_line_on_every_rank(tiny_data, tmp_path, how):
 
 
 def test_deterministic_bf16_refuses_an_mkl_cbwr_that_breaks_row_bits(monkeypatch):
+    """The guard alone (MKL is loaded already here, so its dispatch does not change; in a new
+    process COMPATIBLE also takes MKL off AMX, and bf16.available() refuses first)."""
     from dtrain.config import TrainConfig
 
     for value in ("AUTO", "auto,strict"):
