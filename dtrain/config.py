@@ -182,8 +182,12 @@ def check_precision(precision, dtype="float32", device="cpu", deterministic=Fals
     if dtype != "float32" or device != "cpu":
         raise ValueError(f"--precision bf16: expected --dtype float32 and --device cpu (the "
                          f"bf16 GEMMs are built for the CPU step), got {dtype} on {device}")
+    from . import env
     from .kernels import bf16
 
+    if env.flag("DTRAIN_NO_KERNELS"):
+        raise ValueError("--precision bf16: runs on the fused CPU kernels, and DTRAIN_NO_KERNELS "
+                         "is set")
     ok, why = bf16.available()
     if not ok:
         raise ValueError(f"--precision bf16: {why}")

@@ -340,6 +340,15 @@ def test_deterministic_bf16_refuses_an_mkl_cbwr_that_breaks_row_bits(monkeypatch
         TrainConfig(precision="bf16", deterministic=True).validate()
 
 
+def test_bf16_without_the_fused_kernels_is_refused(monkeypatch):
+    from dtrain.config import TrainConfig
+
+    monkeypatch.setenv("DTRAIN_NO_KERNELS", "1")
+    TrainConfig().validate()
+    with pytest.raises(ValueError, match="^--precision bf16: runs on the fused CPU kernels"):
+        TrainConfig(precision="bf16").validate()
+
+
 def test_a_bf16_run_resumes_in_fp32_and_back(tiny_data, tmp_path):
     """Checkpoints hold float32 master weights: a bf16 run continues in fp32 and an fp32 run in
     bf16 (with --allow-changed-settings: precision changes the results, so it is refused
