@@ -369,6 +369,15 @@ def test_a_bf16_run_resumes_in_fp32_and_back(tiny_data, tmp_path):
                "--precision", "bf16", timeout=180)
     step, _, ck = final_state(tmp_path)
     assert step == 6 and ck["config"]["precision"] == "bf16"
+    # evaluate takes its own --precision, whatever the checkpoint was trained with
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        p = run_dtrain(None, "evaluate", "--checkpoint", "latest", "--checkpoint-dir", tmp_path,
+                       "--precision", precision, "--eval-images", 4, "--eval-captions", 16,
+                       timeout=180)
+        losses[precision] = json.loads(p.stdout.strip().splitlines()[-1])["val_loss"]
+    assert losses["fp32"] != losses["bf16"]
+    assert abs(losses["bf16"] - losses["fp32"]) <= 0.01 * losses["fp32"], losses
 
 
 def test_bf16_training_reaches_fp32s_validation_loss(synth_data, tmp_path):

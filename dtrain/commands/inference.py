@@ -108,6 +108,9 @@ def load_for_inference(args, comm):
     cfg.data = args.data or saved.get("data_dir")
     cfg.device = args.device
     cfg.precision = args.precision
+    if cfg.precision != "fp32" and cfg.dtype != "float32":
+        raise UserError(f"--precision {cfg.precision}: expected a float32 checkpoint, "
+                        f"{info['path']} is {cfg.dtype}")
     cfg.max_length = args.max_length
     cfg.quiet = True
     backend.set_threads(backend.node_threads(comm.local_size, args.threads_per_rank), comm.local_size)
