@@ -166,7 +166,9 @@ def _wait_for(predicate, what, cluster, job_id, out, timeout=120):
     deadline = time.monotonic() + timeout
     while not predicate():
         info = cluster.job(job_id)
-        assert info["JobState"] in ("PENDING", "RUNNING"), f"{what}: {info}\n{read_output(out)}"
+        # the job may end between the predicate and the state: ask the predicate once more
+        alive = info["JobState"] in ("PENDING", "RUNNING", "COMPLETING") or predicate()
+        assert alive, f"{what}: {info}\n{read_output(out)}"
         assert time.monotonic() < deadline, f"{what}: not after {timeout} s\n{read_output(out)}"
         time.sleep(0.2)
 
