@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # Validation BLEU-4 of the same kind of model trained on the built-in data with the image
 # features shuffled across images (a language model that cannot see the image) is about
 # 0.07-0.08 (tests/test_synthetic.py measures that gap at small scale). "Well above" here
@@ -13,6 +15,7 @@ from pathlib import Path
 BLIND_BLEU4 = 0.08
 
 
+@pytest.mark.timeout(660)  # the run's own limit is 600 s; alone it takes well under a minute
 def test_default_training_run_learns_from_images(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("DTRAIN_CACHE", str(Path(__file__).parent / ".cache"))
