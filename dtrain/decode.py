@@ -98,6 +98,8 @@ def beam_search(model, features, max_length=16, beam_size=3, length_penalty=0.0)
 def decode(model, features, max_length=16, beam_size=1, length_penalty=0.0):
     """(N, max_length) word ids: ``model.sample`` (greedy) for beam_size 1, where a length
     penalty changes nothing, and beam search otherwise."""
-    if beam_size == 1:
-        return model.sample(features, max_length=max_length)
-    return beam_search(model, features, max_length, beam_size, length_penalty)
+    p = model.params  # unchanged while decoding: a converting Gemm (bf16) converts them once
+    with model.gemm.operands_fixed(p["W_proj"], p["Wx"], p["Wh"], p["W_vocab"]):
+        if beam_size == 1:
+            return model.sample(features, max_length=max_length)
+        return beam_search(model, features, max_length, beam_size, length_penalty)

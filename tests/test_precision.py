@@ -438,3 +438,16 @@ def test_bf16_gradient_has_the_same_bits_on_1_and_2_threads():
                        timeout=300, cwd=os.path.dirname(__file__))
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["1", "2", "True"], p.stdout
+
+
+def test_decoding_rounds_the_weights_once_and_gives_the_same_captions():
+    """decode() rounds the weights once for the call (operands_fixed); the captions are those
+    of model.sample rounding them at every GEMM (rounding is per element: the same bits)."""
+    from dtrain.decode import decode
+
+    m = model("bf16")
+    feats, _ = batch(np.random.default_rng(6))
+    direct = m.sample(feats, max_length=8)
+    assert np.array_equal(decode(m, feats, 8), direct)
+    assert decode(m, feats, 8, beam_size=3).shape == direct.shape
+    assert m.gemm._weights == {}
