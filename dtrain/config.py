@@ -167,7 +167,7 @@ class TrainConfig:
 
 # MKL_CBWR values under which MKL's bf16 GEMM was seen to give a row the same bits in GEMMs of
 # any row count (2 or more), which --deterministic --precision bf16 relies on
-# (docs/precision-phase2.md); under COMPATIBLE, for one, it does not
+# (docs/precision.md); under COMPATIBLE, for one, it does not
 ROW_REPRODUCIBLE_CBWR = ("", "AUTO", "AUTO,STRICT")
 
 

@@ -1,6 +1,6 @@
 """--precision bf16 (issue 24 phase 2): bf16 GEMM operands on the seam, float32 everywhere else.
 
-The bounds used here are derived in docs/precision-phase2.md from bf16's unit roundoff
+The bounds used here are derived in docs/precision.md from bf16's unit roundoff
 u = 2^-8 (8-bit significand) and float32's v = 2^-24.
 """
 
@@ -230,7 +230,7 @@ def centred_difference(m64, feats, caps, name, idx, h=1e-6):
 def test_bf16_gradient_against_float64(cell):
     """The float64 gradient (checked here by centred differences) against the bf16 path's:
     per parameter, ||g_bf16 - g64|| <= L (2u + u^2) ||g64|| with L the GEMMs on the longest
-    chain of the pass (docs/precision-phase2.md); and bf16 is seen (float32's error is far
+    chain of the pass (docs/precision.md); and bf16 is seen (float32's error is far
     smaller)."""
     rng = np.random.default_rng(3)
     feats, caps = batch(rng)
@@ -382,7 +382,7 @@ def test_a_bf16_run_resumes_in_fp32_and_back(tiny_data, tmp_path):
 
 def test_bf16_training_reaches_fp32s_validation_loss(synth_data, tmp_path):
     """The same seed and steps on the built-in data, fp32 and bf16: final validation loss per
-    token within 1% (measured: docs/precision-phase2.md)."""
+    token within 1% (measured: docs/precision.md)."""
     losses = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
