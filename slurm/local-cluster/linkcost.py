@@ -8,8 +8,8 @@
 For every link setting (tbf on every host's eth0: what it sends, at that rate) and every
 layout (hosts x ranks per host), it trains at the CS231n sizes (H=512, W=256, N=128 per
 rank by default) with launch/mpirun.py over the hosts, and prints one markdown row:
-ms/step and the communication share (dtrain's own metrics, the intervals after the
-first), bytes per step per rank (dtrain's estimate; and what crossed the links, from
+ms/step and the communication share (dtrain's own metrics, one record per step: the
+medians of the steps after the warm-up), bytes per step per rank (dtrain's estimate; and what crossed the links, from
 the hosts' byte counters), and the embedding reduction dtrain chose (sparse or dense).
 
 Timings on one machine are those of processes sharing its cores: run it on a quiet
@@ -21,13 +21,13 @@ link is restored at the end.
 Standard library only; dtrain runs in subprocesses.
 
     ... linkcost.py --reduce-only ... --json runs.jsonl     # dtrain's reduction alone
-    .venv/bin/python slurm/local-cluster/linkcost.py --model [--fit runs.jsonl] \
+    .venv/bin/python slurm/local-cluster/linkcost.py --model [--fit runs.jsonl] \\
         [--plot docs/cluster-comm.png]
 
 ``--reduce-only`` times dtrain's reducer alone (reducecost.py, a barrier before each of
 ``--steps`` repetitions) instead of training. ``--model`` prints the communication model
-(commmodel.py; docs/cluster.md): with ``--fit``, its bandwidth and latency fitted per
-link setting to the reduce-only runs of a JSON file written by ``--json`` (least
+(commmodel.py; docs/cluster.md): with ``--fit``, its latency per round fitted per link
+setting (the bandwidth: the link's rate) to the reduce-only runs of a JSON file written by ``--json`` (least
 squares, residuals), checked against the training runs in the same file, and the
 projection to 128 nodes for each variant (float32, --overlap-reduce, --reduce-dtype bf16).
 """
