@@ -17,7 +17,8 @@ from .step import micro_batch_rows, requested_threads
 
 # Settings whose change alters the parameters of the resumed run.
 ALTERING = ("seed", "replacement", "batch_size", "lr", "lr_decay", "cell", "wordvec_dim",
-            "hidden_dim", "dtype", "precision", "max_train", "pca_features", "deterministic")
+            "hidden_dim", "dtype", "precision", "reduce_dtype", "max_train", "pca_features",
+            "deterministic")
 # ... and under --deterministic, which promises the same bits.
 ALTERING_DETERMINISTIC = ("micro_batch", "threads_per_rank", "device")
 
