@@ -521,7 +521,8 @@ def test_deterministic_resume_compares_micro_batch_and_threads():
     assert changed_settings(TrainConfig().to_dict(), other.to_dict()) == []
     # bf16 transport of the gradient changes every step's sum; the overlapped reduce does not
     bf16 = TrainConfig(reduce_dtype="bf16", overlap_reduce=True)
-    assert changed_settings(TrainConfig().to_dict(), bf16.to_dict()) == ["--reduce-dtype fp32 -> bf16"]
+    assert changed_settings(TrainConfig().to_dict(), bf16.to_dict()) == [
+        "--reduce-dtype fp32 -> bf16"]
 
 
 def test_resume_resolves_defaults_by_the_trainers_policy():
