@@ -51,11 +51,13 @@ def merge_rounds(results):
     return {label: _median_over(rs) for label, rs in results.items()}
 
 
-def print_rounds(labels, results, ratio, ratio_name):
+def print_rounds(labels, results, ratio, ratio_name, names=None):
     """Per round, each contender's median; ``ratio`` = (a, b): a's median / b's per round; and
-    the most that other processes used of the machine during that round's timed steps."""
-    width = max(12, *(len(x) for x in labels)) + 2
-    print("  round " + "".join(f"{x:>{width}}" for x in labels) + f"  {ratio_name}  others' CPU")
+    the most that other processes used of the machine during that round's timed steps.
+    ``names``: {label: column heading} where a heading says more than the label."""
+    heads = [(names or {}).get(x, x) for x in labels]
+    width = max(12, *(len(x) for x in heads)) + 2
+    print("  round " + "".join(f"{x:>{width}}" for x in heads) + f"  {ratio_name}  others' CPU")
     a, b = ratio
     worst = 0.0
     for k in range(len(results[labels[0]])):

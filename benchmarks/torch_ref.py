@@ -7,6 +7,12 @@ plain PyTorch training loop does with the same batches: the batch assembled
 from the same sampler (or the same fixed synthetic batch), turned into tensors,
 forward over all T slots (PyTorch pads; ignore_index masks the loss), backward,
 Adam.
+
+With ``--precision bf16`` it is PyTorch's mixed precision as its documentation
+recommends on a CPU: forward and loss inside ``torch.autocast(dtype=bfloat16)``,
+backward and Adam outside it, the weights and Adam state float32 (no loss
+scaling: bf16 has float32's exponent range). Autocast decides per op which runs
+in bf16; the dtypes it produced are recorded (``autocast_dtypes``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import time
 
 import numpy as np
 import torch
+
+AUTOCAST = "torch.autocast(dtype=torch.bfloat16): forward and loss; backward and Adam outside"
 
 
 def torch_model(cell, V, D, W, H, dtype, seed, device="cpu"):
@@ -43,30 +51,44 @@ def torch_model(cell, V, D, W, H, dtype, seed, device="cpu"):
                 out, _ = self.rnn(x, (h0, torch.zeros_like(h0)))
             else:
                 out, _ = self.rnn(x, h0)
+            self.rnn_dtype = out.dtype  # under autocast: the dtype the recurrence ran in
             return self.vocab(out)
 
     model = TorchCaptioner().to(tdtype).to(device)
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def torch_step_factory(cell, V, D, W, H, dtype, seed, null_idx=0, device="cpu"):
-    """``step(features, captions) -> loss``: one PyTorch training step from host arrays."""
+def torch_step_factory(cell, V, D, W, H, dtype, seed, null_idx=0, device="cpu",
+                       precision="fp32"):
+    """``step(features, captions) -> loss``: one PyTorch training step from host arrays.
+
+    precision "bf16": forward and loss under ``torch.autocast(dtype=torch.bfloat16)``,
+    backward and Adam outside it; the parameters stay ``dtype``. ``step.dtypes`` holds,
+    after the first step, the dtypes of the recurrent output, the scores, the loss and the
+    gradients: what autocast actually ran."""
     model, opt = torch_model(cell, V, D, W, H, dtype, seed, device)
     tdtype = next(model.parameters()).dtype
+    device_type = "cpu" if device == "cpu" else "cuda"
+    seen = {}
 
     def step(features, captions):
         feats = torch.from_numpy(np.ascontiguousarray(features)).to(device=device, dtype=tdtype)
         caps = torch.from_numpy(captions.astype(np.int64)).to(device)
         cin, cout = caps[:, :-1], caps[:, 1:]
         opt.zero_grad(set_to_none=True)
-        scores = model(feats, cin)
-        loss = torch.nn.functional.cross_entropy(scores.reshape(-1, V), cout.reshape(-1),
-                                                 ignore_index=null_idx,
-                                                 reduction="sum") / caps.shape[0]
-        loss.backward()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            scores = model(feats, cin)
+            loss = torch.nn.functional.cross_entropy(scores.reshape(-1, V), cout.reshape(-1),
+                                                     ignore_index=null_idx,
+                                                     reduction="sum") / caps.shape[0]
+        loss.backward()  # outside autocast: each op's backward runs in its forward's dtype
+        if not seen:
+            seen.update(rnn_output=model.rnn_dtype, scores=scores.dtype, loss=loss.dtype,
+                        grads=next(model.parameters()).grad.dtype)
         opt.step()
         return float(loss)  # waits for the device
 
+    step.dtypes = seen
     return step
 
 
@@ -90,9 +112,10 @@ class TorchTimer:
         torch.set_num_threads(threads)
         self.args, self.batches, self.device = args, batches, device
         self.null = work.word_to_idx["<NULL>"]
+        self.precision = getattr(args, "precision", "fp32")
         self.step = torch_step_factory(args.cell, len(work.word_to_idx), work.input_dim,
                                        args.wordvec_dim, args.hidden_dim, args.dtype, args.seed,
-                                       self.null, device)
+                                       self.null, device, self.precision)
         self.times, self.tokens, self.blocks = [], [], []
 
     def warmup(self, steps):
@@ -119,4 +142,8 @@ class TorchTimer:
         return {"framework": "torch", "device": self.device, "median_ms": 1e3 * t,
                 "tokens_per_s": tok / t, "tokens_per_step": tok,
                 "step_times_ms": [1e3 * x for x in self.times], "block_medians_ms": self.blocks,
+                "precision": self.precision, "autocast": AUTOCAST if self.precision == "bf16"
+                else None, "weights_dtype": self.args.dtype,
+                "autocast_dtypes": {k: str(v).removeprefix("torch.")
+                                    for k, v in self.step.dtypes.items()},
                 **torch_info()}

@@ -2,6 +2,7 @@
 alternating, and the line between it and the product (never how fast: speed is not tested)."""
 
 import ast
+import functools
 import importlib.util
 import json
 import os
@@ -20,6 +21,19 @@ from dtrain_run import run_dtrain
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["-N", 8, "-W", 8, "-H", 16, "--steps", 3, "--warmup", 1]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@functools.cache
+def _bf16_missing():
+    """Why dtrain's bf16 step cannot run on this machine (no MKL extra or no AMX-BF16), or ''.
+    Asked when a bf16 test runs, not at collection: it loads MKL and Numba."""
+    from dtrain.config import check_precision
+
+    try:
+        check_precision("bf16")
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def run_module(module, *args, timeout=300, check=True):
@@ -126,7 +140,11 @@ def test_compare_torch_alternates_blocks_of_two_idle_checked_processes(tmp_path,
     assert r["speedup_range"][0] <= r["speedup_range"][1]
     assert r["torch"]["torch_threads"] == 1 and len(r["torch"]["step_times_ms"]) == 9
     assert r["floor_ms"] > 0  # the dtrain process profiles after its last block
-    assert "dtrain / PyTorch tokens/s" in p.stdout and "never running at once" in p.stdout
+    assert "dtrain fp32 / PyTorch fp32 tokens/s" in p.stdout
+    assert "never running at once" in p.stdout
+    # the default is float32 on both sides: no autocast, every dtype PyTorch produced float32
+    assert r["precision"] == r["torch_precision"] == "fp32" and r["torch"]["autocast"] is None
+    assert set(r["torch"]["autocast_dtypes"].values()) == {"float32"}
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed")
@@ -137,6 +155,29 @@ def test_compare_torch_fresh_processes(tmp_path, tiny_data):
     r = json.loads(out.read_text())
     assert r["processes"] == 4 and not r["frameworks_mixed"] and len(r["round_ms"]) == 2
     assert r["foreign_load_max"] is None or r["foreign_load_max"] >= 0
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed")
+@pytest.mark.parametrize("mode", [[], ["--fresh-processes", "--no-floor"]],
+                         ids=["blocks", "fresh"])
+def test_compare_torch_bf16_pits_dtrain_bf16_against_torch_autocast(tmp_path, tiny_data, mode):
+    if _bf16_missing():  # a CPU without AMX-BF16, or no bf16 extra: dtrain refuses bf16 there
+        pytest.skip(_bf16_missing())
+    out = tmp_path / "c.json"
+    p = run_module("compare_torch", *SMALL, "--data", tiny_data, "--rounds", 2, "--threads", 1,
+                   "--precision", "bf16", *mode, "--json", out)
+    r = json.loads(out.read_text())
+    assert r["precision"] == "bf16" and r["torch_precision"] == "bf16" and r["N"] == 8
+    assert not r["frameworks_mixed"] and len(r["round_ms"]) == 2
+    # autocast was on: the LSTM and the scores ran in bf16, the loss in float32, and the
+    # weights (master copies) and their gradients stayed float32
+    assert r["torch"]["autocast_dtypes"] == {"rnn_output": "bfloat16", "scores": "bfloat16",
+                                             "loss": "float32", "grads": "float32"}
+    assert r["torch"]["autocast"].startswith("torch.autocast(dtype=torch.bfloat16)")
+    assert r["contenders"] == {"dtrain": "dtrain bf16 GEMMs", "PyTorch": "PyTorch bf16 autocast"}
+    assert "bf16-GEMMs" in p.stdout and "dtrain bf16 GEMMs / PyTorch bf16 autocast" in p.stdout
+    assert "PyTorch precision: torch.autocast" in p.stdout
+    assert ("never running at once" in p.stdout) == (mode == [])
 
 
 def test_compare_torch_without_torch_says_so_in_one_line(monkeypatch, capsys):
@@ -173,6 +214,8 @@ def test_strong_scaling_compares_one_rank_with_several(tmp_path, tiny_data):
 @pytest.mark.parametrize("module,argv,words", [
     ("compare_torch", ["--ranks", 2], "--ranks"),
     ("compare_torch", ["--rounds", 0], "--rounds"),
+    ("compare_torch", ["--precision", "bf16", "--dtype", "float64"], "--precision bf16"),
+    ("compare_torch", ["--precision", "bf16", "--no-kernels"], "--precision bf16"),
     ("compare_trainer", ["--synthetic"], "needs data"),
     ("strong_scaling", ["--ranks", 3, "--threads", 2], "--ranks 3"),
     ("strong_scaling", ["--ranks", 2, "--threads", 2, "-N", 7], "--batch-size 7"),
