@@ -54,6 +54,8 @@ def trainer_argv(args, ckpt, threads=None):
         argv.append("--deterministic")
     if args.device != "cpu":
         argv += ["--device", args.device]
+    if args.precision != "fp32":  # the bench's child gets it through child_argv; so must train
+        argv += ["--precision", args.precision]
     return [str(a) for a in argv]
 
 

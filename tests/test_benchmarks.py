@@ -112,6 +112,16 @@ def test_child_flags_reproduce_the_workload(tiny_data):
     assert again.json is None and again.threads is None
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compare_trainer_gives_the_trainer_the_benchs_precision(precision):
+    from benchmarks.compare_trainer import trainer_argv
+
+    args = comparison_parser("compare_trainer", "").parse_args(["--precision", precision])
+    train = build_parser().parse_args(trainer_argv(args, "ckpt"))
+    assert train.precision == args.precision == precision
+    assert train.dtype == args.dtype and train.batch_size == args.batch_size
+
+
 def test_args_namespace_has_no_unforwardable_values():
     """child_argv writes every forwarded value as --flag value: none may be a structure."""
     args = comparison_parser("compare_torch", "").parse_args([])
