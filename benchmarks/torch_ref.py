@@ -92,13 +92,23 @@ def torch_step_factory(cell, V, D, W, H, dtype, seed, null_idx=0, device="cpu",
     return step
 
 
+def _onednn_version():
+    """"oneDNN vX.Y.Z" from PyTorch's build configuration, or "oneDNN"."""
+    line = next((ln for ln in torch.__config__.show().splitlines() if "MKL-DNN v" in ln), "")
+    words = [w for w in line.split() if w.startswith("v") and w[1:2].isdigit()]
+    return f"oneDNN {words[0]}" if words else "oneDNN"
+
+
 def torch_info():
     """PyTorch's version, threads, CPU capability and parallel backend, for the report."""
     lines = torch.__config__.parallel_info().splitlines()
     backend = next((ln.split(":", 1)[1].strip() for ln in lines
                     if ln.startswith("ATen parallel backend")), "?")
     libs = [name for name, ok in (("MKL", torch.backends.mkl.is_available()),
-                                  ("oneDNN", torch.backends.mkldnn.is_available())) if ok]
+                                  (_onednn_version(), torch.backends.mkldnn.is_available())) if ok]
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent in some builds
+    if amx is not None:  # oneDNN's bf16 kernels use AMX tiles where PyTorch can enable them
+        libs.append("AMX tiles usable" if amx() else "no AMX tiles")
     return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_parallel": f"ATen parallel backend {backend}; "
