@@ -10,283 +10,31 @@ into one ``grad_buffer`` of the same layout, so the optimizer updates all of
 them in one vectorised pass and the communicator reduces them in one call.
 ``W_embed`` is laid out last, so that when its gradient is reduced row-sparse
 the rest of the gradient is still one contiguous prefix.
+
+The parameter layout lives in params.py, the caption batch layouts in batches.py,
+the row gathers/scatters in row_ops.py and StepGrads in step_grads.py; their
+public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
-from dataclasses import dataclass
 
 import numpy as np
 
 from .. import alloc
-from ..backend import get_array_module, to_device
+from ..backend import to_device
 from . import layers
+from .batches import FixedBatch, PackedBatch, fixed_batch, pack_captions
 from .cells import get_cell
+from .params import PARAM_ORDER, ParamDict, flat_views, param_shapes
+from .row_ops import _embedding_grad_segments_xp, _masked_softmax_xp, scatter_rows, take_rows
+from .step_grads import StepGrads
 
-# Flat-buffer order; W_embed last (see the module docstring).
-PARAM_ORDER = ("W_proj", "b_proj", "Wx", "Wh", "b", "W_vocab", "b_vocab", "W_embed")
-
-
-def param_shapes(vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type):
-    return {
-        "W_proj": (input_dim, hidden_dim),
-        "b_proj": (hidden_dim,),
-        **get_cell(cell_type).param_shapes(wordvec_dim, hidden_dim),
-        "W_vocab": (hidden_dim, vocab_size),
-        "b_vocab": (vocab_size,),
-        "W_embed": (vocab_size, wordvec_dim),
-    }
-
-
-class ParamDict(MutableMapping):
-    """``model.params`` as the CS231n notebooks use it, backed by a flat buffer.
-
-    ``params[name]`` is a view into the buffer (in-place edits take effect);
-    ``params[name] = array`` copies the values into that view.
-    """
-
-    def __init__(self, views):
-        self._views = views
-
-    def __getitem__(self, name):
-        return self._views[name]
-
-    def __setitem__(self, name, value):
-        if name not in self._views:
-            raise KeyError(f"unknown parameter {name!r}; expected one of {sorted(self._views)}")
-        view = self._views[name]
-        if tuple(np.shape(value)) != view.shape:
-            raise ValueError(f"parameter {name}: expected shape {view.shape}, got {np.shape(value)}")
-        view[...] = to_device(value, get_array_module(view)) if not isinstance(value, type(view)) else value
-
-    def __delitem__(self, name):
-        raise TypeError("parameters cannot be deleted")
-
-    def __iter__(self):
-        return iter(self._views)
-
-    def __len__(self):
-        return len(self._views)
-
-
-def flat_views(buffer, shapes, order=PARAM_ORDER):
-    """Views into ``buffer`` for each named shape, laid out in ``order``."""
-    views, offset = {}, 0
-    for name in order:
-        size = int(np.prod(shapes[name]))
-        views[name] = buffer[offset : offset + size].reshape(shapes[name])
-        offset += size
-    return views
-
-
-@dataclass
-class PackedBatch:
-    """Host-side packing of a caption batch for the packed recurrence.
-
-    Rows are sorted by caption length (last real token), longest first; step
-    t then involves only the first ``batch_sizes[t]`` sorted rows, and the
-    recurrence stops at the longest caption. ``score_pos`` lists the packed
-    positions with a real target (None when all are real).
-    """
-
-    order: np.ndarray  # (n0,) original row of each sorted active row
-    batch_sizes: list
-    words_in: np.ndarray  # (total,) input word per packed position
-    targets: np.ndarray  # (total or M,) target word per scored position
-    score_pos: np.ndarray | None
-    num_tokens: int
-
-
-def pack_captions(captions, null_idx, kernels=None):
-    """Pack (N, T+1) caption ids (host NumPy) for the packed recurrence (by ``kernels``'
-    compiled ``pack_captions`` where they offer one, with the same result)."""
-    captions = np.asarray(captions)
-    pack = getattr(kernels, "pack_captions", None)
-    if pack is not None and captions.ndim == 2 and captions.dtype.kind in "iu" and captions.shape[1] >= 1:
-        order, batch_sizes, words_in, targets, real, num_tokens = pack(captions, null_idx)
-        score_pos = None
-        if not real.all():
-            score_pos = np.flatnonzero(real)
-            targets = targets[score_pos]
-        n0 = int(batch_sizes[0]) if batch_sizes.size else 0
-        return PackedBatch(order=order[:n0], batch_sizes=batch_sizes.tolist(), words_in=words_in,
-                           targets=targets, score_pos=score_pos, num_tokens=int(num_tokens))
-    cin, cout = captions[:, :-1], captions[:, 1:]
-    mask = cout != null_idx
-    T = cin.shape[1]
-    has_token = mask.any(axis=1)
-    lengths = np.where(has_token, T - np.argmax(mask[:, ::-1], axis=1), 0)
-    order = np.argsort(-lengths, kind="stable")
-    sorted_len = lengths[order]
-    t_max = int(sorted_len[0]) if sorted_len.size else 0
-    active = np.arange(t_max)[:, None] < sorted_len[None, :]
-    t_idx, j_idx = np.nonzero(active)  # time-major: packed order
-    rows = order[j_idx]
-    batch_sizes = active.sum(axis=1).tolist()
-    words_in = cin[rows, t_idx]
-    targets = cout[rows, t_idx]
-    real = mask[rows, t_idx]
-    score_pos = None
-    if not real.all():
-        score_pos = np.flatnonzero(real)
-        targets = targets[score_pos]
-    n0 = batch_sizes[0] if batch_sizes else 0
-    return PackedBatch(
-        order=order[:n0],
-        batch_sizes=batch_sizes,
-        words_in=words_in,
-        targets=targets,
-        score_pos=score_pos,
-        num_tokens=int(mask.sum()),
-    )
-
-
-@dataclass
-class FixedBatch:
-    """A caption batch in the fixed-shape layout (the GPU graph mode).
-
-    Every one of the N rows runs all T steps, T being the batch's longest
-    caption, so a step's shapes depend on (N, T) alone and one captured CUDA
-    graph per shape replays every batch of that shape. Arrays are time-major
-    (position t*N + n), int32, and of fixed length M = T*N: every position is
-    scored and ``weights`` (1 real target, 0 padding) masks the loss inside
-    the softmax kernel. The embedding gradient is summed per word over the
-    positions inside a caption: ``order`` lists them grouped by word (stable),
-    word s's group is order[seg_start[s]:seg_start[s+1]], ``ids[s]`` its word;
-    the unused tail (s >= num_ids) holds empty segments with id -1.
-    """
-
-    N: int
-    T: int
-    words: np.ndarray  # (M,) input word per position
-    targets: np.ndarray  # (M,) target word per position
-    weights: np.ndarray  # (M,) 1.0 where the target is a real token, else 0.0
-    order: np.ndarray  # (M,) positions grouped by input word; tail unused
-    seg_start: np.ndarray  # (M+1,) start of each word's group in ``order``
-    ids: np.ndarray  # (M,) word of each group, -1 for the unused tail
-    num_ids: int
-    num_tokens: int
-
-
-def fixed_batch(captions, null_idx, dtype=np.float32):
-    """Lay out (N, T+1) caption ids (host NumPy) for the fixed-shape mode."""
-    captions = np.asarray(captions)
-    N = captions.shape[0]
-    cin, cout = captions[:, :-1], captions[:, 1:]
-    mask = cout != null_idx
-    has_token = mask.any(axis=1)
-    lengths = np.where(has_token, cin.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
-    T = max(1, int(lengths.max()) if N else 1)
-    M = T * N
-    words = np.ascontiguousarray(cin[:, :T].T, dtype=np.int32).reshape(M)
-    targets = np.ascontiguousarray(cout[:, :T].T, dtype=np.int32).reshape(M)
-    weights = np.ascontiguousarray(mask[:, :T].T, dtype=dtype).reshape(M)
-    inside = (np.arange(T)[:, None] < lengths[None, :]).reshape(M)
-    pos = np.flatnonzero(inside)
-    grouped = pos[np.argsort(words[pos], kind="stable")]
-    sorted_words = words[grouped]
-    starts = np.flatnonzero(np.r_[True, sorted_words[1:] != sorted_words[:-1]]) if pos.size else pos[:0]
-    S = starts.size
-    order = np.zeros(M, dtype=np.int32)
-    order[: pos.size] = grouped
-    seg_start = np.full(M + 1, pos.size, dtype=np.int32)
-    seg_start[:S] = starts
-    ids = np.full(M, -1, dtype=np.int32)
-    ids[:S] = sorted_words[starts]
-    return FixedBatch(N=N, T=T, words=words, targets=targets, weights=weights, order=order,
-                      seg_start=seg_start, ids=ids, num_ids=int(S), num_tokens=int(mask.sum()))
-
-
-def take_rows(src, idx, out, kernels=None):
-    """out[i] = src[idx[i]] (``take`` along axis 0), by ``kernels`` where they offer it
-    (one pass on every thread of the CPU's shared pool)."""
-    gather = getattr(kernels, "gather_rows", None)
-    if gather is not None:
-        return gather(src, idx, out)
-    return get_array_module(src).take(src, idx, axis=0, out=out)
-
-
-def scatter_rows(src, pos, out, kernels=None):
-    """out = 0 but out[pos] = src (``pos`` ascending), in one pass where ``kernels`` offer it."""
-    scatter = getattr(kernels, "scatter_rows", None)
-    if scatter is not None:
-        return scatter(src, pos, out)
-    out.fill(0)
-    out[pos] = src
-    return out
-
-
-def _masked_softmax_xp(scores, targets, weights, normalizer, row_loss):
-    """Plain xp reference of the masked softmax kernel (in place in ``scores``)."""
-    xp = get_array_module(scores)
-    rows = xp.arange(scores.shape[0])
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    target_logit = shifted[rows, targets]
-    xp.exp(shifted, out=scores)
-    sums = scores.sum(axis=1)
-    row_loss[...] = (xp.log(sums) - target_logit) * weights
-    scores /= sums[:, None]
-    scores[rows, targets] -= 1.0
-    scores *= (weights / normalizer)[:, None]
-
-
-def _embedding_grad_segments_xp(dx, order, seg_start, ids, rows, dense):
-    """Plain xp reference of the per-word embedding gradient sums."""
-    xp = get_array_module(dx)
-    counts = seg_start[1:] - seg_start[:-1]
-    segment = xp.repeat(xp.arange(ids.shape[0]), counts.tolist() if xp is not np else counts)
-    rows.fill(0)
-    xp.add.at(rows, segment, dx[order[: segment.shape[0]]])
-    dense.fill(0)
-    real = ids >= 0
-    dense[ids[real]] = rows[real]
-
-
-@dataclass
-class StepGrads:
-    """What one forward/backward pass of the hot path computed (owned by the model).
-
-    ``grad_buffer`` holds the gradient of every parameter, flat, in the model's
-    layout; W_embed's block (``grad_buffer[embed_offset:]``, shaped
-    ``embed_shape``) is filled only when ``embed_dense``. The embedding
-    gradient is always also given row-sparse: ``embed_ids`` (unique word ids)
-    and ``embed_rows`` (their summed gradient rows). ``loss`` is the summed
-    token loss / normalizer (a float, or a 0-d device array on the GPU path);
-    ``tokens`` the number of real target tokens. The arrays are views of
-    buffers the next pass overwrites.
-    """
-
-    loss: object
-    tokens: int
-    grad_buffer: object
-    embed_offset: int
-    embed_shape: tuple
-    embed_ids: object
-    embed_rows: object
-    embed_dense: bool
-    forward_end: float = 0.0  # time.perf_counter() when the forward pass ended (for traces)
-    kernels: object = None  # the model's kernels (their scatter_ids fills W_embed's block)
-
-    @property
-    def embed_grad(self):
-        """W_embed's (V, W) block of ``grad_buffer`` (a view)."""
-        return self.grad_buffer[self.embed_offset :].reshape(self.embed_shape)
-
-    def scatter_embedding(self):
-        """Fill W_embed's dense block from the sparse rows (once)."""
-        if not self.embed_dense:
-            g = self.embed_grad
-            scatter = getattr(self.kernels, "scatter_ids", None)
-            if scatter is not None and isinstance(g, np.ndarray):
-                scatter(self.embed_rows, self.embed_ids, g)
-            else:
-                g.fill(0)
-                g[self.embed_ids] = self.embed_rows
-            self.embed_dense = True
-        return self
-
+# Names importable from here as before the split (batches, params, row_ops, step_grads).
+__all__ = ["PARAM_ORDER", "CaptioningModel", "FixedBatch", "PackedBatch", "ParamDict",
+           "StepGrads", "fixed_batch", "flat_views", "pack_captions", "param_shapes",
+           "scatter_rows", "take_rows"]
 
 class CaptioningModel:
     """CS231n CaptioningRNN with a flat parameter buffer and a packed fast path.
