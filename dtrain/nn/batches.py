@@ -32,7 +32,8 @@ def pack_captions(captions, null_idx, kernels=None):
     compiled ``pack_captions`` where they offer one, with the same result)."""
     captions = np.asarray(captions)
     pack = getattr(kernels, "pack_captions", None)
-    if pack is not None and captions.ndim == 2 and captions.dtype.kind in "iu" and captions.shape[1] >= 1:
+    if (pack is not None and captions.ndim == 2 and captions.dtype.kind in "iu"
+            and captions.shape[1] >= 1):
         order, batch_sizes, words_in, targets, real, num_tokens = pack(captions, null_idx)
         score_pos = None
         if not real.all():
@@ -115,7 +116,8 @@ def fixed_batch(captions, null_idx, dtype=np.float32):
     pos = np.flatnonzero(inside)
     grouped = pos[np.argsort(words[pos], kind="stable")]
     sorted_words = words[grouped]
-    starts = np.flatnonzero(np.r_[True, sorted_words[1:] != sorted_words[:-1]]) if pos.size else pos[:0]
+    new_word = np.r_[True, sorted_words[1:] != sorted_words[:-1]]
+    starts = np.flatnonzero(new_word) if pos.size else pos[:0]
     S = starts.size
     order = np.zeros(M, dtype=np.int32)
     order[: pos.size] = grouped

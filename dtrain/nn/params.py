@@ -47,8 +47,11 @@ class ParamDict(MutableMapping):
             raise KeyError(f"unknown parameter {name!r}; expected one of {sorted(self._views)}")
         view = self._views[name]
         if tuple(np.shape(value)) != view.shape:
-            raise ValueError(f"parameter {name}: expected shape {view.shape}, got {np.shape(value)}")
-        view[...] = to_device(value, get_array_module(view)) if not isinstance(value, type(view)) else value
+            raise ValueError(
+                f"parameter {name}: expected shape {view.shape}, got {np.shape(value)}")
+        if not isinstance(value, type(view)):
+            value = to_device(value, get_array_module(view))
+        view[...] = value
 
     def __delitem__(self, name):
         raise TypeError("parameters cannot be deleted")

@@ -23,7 +23,7 @@ _CALLER_BYTES = 96  # where the call came from, shown in a mismatch report
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TRANSPORT_FILES = frozenset(
     os.path.join(_HERE, name + ".py")
-    for name in ("comm", "agree", "pending", "bf16_sum", "layout", "consistency")
+    for name in ("comm", "agree", "pending", "bf16_sum", "gather", "layout", "consistency")
 )
 
 
