@@ -27,6 +27,7 @@ from ..backend import to_device
 from . import layers
 from .batches import FixedBatch, PackedBatch, fixed_batch, pack_captions
 from .cells import get_cell
+from .fixed_pass import fixed_forward_backward
 from .params import PARAM_ORDER, ParamDict, flat_views, param_shapes
 from .row_ops import _embedding_grad_segments_xp, _masked_softmax_xp, scatter_rows, take_rows
 from .step_grads import StepGrads
@@ -34,7 +35,9 @@ from .step_grads import StepGrads
 # Names importable from here as before the split (batches, params, row_ops, step_grads).
 __all__ = ["PARAM_ORDER", "CaptioningModel", "FixedBatch", "PackedBatch", "ParamDict",
            "StepGrads", "fixed_batch", "flat_views", "pack_captions", "param_shapes",
-           "scatter_rows", "take_rows"]
+           "scatter_rows", "take_rows",
+           # the fixed-shape kernels' plain references, which tests/test_gpu.py imports
+           "_embedding_grad_segments_xp", "_masked_softmax_xp"]
 
 class CaptioningModel:
     """CS231n CaptioningRNN with a flat parameter buffer and a packed fast path.
@@ -268,45 +271,7 @@ class CaptioningModel:
         device (``loss_out`` if given). Both the dense W_embed gradient and its
         rows are filled (``embed_ids`` holds -1 past ``batch.num_ids``).
         """
-        xp, dtype, kern, cell, gemm = self.xp, self.dtype, self.kernels, self.cell, self.gemm
-        ws = self.ws if ws is None else ws
-        p, g = self.params, self.grads
-        N, T = batch.N, batch.T
-        M, H = N * T, self.hidden_dim
-        h0 = ws.get("fx_h0", (N, H), dtype, xp)
-        gemm.matmul(features, p["W_proj"], h0)
-        h0 += p["b_proj"]
-        x = ws.get("fx_embed", (M, self.wordvec_dim), dtype, xp)
-        xp.take(p["W_embed"], batch.words, axis=0, out=x)
-        hidden, cache = cell.packed_forward(x, h0, p["Wx"], p["Wh"], p["b"], [N] * T, ws, kern)
-
-        scores = ws.get("fx_scores", (M, self.vocab_size), dtype, xp)
-        gemm.matmul(hidden, p["W_vocab"], scores)
-        scores += p["b_vocab"]
-        row_loss = ws.get("fx_row_loss", (M,), np.float64, xp)
-        if hasattr(kern, "softmax_cross_entropy_masked"):
-            kern.softmax_cross_entropy_masked(scores, batch.targets, batch.weights, normalizer, row_loss)
-        else:
-            _masked_softmax_xp(scores, batch.targets, batch.weights, normalizer, row_loss)
-        loss = ws.get("fx_loss", (), np.float64, xp) if loss_out is None else loss_out
-        row_loss.sum(out=loss)
-        xp.divide(loss, normalizer, out=loss)
-
-        gemm.matmul(hidden.T, scores, g["W_vocab"])
-        scores.sum(axis=0, out=g["b_vocab"])
-        dhidden = ws.get("fx_dhidden", (M, H), dtype, xp)
-        gemm.matmul(scores, p["W_vocab"].T, dhidden)
-        dx, dh0, *_ = cell.packed_backward(dhidden, cache, ws, kern, out=(g["Wx"], g["Wh"], g["b"]))
-        gemm.matmul(features.T, dh0, g["W_proj"])
-        dh0.sum(axis=0, out=g["b_proj"])
-
-        rows = ws.get("fx_embed_rows", (M, self.wordvec_dim), dtype, xp)
-        if hasattr(kern, "embedding_grad_segments"):
-            kern.embedding_grad_segments(dx, batch.order, batch.seg_start, batch.ids, rows, g["W_embed"])
-        else:
-            _embedding_grad_segments_xp(dx, batch.order, batch.seg_start, batch.ids, rows, g["W_embed"])
-        return self.step_grads(loss, batch.num_tokens, batch.ids[: batch.num_ids], rows[: batch.num_ids],
-                                dense=True)
+        return fixed_forward_backward(self, features, batch, normalizer, ws, loss_out)
 
     # ------------------------------------------------------------------
     # The plain computation (CS231n layer by layer), the reference for tests
