@@ -162,6 +162,24 @@ def _wait_job(cluster, job_id, out: Path, timeout=240) -> dict:
     return wait_slurm_job(cluster, job_id, out, timeout)
 
 
+# A start-up failure of MPICH's UCX layer seen once in a few dozen multi-host jobs here and
+# reported upstream as intermittent (pmodels/mpich#7417): MPI_Init fails before dtrain runs.
+UCX_START_RACE = "failed to unpack address"
+
+
+def _submit_and_wait(cluster, workdir: Path, *args, **kwargs):
+    """(info, out) of a job that runs to its end; submitted once more, and said so, only when
+    its first try died in MPI_Init of the UCX start-up race above (before any training)."""
+    job_id, out = _submit(cluster, workdir, *args, **kwargs)
+    info = _wait_job(cluster, job_id, out)
+    if info["JobState"] != "COMPLETED" and UCX_START_RACE in read_output(out):
+        print(f"job {job_id}: MPI_Init failed in UCX's start-up race; submitted again")
+        job_id, out = _submit(cluster, workdir.with_name(workdir.name + "-again"), *args,
+                              **kwargs)
+        info = _wait_job(cluster, job_id, out)
+    return info, out
+
+
 def _wait_for(predicate, what, cluster, job_id, out, timeout=120):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -362,9 +380,8 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
     assert _state(ckpt)[0] == stalled_at  # the latest checkpoint, and it loads (verified)
 
     # Resubmit without the lost host, on another world size: node1 and node3, 1 rank each.
-    job2, out2 = _submit(hosts, tmp_path / "job2", synth_data, ckpt, 2, 1,
-                         sbatch=["--exclude=node2"])
-    info2 = _wait_job(hosts, job2, out2)
+    info2, out2 = _submit_and_wait(hosts, tmp_path / "job2", synth_data, ckpt, 2, 1,
+                                   sbatch=["--exclude=node2"])
     text2 = read_output(out2)
     assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", f"{info2}\n{text2}"
     assert "[node1: ranks 0 local 0 x 1 thread(s); node3: ranks 1 local 0" in text2, text2
