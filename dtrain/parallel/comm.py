@@ -256,16 +256,8 @@ class Communicator(GatherMixin):
         return PendingSum(request, self, buf.nbytes, polled)
 
     def allreduce_sum_bf16_(self, buf) -> None:
-        """In-place SUM over ranks of a float32 1-D ``buf``, sent as bf16, summed in float32.
-
-        Each rank owns one contiguous chunk of the buffer (``bucket_bounds(n, size)``).
-        An Alltoallv sends every rank's chunks, rounded to bf16 (round to nearest even),
-        to their owners; each owner sums the ``size`` bf16 values of an entry in float32,
-        in rank order, rounds the sum to bf16, and an Allgatherv gives every rank every
-        chunk. So every rank holds the same bits, half the bytes of a float32 ring
-        Allreduce move, and each entry is within ``BF16_SUM_BOUND * sum_r |g_r|`` of the
-        exact sum (each term rounded once, the sum once; unit roundoff 2^-8 each).
-        """
+        """In-place SUM over ranks of a float32 1-D ``buf``, sent as bf16, summed in float32
+        (how, and the bound: ``bf16_sum.allreduce_sum_bf16``)."""
         self._check_flat(buf, "allreduce_sum_bf16_")
         if np.dtype(buf.dtype) != np.float32:
             raise ValueError(f"allreduce_sum_bf16_: expected float32, got {buf.dtype}")
