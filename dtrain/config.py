@@ -138,11 +138,12 @@ class TrainConfig:
                 "parameters)"
             )
         # diagnostics
-        ok = isinstance(self.stall_timeout, numbers.Real) and not isinstance(self.stall_timeout, bool)
-        need(ok and math.isfinite(self.stall_timeout) and self.stall_timeout >= 0, "--stall-timeout",
-             "a non-negative number of seconds (0: off)", self.stall_timeout)
-        need(self.trace is None or (a_path(self.trace) and not os.path.isdir(self.trace)), "--trace",
-             "a file name (not a directory)", self.trace)
+        ok = (isinstance(self.stall_timeout, numbers.Real)
+              and not isinstance(self.stall_timeout, bool))
+        need(ok and math.isfinite(self.stall_timeout) and self.stall_timeout >= 0,
+             "--stall-timeout", "a non-negative number of seconds (0: off)", self.stall_timeout)
+        need(self.trace is None or (a_path(self.trace) and not os.path.isdir(self.trace)),
+             "--trace", "a file name (not a directory)", self.trace)
         # distributed
         count("--micro-batch", self.micro_batch, 1, allow_none=True)
         need(self.micro_batch is None or self.batch_size % self.micro_batch == 0, "--micro-batch",
@@ -202,39 +203,43 @@ def add_config_flags(parser: argparse.ArgumentParser):
     """One flag per field: --batch-size for batch_size, --no-x for booleans that default on."""
     defaults = TrainConfig()
     helps = {
-        "data": "COCO-layout data directory (default: the built-in synthetic data set, generated once into a cache)",
+        "data": "COCO-layout data directory (default: the built-in synthetic data set, "
+                "generated once into a cache)",
         "batch_size": "global batch size, split evenly across ranks (default 128)",
         "lr_decay": "learning-rate factor applied once per epoch (default 1.0)",
         "steps": "training steps (default 600 when neither --steps nor --epochs is given)",
         "epochs": "training epochs (may be fractional)",
         "eval_every": "evaluate (val loss, BLEU) every N steps; 0: only at the end",
-        "checkpoint_every": "write a checkpoint every N steps; 0: only at the end and on SIGTERM/SIGUSR1",
-        "resume": "resume from a checkpoint path, or 'latest' in --checkpoint-dir (starts fresh if none)",
+        "checkpoint_every": "write a checkpoint every N steps; 0: only at the end and on "
+                            "SIGTERM/SIGUSR1",
+        "resume": "resume from a checkpoint path, or 'latest' in --checkpoint-dir "
+                  "(starts fresh if none)",
         "init_from": "start a new run (fresh Adam state and sampler) from this checkpoint's "
                      "parameters; the way to fine-tune",
         "threads_per_rank": "BLAS/kernel threads per rank (default: the node's cores / its ranks)",
-        "embed_reduce": "how the word-embedding gradient is reduced: auto (by bytes), dense or sparse",
+        "embed_reduce": "how the word-embedding gradient is reduced: auto (by bytes), dense or "
+                        "sparse",
         "check_every": "compare a parameter checksum across ranks every N steps (0: never)",
         "debug": "finite checks every step, a finite-difference gradient check on the first batch, "
                  "consistency check every step, per-rank timings, every collective checked for "
                  "agreement across ranks",
-        "stall_timeout": "seconds ranks may wait for the others in one collective before the job names "
-                         "the missing ranks, checkpoints the last completed step and ends (exit 124); "
-                         "0 turns it off (default 600)",
+        "stall_timeout": "seconds ranks may wait for the others in one collective before the job "
+                         "names the missing ranks, checkpoints the last completed step and ends "
+                         "(exit 124); 0 turns it off (default 600)",
         "allow_changed_settings": "with --resume: continue with settings that change the results "
                                   "(seed, lr, ...; see dtrain/resume_settings.py), with a warning",
         "trace": "write a Chrome/Perfetto trace (JSON, one track per rank) to this file, and "
                  "timeline.png beside it; open in https://ui.perfetto.dev or chrome://tracing",
         "device": "cpu, gpu or auto",
-        "micro_batch": "rows per micro-shard: the global batch is cut into B/m micro-shards by position, "
-                       "run one after the other (gradient accumulation: activation memory bounded by m); "
-                       "the number of ranks must divide B/m",
-        "deterministic": "bitwise identical results for any number of ranks: per-micro-shard gradients "
-                         "summed exactly in int64 fixed point (see docs/determinism.md); BLAS threads "
-                         "default to 1 per rank",
+        "micro_batch": "rows per micro-shard: the global batch is cut into B/m micro-shards by "
+                       "position, run one after the other (gradient accumulation: activation "
+                       "memory bounded by m); the number of ranks must divide B/m",
+        "deterministic": "bitwise identical results for any number of ranks: per-micro-shard "
+                         "gradients summed exactly in int64 fixed point (see docs/determinism.md); "
+                         "BLAS threads default to 1 per rank",
         "max_train": "use only this many training captions",
-        "reduce_dtype": "how the dense gradient travels between ranks: fp32, or bf16 (half the bytes, "
-                        "float32 sums on arrival; not with --deterministic)",
+        "reduce_dtype": "how the dense gradient travels between ranks: fp32, or bf16 (half the "
+                        "bytes, float32 sums on arrival; not with --deterministic)",
         "overlap_reduce": "reduce W_vocab's and b_vocab's gradients while backpropagation through "
                           "time runs (same sums; CPU, one pass per step; not with --deterministic)",
         "precision": "GEMM operands: fp32 (default), or bf16 (rounded to bf16, float32 sums; "
@@ -242,9 +247,9 @@ def add_config_flags(parser: argparse.ArgumentParser):
                      "the extra bf16, docs/precision.md)",
         "keep_checkpoints": "how many of the newest checkpoints to keep (at least 1; default 3)",
     }
-    choices = {"cell": sorted(CELLS), "dtype": ["float32", "float64"], "device": ["cpu", "gpu", "auto"],
-               "embed_reduce": ["auto", "dense", "sparse"], "reduce_dtype": ["fp32", "bf16"],
-               "precision": ["fp32", "bf16"]}
+    choices = {"cell": sorted(CELLS), "dtype": ["float32", "float64"],
+               "device": ["cpu", "gpu", "auto"], "embed_reduce": ["auto", "dense", "sparse"],
+               "reduce_dtype": ["fp32", "bf16"], "precision": ["fp32", "bf16"]}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -260,11 +265,13 @@ def add_config_flags(parser: argparse.ArgumentParser):
         if f.name == "resume":
             parser.add_argument(flag, nargs="?", const="latest", default=None, help=helps[f.name])
             continue
-        parser.add_argument(flag, dest=f.name, type=conv, default=default, choices=choices.get(f.name),
+        parser.add_argument(flag, dest=f.name, type=conv, default=default,
+                            choices=choices.get(f.name),
                             help=helps.get(f.name, f"(default {default})"))
 
 
 def config_from_args(args) -> TrainConfig:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                         if hasattr(args, f.name)})
     cfg.validate()
     return cfg

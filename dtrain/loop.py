@@ -50,10 +50,12 @@ def diagnostics_settings(cfg):
         try:
             timeout = float(env_timeout)
         except ValueError:
-            raise UserError(f"DTRAIN_STALL_TIMEOUT: expected a number of seconds, got {env_timeout!r}") from None
+            raise UserError("DTRAIN_STALL_TIMEOUT: expected a number of seconds, "
+                            f"got {env_timeout!r}") from None
     timeout = 600.0 if timeout is None else float(timeout)
     if not timeout >= 0:
-        raise UserError(f"--stall-timeout: expected a non-negative number of seconds (0: off), got {timeout}")
+        raise UserError("--stall-timeout: expected a non-negative number of seconds (0: off), "
+                        f"got {timeout}")
     trace = getattr(cfg, "trace", None) or env.get("DTRAIN_TRACE")
     if trace and Path(trace).is_dir():
         raise UserError(f"--trace: expected a file name, got the directory {trace}")
@@ -65,7 +67,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, comm):
         self.cfg, self.comm = cfg, comm
-        self._start_diagnostics()  # stall watchdog, --trace, --debug collective checks (docs/diagnostics.md)
+        # stall watchdog, --trace, --debug collective checks (docs/diagnostics.md)
+        self._start_diagnostics()
         self.threads = rank_threads(cfg, comm)  # before the model: its kernels use the pool
         self.device = backend.resolve_device(cfg.device)
         self.xp = backend.select(self.device, comm.local_rank)
@@ -118,8 +121,8 @@ class Trainer:
         checkpoint.check_compatible(ckpt, self.model.shapes, self.data.idx_to_word)
         for name in self.model.shapes:
             self.model.params[name] = np.asarray(ckpt["params"][name])
-        self.log.say(f"--init-from {path}: parameters loaded; a new run (fresh Adam state and sample "
-                     "stream)")
+        self.log.say(f"--init-from {path}: parameters loaded; a new run (fresh Adam state and "
+                     "sample stream)")
 
     def _read_resume_state(self):
         """Rank 0: the RunState --resume names, checked against this run, or None (a fresh
@@ -169,7 +172,8 @@ class Trainer:
         comm.debug_collectives = bool(cfg.debug)
         self.tracer = self.watchdog = None
         if comm.size > 1 and Watchdog.supported(comm):
-            self.watchdog = Watchdog(comm, self.progress, stall_timeout, checkpoint=self._stall_checkpoint)
+            self.watchdog = Watchdog(comm, self.progress, stall_timeout,
+                                     checkpoint=self._stall_checkpoint)
             self.watchdog.start()
         if trace:
             self.tracer = Tracer(trace, comm.rank, comm.size)
@@ -180,7 +184,8 @@ class Trainer:
                 self.watchdog.tracer = self.tracer
 
     def _finish_diagnostics(self):
-        """At the end of a run, on every rank: the merged trace (rank 0 writes); the watchdog stops."""
+        """At the end of a run, on every rank: the merged trace (rank 0 writes); the watchdog
+        stops."""
         self.progress.enter("done")
         if self.tracer is not None:
             written = self.tracer.finish(self.comm)
@@ -219,7 +224,8 @@ class Trainer:
             self.tracer.span("setup", "setup", self.tracer.origin, time.perf_counter())
         signals.on_stop(self._on_signal)  # handlers since main's first line (dtrain/signals.py)
         self.log.say(self.banner())
-        self.log.start(uuid.uuid4().hex[:12], comm.size, self.step, self.resumed_from, cfg.to_dict())
+        self.log.start(uuid.uuid4().hex[:12], comm.size, self.step, self.resumed_from,
+                       cfg.to_dict())
         B = cfg.batch_size
         interval = Interval()
         self.divergence = DivergenceWatch()
@@ -236,25 +242,31 @@ class Trainer:
             self._batch = (features, captions)
             self.progress.enter("step")
             try:
-                result = self.step_fn(features, captions, B, lr, stop=self._stop_requested(), check=check)
+                result = self.step_fn(features, captions, B, lr, stop=self._stop_requested(),
+                                      check=check)
             except NonFiniteError as exc:  # not applied: parameters are still those of self.step
                 last = checkpoint.latest_checkpoint(self.ckpt_dir) if comm.is_root else None
                 # no update yet: the learning rate cannot be the cause, the data (or init) are
                 hint = ("check the data: no update had been applied yet" if self.step == 0
                         else "lower --lr?")
-                raise UserError(f"step {self.step + 1}: {exc}; the step was not applied and training "
-                                f"stopped; last good checkpoint: {last or 'none'} ({hint})") from None
+                raise UserError(f"step {self.step + 1}: {exc}; the step was not applied and "
+                                "training stopped; last good checkpoint: "
+                                f"{last or 'none'} ({hint})") from None
             self.step += 1
-            self.progress.completed(self.step, self._resume_point())  # diagnostics: what a stall saves
+            # diagnostics: what a stall saves
+            self.progress.completed(self.step, self._resume_point())
             if self.tracer is not None:
                 self.tracer.step(self.step, t_batch, result)
             if self.step == start_step + 1:
                 self.divergence.start(result.loss)
             interval.add(result)
             if cfg.debug:
-                print(f"[rank {comm.rank}] step {self.step}: compute {1e3 * result.compute_s:.1f} ms, "
-                      f"comm {1e3 * result.comm_s:.1f} ms, total {1e3 * result.seconds:.1f} ms", flush=True)
-            if comm.size > 1 and (cfg.debug or (cfg.check_every and self.step % cfg.check_every == 0)):
+                print(f"[rank {comm.rank}] step {self.step}: "
+                      f"compute {1e3 * result.compute_s:.1f} ms, "
+                      f"comm {1e3 * result.comm_s:.1f} ms, total {1e3 * result.seconds:.1f} ms",
+                      flush=True)
+            checking = cfg.debug or (cfg.check_every and self.step % cfg.check_every == 0)
+            if comm.size > 1 and checking:
                 comm.check_consistent(self.model.param_buffer, "parameters")
             if self.step % cfg.log_every == 0 or self.step == self.total_steps or result.stop:
                 mean_loss = self.log.interval(interval, self.step, self.total_steps, start_step,
@@ -272,10 +284,12 @@ class Trainer:
                 return PREEMPTED_EXIT_CODE
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate_and_log(final=False)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    and self.step < self.total_steps):
                 self.save_checkpoint()
         if comm.size > 1 and cfg.check_every:
-            for arr, what in ((self.model.param_buffer, "parameters"), (self.adam.m, "Adam first moments"),
+            for arr, what in ((self.model.param_buffer, "parameters"),
+                              (self.adam.m, "Adam first moments"),
                               (self.adam.v, "Adam second moments")):
                 comm.check_consistent(arr, what)
         testhooks.dump_rank_state(comm.rank, {"params": self.model.param_buffer, "m": self.adam.m,
@@ -301,13 +315,15 @@ class Trainer:
         cfg, m = self.cfg, self.model
         blas = backend.blas_info()
         hosts = self.comm.describe_hosts(self.threads)  # a collective: every rank makes the banner
-        return (f"dtrain: {self.comm.size} rank(s) x {self.threads} thread(s) on {hosts}, device {self.device}, "
-                f"BLAS {blas.get('library')} ({blas.get('kernel')}); {cfg.cell} W={cfg.wordvec_dim} "
-                f"H={cfg.hidden_dim} V={m.vocab_size} {cfg.dtype}, {m.num_params:,} params\n"
+        return (f"dtrain: {self.comm.size} rank(s) x {self.threads} thread(s) on {hosts}, "
+                f"device {self.device}, BLAS {blas.get('library')} ({blas.get('kernel')}); "
+                f"{cfg.cell} W={cfg.wordvec_dim} H={cfg.hidden_dim} V={m.vocab_size} {cfg.dtype}, "
+                f"{m.num_params:,} params\n"
                 f"step: {self.step_fn.describe()}\n"
                 f"data: {self.data.data_dir} ({self.train_split.num_captions:,} train captions, "
                 f"{self.val_split.num_images:,} val images); global batch {cfg.batch_size} "
-                f"({cfg.batch_size // self.comm.size} per rank), {self.sampler.steps_per_epoch} steps/epoch, "
+                f"({cfg.batch_size // self.comm.size} per rank), "
+                f"{self.sampler.steps_per_epoch} steps/epoch, "
                 f"training to step {self.total_steps}")
 
     # ------------------------------------------------------------------ debug
@@ -317,17 +333,21 @@ class Trainer:
         xp, step = self.xp, self.step + 1
         loss = float(grads.loss)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"--debug: loss is {loss} at step {step} (rank {self.comm.rank})")
+            raise FloatingPointError(f"--debug: loss is {loss} at step {step} "
+                                     f"(rank {self.comm.rank})")
         dense = grads.grad_buffer if grads.embed_dense else grads.grad_buffer[: grads.embed_offset]
-        for what, arr in (("dense gradient", dense), ("embedding gradient rows", grads.embed_rows)):
+        for what, arr in (("dense gradient", dense),
+                          ("embedding gradient rows", grads.embed_rows)):
             if not bool(xp.isfinite(arr).all()):
-                raise FloatingPointError(f"--debug: {what} not finite at step {step} (rank {self.comm.rank})")
+                raise FloatingPointError(f"--debug: {what} not finite at step {step} "
+                                         f"(rank {self.comm.rank})")
         if self._first:
             features, captions = self._batch
             err, n = finite_difference_check(self.model, backend.to_host(features), captions,
-                                             self.cfg.batch_size, seed=self.cfg.seed + self.comm.rank)
-            print(f"[rank {self.comm.rank}] --debug: finite-difference check of {n} gradient entries "
-                  f"(float64): max relative error {err:.2e}", flush=True)
+                                             self.cfg.batch_size,
+                                             seed=self.cfg.seed + self.comm.rank)
+            print(f"[rank {self.comm.rank}] --debug: finite-difference check of {n} gradient "
+                  f"entries (float64): max relative error {err:.2e}", flush=True)
             if err > 1e-5:
                 raise FloatingPointError(f"--debug: finite-difference gradient check failed: "
                                          f"relative error {err:.2e} > 1e-5")
@@ -337,8 +357,9 @@ class Trainer:
     def evaluate_and_log(self, final):
         cfg = self.cfg
         with self._phase("evaluation", "compute"):
-            res = evaluate(self.model, self.comm, self.val_split, self.data.idx_to_word, cfg.eval_captions,
-                           cfg.eval_images, cfg.max_length, should_stop=self._stop_requested)
+            res = evaluate(self.model, self.comm, self.val_split, self.data.idx_to_word,
+                           cfg.eval_captions, cfg.eval_images, cfg.max_length,
+                           should_stop=self._stop_requested)
         self.log.evaluation(res, self.step, final)
         return res
 
@@ -365,7 +386,8 @@ class Trainer:
         return checkpoint.RunState(
             step=step, params={n: backend.to_host(v) for n, v in self.model.params.items()},
             adam_m=backend.to_host(adam["m"]), adam_v=backend.to_host(adam["v"]), adam_t=adam["t"],
-            sampler=sampler_state, config=self.cfg.to_dict() | {"data_dir": str(self.data.data_dir)},
+            sampler=sampler_state,
+            config=self.cfg.to_dict() | {"data_dir": str(self.data.data_dir)},
             idx_to_word=list(self.data.idx_to_word), seed=self.cfg.seed, world_size=self.comm.size,
             data_fingerprint=self.fingerprint, accumulator=accumulator_state)
 

@@ -24,7 +24,8 @@ def open_data(cfg, comm):
             t0 = time.perf_counter()
             data_dir = str(ensure_builtin_data())
             if comm.is_root and time.perf_counter() - t0 > 1 and not cfg.quiet:
-                print(f"built-in data set ready in {data_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(f"built-in data set ready in {data_dir} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
         comm.barrier()
         if data_dir is None:
             data_dir = str(ensure_builtin_data())  # already there: returns at once
@@ -33,6 +34,7 @@ def open_data(cfg, comm):
 
 
 def build_model(cfg, data, xp):
-    return CaptioningModel(data.word_to_idx, input_dim=data.feature_dim, wordvec_dim=cfg.wordvec_dim,
-                           hidden_dim=cfg.hidden_dim, cell_type=cfg.cell, dtype=np.dtype(cfg.dtype),
+    return CaptioningModel(data.word_to_idx, input_dim=data.feature_dim,
+                           wordvec_dim=cfg.wordvec_dim, hidden_dim=cfg.hidden_dim,
+                           cell_type=cfg.cell, dtype=np.dtype(cfg.dtype),
                            seed=cfg.seed, xp=xp, precision=getattr(cfg, "precision", "fp32"))

@@ -29,7 +29,8 @@ def test_overlap_bitwise_and_bf16_bound_on_real_ranks(ranks):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(deterministic=True, reduce_dtype="bf16"), "--reduce-dtype bf16: not with --deterministic"),
+    (dict(deterministic=True, reduce_dtype="bf16"),
+     "--reduce-dtype bf16: not with --deterministic"),
     (dict(deterministic=True, overlap_reduce=True), "--overlap-reduce: not with --deterministic"),
     (dict(reduce_dtype="fp16"), "--reduce-dtype: expected fp32 or bf16, got 'fp16'"),
     (dict(reduce_dtype="bf16", dtype="float64"), "--reduce-dtype bf16: expected --dtype float32"),

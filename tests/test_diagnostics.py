@@ -59,7 +59,8 @@ class Job:
         full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         full.setdefault("DTRAIN_CACHE", str(Path(__file__).parent / ".cache"))
         self.proc = subprocess.Popen(dtrain_cmd(ranks, *map(str, args)), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=full, start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True, env=full,
+                                     start_new_session=True)
         self.lines, self.pids, self.proxies = [], {}, []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -78,8 +79,10 @@ class Job:
     def wait_for_step(self, step, timeout=90):
         deadline = time.monotonic() + timeout
         while self.steps_done() < step:
-            assert self.proc.poll() is None, f"job ended early ({self.proc.returncode}):\n{self.output[-3000:]}"
-            assert time.monotonic() < deadline, f"no step {step} within {timeout} s:\n{self.output[-3000:]}"
+            assert self.proc.poll() is None, (
+                f"job ended early ({self.proc.returncode}):\n{self.output[-3000:]}")
+            assert time.monotonic() < deadline, (
+                f"no step {step} within {timeout} s:\n{self.output[-3000:]}")
             time.sleep(0.05)
 
     def find_ranks(self, n):
@@ -153,7 +156,8 @@ def test_stopped_rank_is_named_job_ends_and_resumes(tiny_data, tmp_path, jobs):
     out = job.output
     assert code == STALL_EXIT_CODE, (code, out[-3000:])
     assert elapsed < 40 and gone < 40, (elapsed, gone)
-    assert "rank(s) 2 stopped taking part in collectives: rank(s) 0, 1, 3 waited" in out, out[-3000:]
+    assert "rank(s) 2 stopped taking part in collectives: rank(s) 0, 1, 3 waited" in out, (
+        out[-3000:])
     assert re.search(rf"rank 2 \(.*pid {pids[2]}\): NOT RESPONDING", out), out[-3000:]
     for r in (0, 1, 3):
         assert re.search(rf"rank {r} \(.*pid {pids[r]}\): step \d+, waiting in collective", out)
@@ -168,7 +172,8 @@ def test_stopped_rank_is_named_job_ends_and_resumes(tiny_data, tmp_path, jobs):
     assert ranks == {0, 1, 3}
     assert {e["pid"] for e in doc["traceEvents"] if e.get("name") == "stall wait"} == {0, 1, 3}
     # resume on 2 ranks: two more steps from the stall checkpoint
-    run_dtrain(2, *train_args(tiny_data, tmp_path / "ck", "--steps", step + 2, "--resume", "latest", "--quiet"),
+    run_dtrain(2, *train_args(tiny_data, tmp_path / "ck", "--steps", step + 2,
+                              "--resume", "latest", "--quiet"),
                timeout=120)
     assert int(load_checkpoint(latest_checkpoint(tmp_path / "ck"))["step"]) == step + 2
 
@@ -246,7 +251,8 @@ def test_trace_has_every_phase_of_both_ranks(tiny_data, tmp_path):
         mine = [e for e in spans if e["pid"] == r]
         for step in range(1, steps + 1):
             at = {e["name"] for e in mine if e["args"].get("step") == step}
-            assert {f"step {step}", "batch assembly", "forward", "backward", "optimizer"} <= at, (r, step, at)
+            assert {f"step {step}", "batch assembly", "forward", "backward", "optimizer"} <= at, (
+                r, step, at)
             assert any(n.startswith("gradient reduce (") for n in at)
             box = next(e for e in mine if e["name"] == f"step {step}")
             colls = [e for e in mine if e["cat"] == "communication"
@@ -306,12 +312,13 @@ def test_settings_flag_wins_over_environment(monkeypatch):
     (2, 1, "count", "allreduce_sum_(count=8, float64)", "allreduce_sum_(count=5, float64)")])
 def test_debug_names_the_rank_of_a_mismatched_collective(nprocs, bad, kind, theirs, odd):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    res = subprocess.run([mpiexec, "-n", str(nprocs), sys.executable, str(WORKERS / "mismatch_worker.py"),
-                          str(bad), kind], capture_output=True, text=True, timeout=60, cwd=WORKERS)
+    res = subprocess.run([mpiexec, "-n", str(nprocs), sys.executable,
+                          str(WORKERS / "mismatch_worker.py"), str(bad), kind],
+                         capture_output=True, text=True, timeout=60, cwd=WORKERS)
     assert res.returncode != 0
     assert "UNREACHABLE" not in res.stdout
-    assert (f"collective #2 does not match across ranks: rank {bad} calls {odd} at mismatch_worker.py:"
-            in res.stderr), res.stderr[-3000:]
+    assert (f"collective #2 does not match across ranks: rank {bad} calls {odd} at "
+            "mismatch_worker.py:" in res.stderr), res.stderr[-3000:]
     assert "but rank 0" in res.stderr and f"calls {theirs}" in res.stderr
 
 

@@ -27,7 +27,8 @@ def _environ_reads(tree):
         elif isinstance(node, ast.Subscript) and "environ" in ast.unparse(node.value):
             if isinstance(node.slice, ast.Constant):
                 key = node.slice.value
-        elif isinstance(node, ast.Compare) and any("environ" in ast.unparse(c) for c in node.comparators):
+        elif isinstance(node, ast.Compare) and any("environ" in ast.unparse(c)
+                                                   for c in node.comparators):
             if isinstance(node.left, ast.Constant):
                 key = node.left.value
         if isinstance(key, str):

@@ -330,7 +330,8 @@ def test_disk_full_at_fsync_and_other_write_errors(tmp_path, monkeypatch):
     target = checkpoint_path(tmp_path, 2)
     real_fsync = os.fsync
     for code, expected in (
-        (errno.ENOSPC, f"no space left on device writing {target}; previous checkpoint {prev} kept"),
+        (errno.ENOSPC,
+         f"no space left on device writing {target}; previous checkpoint {prev} kept"),
         (errno.EDQUOT, f"disk quota exceeded writing {target}; previous checkpoint {prev} kept"),
         (errno.EIO, rf"cannot write checkpoint {re.escape(str(target))} \(\[Errno 5\] .*\); "
                     rf"previous checkpoint {re.escape(str(prev))} kept"),
@@ -532,9 +533,11 @@ def test_check_writable_dir(tmp_path):
     a_file.write_text("x")
     with pytest.raises(OutputPathError) as err:
         check_writable_dir(a_file / "x", "--checkpoint-dir")
-    assert str(err.value) == f"--checkpoint-dir {a_file / 'x'}: cannot create directory (Not a directory)"
+    assert str(err.value) == (f"--checkpoint-dir {a_file / 'x'}: cannot create directory "
+                              "(Not a directory)")
     assert err.value.user_error
-    with pytest.raises(OutputPathError, match=r"^--metrics-dir \S+hostname: exists and is not a dir"):
+    with pytest.raises(OutputPathError,
+                       match=r"^--metrics-dir \S+hostname: exists and is not a dir"):
         check_writable_dir(a_file, "--metrics-dir")
 
 
@@ -551,7 +554,8 @@ def test_check_writable_dir_read_only(tmp_path):
     try:
         with pytest.raises(OutputPathError) as err:
             check_writable_dir(ro, "--checkpoint-dir")
-        assert str(err.value) == f"--checkpoint-dir {ro}: cannot write there (Read-only file system)"
+        assert str(err.value) == (f"--checkpoint-dir {ro}: cannot write there "
+                                  "(Read-only file system)")
         with pytest.raises(OutputPathError, match="cannot create directory .Read-only file system"):
             RunLock(ro / "sub").acquire()
     finally:

@@ -357,8 +357,8 @@ def test_host_lost_mid_run_ends_job_then_resubmit_excluding_it(hosts, synth_data
         _wait_for(lambda: list(ckpt.glob("ckpt-*.h5")), "first checkpoint", hosts, job_id, out)
         hosts.on_node("node2", "ip", "link", "set", "eth0", "down")
         cut = time.monotonic()
-        _wait_for(lambda: "training step exited" in read_output(out), "the job's end", hosts, job_id,
-                  out, timeout=STALL_TIMEOUT + 60)
+        _wait_for(lambda: "training step exited" in read_output(out), "the job's end", hosts,
+                  job_id, out, timeout=STALL_TIMEOUT + 60)
         ended = time.monotonic() - cut
         print(f"lost host: the job ended {ended:.1f} s after the cut (--stall-timeout "
               f"{STALL_TIMEOUT})")

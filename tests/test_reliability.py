@@ -42,7 +42,8 @@ def test_non_finite_step_is_not_applied(tiny_data, tmp_path):
                    "--steps", 60, "--checkpoint-every", 1, "--lr", "1e18", check=False, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("dtrain:")]
-    assert len(err) == 1 and "not applied" in err[0] and "step " in err[0] and "Traceback" not in p.stderr
+    assert len(err) == 1 and "not applied" in err[0] and "step " in err[0]
+    assert "Traceback" not in p.stderr
     last = latest_checkpoint(tmp_path)
     assert last is not None and str(last) in err[0]  # the last good checkpoint is named
     for path in tmp_path.glob("ckpt-*.h5"):
@@ -75,14 +76,15 @@ def _run_until_first_step(args, sig, env=None):
 
 def test_sigint_checkpoints_like_sigterm(tiny_data, tmp_path):
     rc, out, err = _run_until_first_step(["train", "--data", str(tiny_data), "--checkpoint-dir",
-                                          str(tmp_path), *SMALL, "--steps", "100000"], signal.SIGINT)
+                                          str(tmp_path), *SMALL, "--steps", "100000"],
+                                         signal.SIGINT)
     assert rc == 75, err[-2000:]
     assert int(load_checkpoint(latest_checkpoint(tmp_path))["step"]) >= 5
 
 
 def test_sigterm_during_final_evaluation_stops_it(tiny_data, tmp_path):
-    p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 5,
-                   env={"DTRAIN_FAULT": "signal@1:eval"}, check=False, timeout=120)
+    p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL,
+                   "--steps", 5, env={"DTRAIN_FAULT": "signal@1:eval"}, check=False, timeout=120)
     assert p.returncode == 75, p.stderr[-2000:]
     assert "during the final evaluation" in p.stderr
     final = [r for r in records(tmp_path, "eval") if r["final"]]
@@ -92,22 +94,26 @@ def test_sigterm_during_final_evaluation_stops_it(tiny_data, tmp_path):
 
 
 def test_metrics_mark_every_start_and_resume(tiny_data, tmp_path):
-    run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 5)
-    run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 10,
-               "--resume", "latest")
+    run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL,
+               "--steps", 5)
+    run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL,
+               "--steps", 10, "--resume", "latest")
     starts = records(tmp_path, "start")
     assert [s["world_size"] for s in starts] == [1, 2]
-    assert starts[0]["resumed_from"] is None and starts[1]["resumed_from"].endswith("ckpt-00000005.h5")
+    assert starts[0]["resumed_from"] is None
+    assert starts[1]["resumed_from"].endswith("ckpt-00000005.h5")
     assert [s["step"] for s in starts] == [0, 5] and starts[0]["run_id"] != starts[1]["run_id"]
 
 
 def test_user_error_is_exactly_one_line_every_time(tmp_path):
     """A user error prints its one line (per rank) and nothing else, run after run."""
     for _ in range(8):
-        p = run_dtrain(2, "train", "--data", tmp_path / "missing", "--steps", 1, check=False, timeout=60)
+        p = run_dtrain(2, "train", "--data", tmp_path / "missing", "--steps", 1, check=False,
+                       timeout=60)
         assert p.returncode == 2
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-        assert lines and all(ln.startswith("dtrain: error:") and "missing" in ln for ln in lines), p.stderr
+        assert lines and all(ln.startswith("dtrain: error:") and "missing" in ln
+                             for ln in lines), p.stderr
         assert "Traceback" not in p.stderr and "failed" not in p.stderr
 
 
@@ -116,7 +122,8 @@ def test_sample_and_evaluate_errors_name_their_flags(tmp_path):
     assert p.returncode == 2 and "--checkpoint" in p.stderr and "--resume" not in p.stderr, p.stderr
     p = run_dtrain(None, "sample", "--checkpoint", "x", "-n", "-2", check=False, timeout=60)
     assert p.returncode == 2 and "-n" in p.stderr, p.stderr
-    p = run_dtrain(None, "evaluate", "--checkpoint", "x", "--eval-images", "-1", check=False, timeout=60)
+    p = run_dtrain(None, "evaluate", "--checkpoint", "x", "--eval-images", "-1", check=False,
+                   timeout=60)
     assert p.returncode == 2 and "--eval-images" in p.stderr, p.stderr
 
 
@@ -131,9 +138,11 @@ def test_unwritable_checkpoint_dir_fails_before_training(tiny_data, tmp_path):
 
 
 def test_one_run_per_checkpoint_dir(tiny_data, tmp_path):
-    args = ["train", "--data", str(tiny_data), "--checkpoint-dir", str(tmp_path), *SMALL, "--steps", "100000"]
-    first = subprocess.Popen(dtrain_cmd(None, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    args = ["train", "--data", str(tiny_data), "--checkpoint-dir", str(tmp_path), *SMALL,
+            "--steps", "100000"]
+    first = subprocess.Popen(dtrain_cmd(None, *args), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         for line in first.stdout:
             if line.startswith("step ") and "/" in line:
@@ -146,8 +155,8 @@ def test_one_run_per_checkpoint_dir(tiny_data, tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
-    third = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 2,
-                       timeout=120)
+    third = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL,
+                       "--steps", 2, timeout=120)
     assert "stale lock" in third.stdout and str(first.pid) in third.stdout, third.stdout[-2000:]
 
 
@@ -159,29 +168,32 @@ def test_resume_refuses_other_data_and_init_from_fine_tunes(tiny_data, tmp_path)
     run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", ck, *SMALL, "--steps", 3)
     p = run_dtrain(None, "train", "--data", other, "--checkpoint-dir", ck, *SMALL, "--steps", 6,
                    "--resume", "latest", check=False, timeout=60)
-    assert p.returncode == 2 and "another data set" in p.stderr and "--init-from" in p.stderr, p.stderr
+    assert p.returncode == 2, p.stderr
+    assert "another data set" in p.stderr and "--init-from" in p.stderr, p.stderr
     src = latest_checkpoint(ck)
     ft = tmp_path / "ft"
     p = run_dtrain(2, "train", "--data", other, "--checkpoint-dir", ft, *SMALL, "--steps", 2,
                    "--init-from", src, timeout=120)
     assert "--init-from" in p.stdout
     tuned = load_checkpoint(latest_checkpoint(ft))
-    assert int(tuned["step"]) == 2 and int(tuned["adam"]["t"]) == 2  # a new run: fresh Adam, step 0 + 2
+    # a new run: fresh Adam, step 0 + 2
+    assert int(tuned["step"]) == 2 and int(tuned["adam"]["t"]) == 2
     start = [r for r in records(ft, "start")][0]
     assert start["step"] == 0
 
 
 def test_resume_latest_skips_damaged_checkpoint(tiny_data, tmp_path):
-    run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 4,
-               "--checkpoint-every", 2)
+    run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL,
+               "--steps", 4, "--checkpoint-every", 2)
     newest = latest_checkpoint(tmp_path)
     assert newest.name == "ckpt-00000004.h5"
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     newest.write_bytes(bytes(raw))
-    p = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL, "--steps", 6,
-                   "--resume", "latest", timeout=120)
-    assert f"skipped {newest}" in p.stdout and "resumed from" in p.stdout and "ckpt-00000002.h5" in p.stdout
+    p = run_dtrain(None, "train", "--data", tiny_data, "--checkpoint-dir", tmp_path, *SMALL,
+                   "--steps", 6, "--resume", "latest", timeout=120)
+    assert f"skipped {newest}" in p.stdout and "resumed from" in p.stdout
+    assert "ckpt-00000002.h5" in p.stdout
     assert (tmp_path / "ckpt-00000004.h5.damaged").exists()
     assert int(load_checkpoint(latest_checkpoint(tmp_path))["step"]) == 6
 
@@ -196,12 +208,13 @@ def test_disk_full_while_checkpointing_is_one_line(tiny_data, tmp_path):
 
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", mnt, *SMALL, "--steps", 40,
-                       "--checkpoint-every", 1, "--keep-checkpoints", 100, check=False, timeout=120)
+        p = run_dtrain(2, "train", "--data", tiny_data, "--checkpoint-dir", mnt, *SMALL,
+                       "--steps", 40, "--checkpoint-every", 1, "--keep-checkpoints", 100,
+                       check=False, timeout=120)
         assert p.returncode != 0, p.stdout[-1000:]
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-        assert lines and all(ln.startswith("dtrain: error: no space left on device writing") for ln in lines), \
-            p.stderr[-2000:]
+        assert lines and all(ln.startswith("dtrain: error: no space left on device writing")
+                             for ln in lines), p.stderr[-2000:]
         assert "kept" in lines[0] and "Traceback" not in p.stderr
         kept = latest_checkpoint(mnt)
         assert kept is not None and int(load_checkpoint(kept)["step"]) >= 1

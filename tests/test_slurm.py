@@ -208,7 +208,8 @@ def test_sbatch_user_errors_exit_2_not_137(slurm_cluster, tmp_path):
     for name, case in cases.items():  # all at once: the node has room for them
         workdir = tmp_path / name
         workdir.mkdir()
-        jobs[name] = _sbatch_plain(slurm_cluster, workdir, case["extra_flags"], **case.get("env", {}))
+        jobs[name] = _sbatch_plain(slurm_cluster, workdir, case["extra_flags"],
+                                   **case.get("env", {}))
     for name, (job_id, out) in jobs.items():
         info = _wait_job(slurm_cluster, job_id, out, timeout=180)
         text = read_output(out)

@@ -39,8 +39,8 @@ def run_bench(args):
     from .relaunch import bench_flags, mpiexec
 
     if args.steps < 1 or args.warmup < 0:
-        return _error(f"--steps {args.steps} --warmup {args.warmup}: expected at least 1 timed step and "
-                      "no negative warm-up")
+        return _error(f"--steps {args.steps} --warmup {args.warmup}: expected at least 1 timed "
+                      "step and no negative warm-up")
     for flag, name, low in (("--batch-size", "batch_size", 1), ("--seq-len", "seq_len", 2),
                             ("--input-dim", "input_dim", 1), ("--wordvec-dim", "wordvec_dim", 1),
                             ("--hidden-dim", "hidden_dim", 1), ("--vocab-size", "vocab_size", 5),
@@ -60,8 +60,8 @@ def run_bench(args):
         return _error("--precision bf16: runs on the fused CPU kernels, not with --no-kernels")
     if args.ranks and not _under_mpi():
         argv = bench_flags(args, drop={"ranks"})
-        return subprocess.call([mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "dtrain", "bench",
-                                *argv])
+        return subprocess.call([mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "dtrain",
+                                "bench", *argv])
     from ..parallel.comm import Communicator, run_guarded
 
     comm = Communicator()
@@ -125,10 +125,11 @@ def run_step_bench(args, comm, drive=None):
     def complete(result):
         """The run's description beside its timings."""
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        result.update({"framework": "dtrain", "pid": os.getpid(), "torch_loaded": "torch" in sys.modules,
-                       "peak_rss_mb": float(comm.allreduce_scalars(np.array([peak]))[0]) / comm.size,
-                       "deterministic": bool(args.deterministic), "micro_batch": micro, "batches": work.source,
-                       "cell": args.cell, "dtype": args.dtype,
+        peak_mean = float(comm.allreduce_scalars(np.array([peak]))[0]) / comm.size  # a collective
+        result.update({"framework": "dtrain", "pid": os.getpid(),
+                       "torch_loaded": "torch" in sys.modules, "peak_rss_mb": peak_mean,
+                       "deterministic": bool(args.deterministic), "micro_batch": micro,
+                       "batches": work.source, "cell": args.cell, "dtype": args.dtype,
                        "precision": getattr(args, "precision", "fp32"), "N": args.batch_size,
                        "D": work.input_dim,
                        "W": args.wordvec_dim, "H": args.hidden_dim, "V": len(work.word_to_idx),

@@ -73,12 +73,14 @@ def open_batches(args, comm=None):
     comm = comm if comm is not None else _OneProcess()
     B = args.batch_size
     if synthetic_mode(args):
-        T, D, V = (getattr(args, k) or SYNTHETIC_DEFAULTS[k] for k in ("seq_len", "input_dim", "vocab_size"))
+        T, D, V = (getattr(args, k) or SYNTHETIC_DEFAULTS[k]
+                   for k in ("seq_len", "input_dim", "vocab_size"))
         features, captions = synthetic_batch(B, T, V, D, np.random.default_rng(args.seed))
         shard = B // comm.size
         lo, hi = comm.rank * shard, (comm.rank + 1) * shard
         src = FixedBatches(captions[lo:hi], features[lo:hi])
-        return src, Workload(vocab(V), D, T, f"one fixed synthetic batch (seed {args.seed}), every step")
+        return src, Workload(vocab(V), D, T,
+                             f"one fixed synthetic batch (seed {args.seed}), every step")
     from ..config import TrainConfig
     from ..errors import UserError
     from ..parallel.sampler import ShardedSampler
@@ -91,6 +93,7 @@ def open_batches(args, comm=None):
     except ValueError as exc:
         raise UserError(str(exc)) from None
     T = int(split.captions.shape[1]) - 1
-    source = (f"{data.data_dir} (train split, {split.num_captions:,} captions), ShardedSampler seed "
-              f"{args.seed}: assembled in every timed step, as the trainer does")
-    return DataBatches(split, sampler), Workload(dict(data.word_to_idx), data.feature_dim, T, source)
+    source = (f"{data.data_dir} (train split, {split.num_captions:,} captions), ShardedSampler "
+              f"seed {args.seed}: assembled in every timed step, as the trainer does")
+    return DataBatches(split, sampler), Workload(dict(data.word_to_idx), data.feature_dim, T,
+                                                 source)

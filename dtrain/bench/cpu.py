@@ -34,7 +34,8 @@ class CpuTimer:
     """
 
     def __init__(self, args, comm, build, batches, gates):
-        self.args, self.comm, self.build, self.batches, self.gates = args, comm, build, batches, gates
+        self.args, self.comm, self.build = args, comm, build
+        self.batches, self.gates = batches, gates
         self.model, self.adam, self.accumulator, self.step = build(None, None, None)
         self.times, self.step_only, self.batch_t, self.comm_t, self.waits = [], [], [], [], []
         self.modes, self.nbytes, self.tokens, self.kept, self.blocks = [], [], [], [], []
@@ -81,13 +82,15 @@ class CpuTimer:
         tok = float(np.mean(self.tokens))
         seq_len = self.kept[0][0].shape[1] - 1
         modes = self.modes
-        result = {"device": "cpu", "kernels": model.kernels.name if model.kernels is not None else "plain xp",
+        kernels = model.kernels.name if model.kernels is not None else "plain xp"
+        result = {"device": "cpu", "kernels": kernels,
                   "step_mode": self.step.describe(), "median_ms": t * 1e3,
                   "step_only_ms": med(self.step_only) * 1e3, "batch_ms": med(self.batch_t) * 1e3,
                   "tokens_per_step": tok, "tokens_per_s": tok / t, "gflops": flops / t / 1e9,
-                  "gflop_per_step": flops / 1e9, "real_token_fraction": tok / (B * seq_len), "T": seq_len,
-                  "step_times_ms": [x * 1e3 for x in self.times], "block_medians_ms": self.blocks,
-                  "bytes_per_step": int(med(self.nbytes)), "reduce_mode": max(set(modes), key=modes.count)}
+                  "gflop_per_step": flops / 1e9, "real_token_fraction": tok / (B * seq_len),
+                  "T": seq_len, "step_times_ms": [x * 1e3 for x in self.times],
+                  "block_medians_ms": self.blocks, "bytes_per_step": int(med(self.nbytes)),
+                  "reduce_mode": max(set(modes), key=modes.count)}
         if comm.size > 1:
             # the mean over ranks: every rank measured the same collective
             comm_med = float(comm.allreduce_scalars(np.array([med(self.comm_t)]))[0]) / comm.size
@@ -99,7 +102,8 @@ class CpuTimer:
         if floor and comm.size == 1:
             prof = profile_steps(self.build, model, self.adam, self.accumulator, self.step,
                                  self.kept[:PROFILED_BATCHES], B, result["batch_ms"])
-            prof["timed_over_floor"] = result["median_ms"] / prof["floor_ms"] if prof["floor_ms"] else None
+            prof["timed_over_floor"] = (result["median_ms"] / prof["floor_ms"]
+                                        if prof["floor_ms"] else None)
             result.update(prof)
         return result
 

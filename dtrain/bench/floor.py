@@ -179,9 +179,12 @@ class StepProfiler:
                     p.set(kern, name, self._timed("gates", getattr(kern, name)))
             p.set(kern, "softmax_cross_entropy", self._timed("softmax", kern.softmax_cross_entropy))
             p.set(kern, "all_finite", self._timed("finite", kern.all_finite))
-        p.set(layers, "softmax_cross_entropy", self._timed("softmax", layers.softmax_cross_entropy))
-        p.set(layers, "embedding_grad_sparse", self._timed("embedding", layers.embedding_grad_sparse))
-        p.set(step_module, "pack_captions", self._timed("packing", step_module.pack_captions, record_packing))
+        p.set(layers, "softmax_cross_entropy",
+              self._timed("softmax", layers.softmax_cross_entropy))
+        p.set(layers, "embedding_grad_sparse",
+              self._timed("embedding", layers.embedding_grad_sparse))
+        p.set(step_module, "pack_captions",
+              self._timed("packing", step_module.pack_captions, record_packing))
         for name in ("start", "add", "finish"):  # the step's accumulator (and its reduction)
             if hasattr(reducer, name):
                 p.set(reducer, name, self._timed("reduce", getattr(reducer, name)))
@@ -224,7 +227,8 @@ def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0, kernel_gemms=None):
     replay = {"matmul": matmul, **(kernel_gemms or {})}
     missing = {call[3] for call in gemms} - set(replay)
     if missing:
-        raise ValueError(f"GEMMs of kind {sorted(missing)} were recorded: replay them with the kernels' calls")
+        raise ValueError(f"GEMMs of kind {sorted(missing)} were recorded: replay them with the "
+                         "kernels' calls")
     calls = [(replay[call[3]], *ops) for call, ops in zip(gemms, replay_ops(gemms, seed))]
     # one warm pass: pages touched, BLAS threads awake (an accumulating GEMM adds to the gate
     # rows the input projection wrote just before it, as in the step: nothing grows)
@@ -293,15 +297,18 @@ def profile_steps(build, model, adam, reducer, step, batches, normalizer, batch_
     # each profiled step against the replay of its own GEMMs, taken right after it: a ratio
     # that the slow drifts of a shared machine do not move much (the timed median may be
     # minutes away from the replays)
-    paired = med([(t + batch_ms / 1e3) / f for t, f in zip(totals, floors) if f > 0]) if any(floors) else None
+    paired = (med([(t + batch_ms / 1e3) / f for t, f in zip(totals, floors) if f > 0])
+              if any(floors) else None)
     # the same with the step's GEMMs counted at their replayed time: floor + the step's own
     # not-GEMM time, over the floor. Steadier still: a phase of the host that slows the
     # GEMMs inside the step but not their replay (or the other way round) cannot move it.
     gemm_t = parts["gemm"]
-    rest = (med([(f + t - g + batch_ms / 1e3) / f for t, g, f in zip(totals, gemm_t, floors) if f > 0])
+    rest = (med([(f + t - g + batch_ms / 1e3) / f
+                 for t, g, f in zip(totals, gemm_t, floors) if f > 0])
             if any(floors) else None)
     return {"step_over_floor": paired, "not_gemm_over_floor": rest,
-        "floor_ms": 1e3 * med(floors), "floor_gemms": int(med(counts)), "floor_batches": len(batches),
+        "floor_ms": 1e3 * med(floors), "floor_gemms": int(med(counts)),
+        "floor_batches": len(batches),
         "floor_repeats": FLOOR_REPEATS, "profiled_step_ms": total_ms + batch_ms,
         "breakdown_ms": ms, "time_steps": time_steps,
         "python_us_per_time_step": 1e3 * python_ms / time_steps if time_steps else 0.0,

@@ -66,7 +66,8 @@ def run_gpu(args, comm, build, batches, gates, settings):
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     return {
         "threads_per_rank": None, "device": f"gpu ({name})", "kernels": "cuda (CuPy RawModule)",
-        "blas": {"library": "cuBLAS", "version": f"CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}",
+        "blas": {"library": "cuBLAS",
+                 "version": f"CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}",
                  "kernel": f"CuPy {cp.__version__}", "threads": None},
         "median_ms": gw * 1e3, "tokens_per_step": tok, "tokens_per_s": tok / gw,
         "gflops": flops / gw / 1e9, "gflop_per_step": flops / 1e9,
@@ -88,7 +89,9 @@ def print_gpu_lines(r):
     print(f"  step   : {r['step_mode']}; fixed shape N={r['N'] // r['ranks']} x T<={r['fixed_T']}; "
           f"gradient reduce: {r['reduce_path']}")
     print(f"  graphed: {r['graph_wall_ms']:8.3f} ms/step wall, {r['graph_gpu_ms']:.3f} ms device "
-          f"(events) -> {100 * r['graph_idle_share']:.1f}% of the step is host work and launch/sync latency")
-    print(f"  eager  : {r['eager_wall_ms']:8.3f} ms/step wall, {r['eager_gpu_ms']:.3f} ms first-to-last "
-          f"kernel, {r['eager_host_ms']:.3f} ms host enqueue -> launch gaps "
-          f"{100 * r['eager_launch_gap_share']:.1f}% of the eager step (1 - graph device time / eager wall)")
+          f"(events) -> {100 * r['graph_idle_share']:.1f}% of the step is host work and "
+          "launch/sync latency")
+    print(f"  eager  : {r['eager_wall_ms']:8.3f} ms/step wall, {r['eager_gpu_ms']:.3f} ms "
+          f"first-to-last kernel, {r['eager_host_ms']:.3f} ms host enqueue -> launch gaps "
+          f"{100 * r['eager_launch_gap_share']:.1f}% of the eager step "
+          "(1 - graph device time / eager wall)")

@@ -1,4 +1,5 @@
-"""The subcommands: train (default), sample, evaluate, score, data, bench. Each module registers its parsers."""
+"""The subcommands: train (default), sample, evaluate, score, data, bench. Each module
+registers its parsers."""
 
 from __future__ import annotations
 

@@ -30,9 +30,11 @@ def add_parsers(sub):
                            ("evaluate", "val loss, BLEU-1..4, ROUGE-L, CIDEr-D (METEOR, SPICE) "
                                         "of a checkpoint")):
         q = sub.add_parser(name, help=helptext)
-        q.add_argument("--checkpoint", required=True, help="checkpoint file (or 'latest' with --checkpoint-dir)")
+        q.add_argument("--checkpoint", required=True,
+                       help="checkpoint file (or 'latest' with --checkpoint-dir)")
         q.add_argument("--checkpoint-dir", default="checkpoints")
-        q.add_argument("--data", default=None, help="data directory (default: the one the checkpoint used)")
+        q.add_argument("--data", default=None,
+                       help="data directory (default: the one the checkpoint used)")
         q.add_argument("--split", choices=["train", "val"], default="val")
         q.add_argument("--device", choices=["cpu", "gpu", "auto"], default="cpu")
         q.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -45,7 +47,8 @@ def add_parsers(sub):
         q.add_argument("--length-penalty", type=float, default=0.0,
                        help="rank beams by log-probability / length ** this (default 0: none)")
         if name == "sample":
-            q.add_argument("-n", "--num", type=int, default=10, help="images to caption (default 10)")
+            q.add_argument("-n", "--num", type=int, default=10,
+                           help="images to caption (default 10)")
         else:
             q.add_argument("--eval-images", type=int, default=1000)
             q.add_argument("--eval-captions", type=int, default=5000)
@@ -68,7 +71,8 @@ def validate_args(args):
     if args.command == "sample":
         checks.append(("-n/--num", args.num, 1))
     else:
-        checks += [("--eval-images", args.eval_images, 0), ("--eval-captions", args.eval_captions, 0)]
+        checks += [("--eval-images", args.eval_images, 0),
+                   ("--eval-captions", args.eval_captions, 0)]
     for flag, value, lowest in checks:
         if value is not None and value < lowest:
             raise UserError(f"{flag}: expected an integer >= {lowest}, got {value}")
@@ -113,7 +117,8 @@ def load_for_inference(args, comm):
                         f"{info['path']} is {cfg.dtype}")
     cfg.max_length = args.max_length
     cfg.quiet = True
-    backend.set_threads(backend.node_threads(comm.local_size, args.threads_per_rank), comm.local_size)
+    backend.set_threads(backend.node_threads(comm.local_size, args.threads_per_rank),
+                        comm.local_size)
     xp = backend.select(backend.resolve_device(cfg.device), comm.local_rank)
     data = open_data(cfg, comm)
     model = build_model(cfg, data, xp)

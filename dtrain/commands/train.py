@@ -13,8 +13,8 @@ from ..parallel.comm import Communicator, run_guarded
 
 def add_parser(sub):
     p = sub.add_parser("train", help="train (the default subcommand)",
-                       description="Train the captioner data-parallel; run under mpirun/mpiexec/srun "
-                                   "for several ranks.")
+                       description="Train the captioner data-parallel; run under "
+                                   "mpirun/mpiexec/srun for several ranks.")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -130,7 +130,10 @@ template <typename U> __device__ __forceinline__ U warp_sum(U v) {
     return v;
 }
 template <typename U> __device__ __forceinline__ U warp_max(U v) {
-    for (int o = 16; o > 0; o >>= 1) { U w = __shfl_down_sync(0xffffffffu, v, o); v = w > v ? w : v; }
+    for (int o = 16; o > 0; o >>= 1) {
+        U w = __shfl_down_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
     return v;
 }
 // block-wide reductions, the result on every thread (blockDim.x a multiple of 32)
@@ -218,7 +221,8 @@ extern "C" __global__ void embed_rows(const real* dx, int ldx, const int* order,
     rows[idx] = acc;
 }
 // dense[ids[s]] = rows[s] for every real segment (ids < 0 mark padding)
-extern "C" __global__ void embed_scatter(const real* rows, const int* ids, int S, int W, real* dense) {
+extern "C" __global__ void embed_scatter(const real* rows, const int* ids, int S, int W,
+                                         real* dense) {
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)S * W) return;
     int s = (int)(idx / W), k = (int)(idx % W);

@@ -132,14 +132,15 @@ class CaptioningModel:
         ``normalizer`` (default N). ``grads`` maps every parameter name to a
         new array (copies, not views of the model's buffers).
         """
-        g = self.forward_backward(features, self.pack(captions), self._normalizer(captions, normalizer))
+        g = self.forward_backward(features, self.pack(captions),
+                                  self._normalizer(captions, normalizer))
         g.scatter_embedding()
         return float(g.loss), {name: view.copy() for name, view in self.grads.items()}
 
     def forward_loss(self, features, captions, normalizer=None):
         """The loss alone (no backward pass): evaluation and numeric gradients."""
-        return self._packed_pass(features, self.pack(captions), self._normalizer(captions, normalizer),
-                                 forward_only=True)
+        return self._packed_pass(features, self.pack(captions),
+                                 self._normalizer(captions, normalizer), forward_only=True)
 
     def pack(self, captions):
         host = captions if isinstance(captions, np.ndarray) else captions.get()
@@ -210,13 +211,16 @@ class CaptioningModel:
             take_rows(hidden, score_pos, scored, self.kernels)
         scores = ws.get("scores", (scored.shape[0], self.vocab_size), dtype, xp)
         gemm.matmul(scored, p["W_vocab"], scores)
-        if self.kernels is not None:  # adds b_vocab in its first pass, sums its gradient in its last
-            loss = self.kernels.softmax_cross_entropy(scores, targets, normalizer, bias=p["b_vocab"],
-                                                      bias_grad=None if forward_only else g["b_vocab"])
+        # the kernel adds b_vocab in its first pass and sums its gradient in its last
+        if self.kernels is not None:
+            loss = self.kernels.softmax_cross_entropy(
+                scores, targets, normalizer, bias=p["b_vocab"],
+                bias_grad=None if forward_only else g["b_vocab"])
             dscores = scores
         else:
             scores += p["b_vocab"]
-            loss, dscores = layers.softmax_cross_entropy(scores, targets, normalizer, dscores=scores)
+            loss, dscores = layers.softmax_cross_entropy(scores, targets, normalizer,
+                                                         dscores=scores)
             if not forward_only:
                 dscores.sum(axis=0, out=g["b_vocab"])
         if forward_only:
@@ -238,8 +242,8 @@ class CaptioningModel:
         # first gives the same sums with one GEMM row per distinct word instead of one per
         # position (at batch 128, about 800 words for 1,556 positions); the same pass sums
         # db (the gate bias gradient, da_x's column sums).
-        da_x, dh0, *_ = cell.packed_backward(dhidden, cache, ws, self.kernels, out=(g["Wx"], g["Wh"], g["b"]),
-                                             input_grad=False)
+        da_x, dh0, *_ = cell.packed_backward(dhidden, cache, ws, self.kernels,
+                                             out=(g["Wx"], g["Wh"], g["b"]), input_grad=False)
         gemm.matmul(feats.T, dh0[:n0], g["W_proj"])
         dh0[:n0].sum(axis=0, out=g["b_proj"])
 

@@ -24,8 +24,8 @@ before they were reduced: the step's finite check names the ranks from it.
   that divides the micro-shard count (``--deterministic``).
 
 ``all_finite(*arrays) -> bool`` is given by the step (the kernels' check where
-there is one; ``finite_entries`` otherwise). The accumulators know the communicator and the gradient's
-layout (from the StepGrads they are given), nothing of the model.
+there is one; ``finite_entries`` otherwise). The accumulators know the communicator and the
+gradient's layout (from the StepGrads they are given), nothing of the model.
 """
 
 from __future__ import annotations
@@ -264,12 +264,13 @@ class FixedPointAccumulator:
         t0 = time.perf_counter()
         comm, S = self.comm, len(self.segments)
         touched = int(self._touched.sum())
-        row = [touched, self.tokens, float(stop), float(self.overflow), float(not self.local_finite),
-               *self.local_max, *self.losses]
+        row = [touched, self.tokens, float(stop), float(self.overflow),
+               float(not self.local_finite), *self.local_max, *self.losses]
         meta = comm.allgather_scalars(row)
         global_max = meta[:, 5 : 5 + S].max(axis=0)
         finite = not bool(meta[:, 4].any())
-        if finite and bool(meta[:, 3].any()):  # some micro-shard outgrew its scale: redo, exact scales
+        # some micro-shard outgrew its scale: redo, exact scales
+        if finite and bool(meta[:, 3].any()):
             self.exps = [_exponent(m, self.total_micro, 0) for m in global_max]
             return None
         nbytes, mode = self._exchange(meta[:, 0].astype(np.int64))

@@ -142,7 +142,8 @@ class Reducer:
 
     def _gather_meta(self, grads, loss, tokens, stop):
         """One Allgather: every rank's (embedding rows, loss, tokens, stop)."""
-        return self.comm.allgather_scalars([grads.embed_ids.shape[0], float(loss), tokens, float(stop)])
+        return self.comm.allgather_scalars([grads.embed_ids.shape[0], float(loss), tokens,
+                                            float(stop)])
 
     def _sparse_embedding(self, grads, counts):
         """Every rank's (ids, rows) by Allgatherv, summed into W_embed's block in rank order."""
@@ -236,5 +237,6 @@ def make_reducer(comm, embed_reduce: str = "auto", buckets: int = 1, reduce_dtyp
                          f"got {reduce_dtype!r}")
     if comm.size == 1:
         return LocalReducer(comm, buckets)
-    cls = {"auto": AutoReducer, "dense": DenseReducer, "sparse": SparseEmbeddingReducer}[embed_reduce]
+    cls = {"auto": AutoReducer, "dense": DenseReducer,
+           "sparse": SparseEmbeddingReducer}[embed_reduce]
     return cls(comm, buckets, reduce_dtype, early)

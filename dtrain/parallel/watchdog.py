@@ -55,7 +55,8 @@ from .stall_rules import Progress, stalled
 __all__ = ["ORPHAN_EXIT_CODE", "STALL_EXIT_CODE", "Progress", "Watchdog", "arm_orphan_exit"]
 
 STALL_EXIT_CODE = 124  # as timeout(1): a collective timed out
-SIGNAL_GRACE = 10.0  # s: after a stop signal, a collective waiting this long is checked for silent ranks
+# s: after a stop signal, a collective waiting this long is checked for silent ranks
+SIGNAL_GRACE = 10.0
 WRITER_GRACE = 30.0  # s: how long the other ranks give the writer to end the job
 STOP_SIGNALS = signals.STOP_SIGNALS  # SIGTERM, SIGINT, SIGUSR1, SIGHUP
 
@@ -78,19 +79,22 @@ class Watchdog:
     ``export()`` travels to the writer, which writes the merged trace.
     """
 
-    def __init__(self, comm, progress: Progress, stall_timeout: float, checkpoint=None, tracer=None):
+    def __init__(self, comm, progress: Progress, stall_timeout: float, checkpoint=None,
+                 tracer=None):
         self.comm, self.progress, self.MPI = comm, progress, comm.MPI
         self.rank, self.size = comm.rank, comm.size
         self.timeout = float(stall_timeout)
         on = self.timeout > 0
         self.tick = min(1.0, max(0.05, self.timeout / 20)) if on else 1.0
-        self.window = min(5.0, max(1.0, self.timeout / 2)) if on else 5.0  # for answers from the others
+        # how long to wait for answers from the others
+        self.window = min(5.0, max(1.0, self.timeout / 2)) if on else 5.0
         self.grace = min(SIGNAL_GRACE, self.timeout) if on else SIGNAL_GRACE
         self.checkpoint, self.tracer = checkpoint, tracer
         self.wcomm = comm.comm.Dup()
         self.peers = self._identities()
         self.others = [r for r in range(self.size) if r != self.rank]
-        self.neighbours = sorted({(self.rank - 1) % self.size, (self.rank + 1) % self.size} - {self.rank})
+        self.neighbours = sorted({(self.rank - 1) % self.size, (self.rank + 1) % self.size}
+                                 - {self.rank})
         self.heard = {}  # rank -> (record, perf_counter when received): heartbeats
         self.statuses = {}  # rank -> (message, perf_counter when received): the stall protocol
         self.pongs, self.traces = {}, {}
@@ -107,12 +111,13 @@ class Watchdog:
 
     @staticmethod
     def supported(comm) -> bool:
-        """The watchdog makes MPI calls beside the main thread's: MPI_THREAD_MULTIPLE is required."""
+        """The watchdog makes MPI calls beside the main thread's: MPI_THREAD_MULTIPLE is
+        required."""
         if comm.MPI.Query_thread() >= comm.MPI.THREAD_MULTIPLE:
             return True
         if comm.rank == 0:
-            write_stderr("dtrain: warning: MPI was initialised without MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level); "
-                 "the stall inspector is off")
+            write_stderr("dtrain: warning: MPI was initialised without MPI_THREAD_MULTIPLE "
+                         "(mpi4py.rc.thread_level); the stall inspector is off")
         return False
 
     def _identities(self):
@@ -123,7 +128,8 @@ class Watchdog:
         rec.view(np.uint8)[8 : 8 + len(host)] = np.frombuffer(host, dtype=np.uint8)
         table = np.empty((self.size, 16), dtype=np.int64)
         self.wcomm.Allgather(rec, table)
-        return [(row.view(np.uint8)[8:].tobytes().rstrip(b"\0").decode(errors="replace"), int(row[0]))
+        return [(row.view(np.uint8)[8:].tobytes().rstrip(b"\0").decode(errors="replace"),
+                 int(row[0]))
                 for row in table]
 
     # ---------------------------------------------------------------- lifecycle
@@ -175,11 +181,11 @@ class Watchdog:
                 self._tick()
         except Exception as exc:
             if self.stalling:
-                write_stderr(f"dtrain: rank {self.rank}/{self.size}: the watchdog failed while ending a stalled "
-                     f"job: {type(exc).__name__}: {exc}")
+                write_stderr(f"dtrain: rank {self.rank}/{self.size}: the watchdog failed while "
+                             f"ending a stalled job: {type(exc).__name__}: {exc}")
                 self._abort(STALL_EXIT_CODE)
-            write_stderr(f"dtrain: rank {self.rank}/{self.size}: warning: the stall watchdog stopped: "
-                 f"{type(exc).__name__}: {exc}")
+            write_stderr(f"dtrain: rank {self.rank}/{self.size}: warning: the stall watchdog "
+                         f"stopped: {type(exc).__name__}: {exc}")
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -265,7 +271,8 @@ class Watchdog:
             self._beat_key, self._last_beat = key, now
 
     def _ping(self):
-        """The ranks that do not answer within the window (None if a stall protocol began meanwhile)."""
+        """The ranks that do not answer within the window (None if a stall protocol began
+        meanwhile)."""
         self._last_ping, self.pongs = time.perf_counter(), {}
         for d in self.others:
             self._send(d, _TAG_PING, {})
@@ -289,7 +296,8 @@ class Watchdog:
 
     # ---------------------------------------------------------------- the stall protocol
     def _stall(self, why) -> None:
-        """Agree on who is missing, checkpoint on the lowest waiting rank, end the job. Never returns."""
+        """Agree on who is missing, checkpoint on the lowest waiting rank, end the job. Never
+        returns."""
         self.stalling = True
         self.comm.hold = _park  # the main thread stops at its next collective boundary
         now = time.perf_counter()
@@ -312,8 +320,8 @@ class Watchdog:
             self._stall_trace(writer, sorted(records))
         if writer != self.rank:
             time.sleep(WRITER_GRACE)  # the writer's MPI_Abort ends this process meanwhile
-            write_stderr(f"dtrain: rank {self.rank}/{self.size}: stall: rank {writer} did not end the job "
-                 f"within {WRITER_GRACE:.0f} s; aborting")
+            write_stderr(f"dtrain: rank {self.rank}/{self.size}: stall: rank {writer} did not end "
+                         f"the job within {WRITER_GRACE:.0f} s; aborting")
             self._abort(STALL_EXIT_CODE)
         lines = stall_report(why, records, got, waiting, now, heard=self.heard, peers=self.peers,
                              timeout=self.timeout)
@@ -323,10 +331,12 @@ class Watchdog:
                 lines.append("dtrain: stall: no checkpoint written: no training step had completed")
             else:
                 path, step = saved
-                lines.append(f"dtrain: stall: checkpoint {path} written by rank {self.rank}: step {step}, "
-                             "the last step every rank completed; continue with --resume latest")
+                lines.append(f"dtrain: stall: checkpoint {path} written by rank {self.rank}: "
+                             f"step {step}, the last step every rank completed; continue with "
+                             "--resume latest")
         except Exception as exc:
-            lines.append(f"dtrain: stall: the checkpoint could not be written: {type(exc).__name__}: {exc}")
+            lines.append("dtrain: stall: the checkpoint could not be written: "
+                         f"{type(exc).__name__}: {exc}")
         if self.tracer is not None:
             lines.append(self._write_trace(why, records))
         lines.append(f"dtrain: stall: ending the job (exit status {STALL_EXIT_CODE})")
@@ -363,7 +373,8 @@ class Watchdog:
             note = (f"stall ({why['why']}): job ended; tracks of rank(s) {ranks(missing)} missing"
                     if missing else f"stall ({why['why']}): job ended")
             path = self.tracer.write(tracks, note=note, timeline=False)
-            return f"dtrain: stall: trace of ranks {ranks(t['rank'] for t in tracks)} written to {path}"
+            return (f"dtrain: stall: trace of ranks {ranks(t['rank'] for t in tracks)} "
+                    f"written to {path}")
         except Exception as exc:
             return f"dtrain: stall: the trace could not be written: {type(exc).__name__}: {exc}"
 

@@ -8,7 +8,7 @@ thread, micro-batch and reduction policy exists once. One step:
     for rows in micro_shards:                          # one, unless --micro-batch/--deterministic
         grads = pass(features[rows], captions[rows])   # pack, forward, backward (StepGrads)
         acc.add(grads)
-    reduced = acc.finish(stop)                         # the global gradient (parallel/accumulate.py)
+    reduced = acc.finish(stop)                         # global gradient (parallel/accumulate.py)
     adam.step(param_buffer, grad_buffer, lr)           # the same arithmetic on every rank
 
 The accumulator (pass-through, float or fixed point) is chosen once, here. On a
@@ -59,7 +59,8 @@ class NonFiniteError(FloatingPointError):
 
     def __init__(self, ranks, loss):
         self.ranks, self.loss = list(ranks), loss
-        super().__init__(f"non-finite loss or gradient on rank(s) {self.ranks} (global loss {loss})")
+        super().__init__(f"non-finite loss or gradient on rank(s) {self.ranks} "
+                         f"(global loss {loss})")
 
 
 def _all_finite(xp, *arrays, kernels=None) -> bool:
@@ -113,7 +114,8 @@ class TrainStep:
 
     def __init__(self, model, optimizer, accumulator, comm=None, micro_batch=None, gpu=None,
                  vocab_ready=None):
-        self.model, self.optimizer, self.accumulator, self.comm = model, optimizer, accumulator, comm
+        self.model, self.optimizer = model, optimizer
+        self.accumulator, self.comm = accumulator, comm
         self.micro_batch = micro_batch
         self.gpu = gpu  # the GPU pass (GpuTrainStep), or None: the packed host pass
         self.step_pass = gpu if gpu is not None else CpuPass(model, vocab_ready)

@@ -184,8 +184,8 @@ def plot(path, compute_s, links, fits=None):
             color = ax.plot([q[3] for q in pts], [1e3 * q[2] for q in pts], "o", alpha=0.6,
                             label=f"{link}: measured")[0].get_color()
             grid = sorted({q[3] for q in pts})
-            ax.plot(grid, [1e3 * comm_seconds(p, f["B"], f["L"] * max(1.0, p / 2)) for p in grid], "-",
-                    color=color, label=f"{link}: fit")
+            ax.plot(grid, [1e3 * comm_seconds(p, f["B"], f["L"] * max(1.0, p / 2)) for p in grid],
+                    "-", color=color, label=f"{link}: fit")
         ax.set_yscale("log")
         ax.set_xlabel("hosts (1 rank each)")
         ax.set_ylabel("reduction, ms (median of 20)")

@@ -9,8 +9,9 @@ For every link setting (tbf on every host's eth0: what it sends, at that rate) a
 layout (hosts x ranks per host), it trains at the CS231n sizes (H=512, W=256, N=128 per
 rank by default) with launch/mpirun.py over the hosts, and prints one markdown row:
 ms/step and the communication share (dtrain's own metrics, one record per step: the
-medians of the steps after the warm-up), bytes per step per rank (dtrain's estimate; and what crossed the links, from
-the hosts' byte counters), and the embedding reduction dtrain chose (sparse or dense).
+medians of the steps after the warm-up), bytes per step per rank (dtrain's estimate; and
+what crossed the links, from the hosts' byte counters), and the embedding reduction
+dtrain chose (sparse or dense).
 
 Timings on one machine are those of processes sharing its cores: run it on a quiet
 machine with at least as many cores as ranks, and read them as what the link settings
@@ -27,9 +28,10 @@ Standard library only; dtrain runs in subprocesses.
 ``--reduce-only`` times dtrain's reducer alone (reducecost.py, a barrier before each of
 ``--steps`` repetitions) instead of training. ``--model`` prints the communication model
 (commmodel.py; docs/cluster.md): with ``--fit``, its latency per round fitted per link
-setting (the bandwidth: the link's rate) to the reduce-only runs of a JSON file written by ``--json`` (least
-squares, residuals), checked against the training runs in the same file, and the
-projection to 128 nodes for each variant (float32, --overlap-reduce, --reduce-dtype bf16).
+setting (the bandwidth: the link's rate) to the reduce-only runs of a JSON file written
+by ``--json`` (least squares, residuals), checked against the training runs in the same
+file, and the projection to 128 nodes for each variant (float32, --overlap-reduce,
+--reduce-dtype bf16).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def main(comm, opts):
         t0 = time.perf_counter()
         res = reducer.reduce(grads, grads.loss, grads.tokens, False)
         dt = time.perf_counter() - t0
-        slowest = comm.allreduce_scalars([0.0] * comm.rank + [dt] + [0.0] * (comm.size - comm.rank - 1))
+        slowest = comm.allreduce_scalars([0.0] * comm.rank + [dt]
+                                         + [0.0] * (comm.size - comm.rank - 1))
         if i >= opts.warmup:
             times.append(float(slowest.max()))
     if comm.is_root:
