@@ -145,10 +145,11 @@ def _hydra(cluster, data, ckpt, hostfile, n, steps, extra=(), ppn=None):
     return out
 
 
-def _submit(cluster, workdir: Path, data, ckpt_dir, nodes, per_node, extra=(), sbatch=()):
+def _submit(cluster, workdir: Path, data, ckpt_dir, nodes, per_node, extra=(), sbatch=(),
+            env=None):
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "job.out"
-    env = dict(cluster.env, DATA_DIR=str(data), CKPT_DIR=str(ckpt_dir))
+    env = dict(cluster.env, DATA_DIR=str(data), CKPT_DIR=str(ckpt_dir), **(env or {}))
     env["EXTRA_FLAGS"] = " ".join(["--steps", str(STEPS), *DET, *extra])
     r = cluster.run(
         "sbatch", "--parsable", "--job-name=dtrain-multinode", f"--nodes={nodes}",
@@ -309,18 +310,27 @@ def test_sbatch_two_nodes_partition_healed_then_preempted_resumes(hosts, synth_d
                                                                   tmp_path):
     """sbatch --nodes=2 --ntasks-per-node=2: node2's link is cut for 3 s (well under
     --stall-timeout) and training goes on; then USR1 to the batch shell checkpoints,
-    requeues and resumes; the result is the uninterrupted 1-rank run's, bitwise."""
-    ckpt = tmp_path / "ckpt"
+    requeues and resumes; the result is the uninterrupted 1-rank run's, bitwise.
+
+    The run is far faster than the test's polling, so rank 3 (on node2) holds after step
+    20 and after step 40 (DTRAIN_FAULT=hold, dtrain/testhooks.py): every rank waits in the
+    next step's collective while the link is cut (after 20) and while USR1 is delivered
+    (after 40, released by the signal itself). Preemption is therefore at step 41."""
+    ckpt, gates = tmp_path / "ckpt", tmp_path / "gates"
+    gates.mkdir()
     job_id, out = _submit(hosts, tmp_path / "job", synth_data, ckpt, 2, 2,
-                          extra=["--checkpoint-every", "5", "--stall-timeout", "30"])
+                          extra=["--checkpoint-every", "5", "--stall-timeout", "30"],
+                          env={"DTRAIN_FAULT": f"hold@3:20,40:{gates}"})
     try:
-        _wait_for(lambda: list(ckpt.glob("ckpt-*.h5")), "first checkpoint", hosts, job_id, out)
+        _wait_for((gates / "held-20").exists, "rank 3 held after step 20", hosts, job_id, out)
         hosts.on_node("node2", "ip", "link", "set", "eth0", "down")
         time.sleep(3)
         hosts.on_node("node2", "ip", "link", "set", "eth0", "up")
-        healed_at = max(int(p.stem[5:]) for p in ckpt.glob("ckpt-*.h5"))
-        _wait_for(lambda: any(int(p.stem[5:]) > healed_at + 5 for p in ckpt.glob("ckpt-*.h5")),
-                  "a checkpoint after the partition", hosts, job_id, out)
+        (gates / "release-20").touch()
+        _wait_for((gates / "held-40").exists, "rank 3 held after step 40", hosts, job_id, out)
+        # training went on after the partition: step 35's checkpoint (its writer, rank 0,
+        # has since joined the collectives of steps 36-40)
+        assert (ckpt / "ckpt-00000035.h5").exists(), sorted(p.name for p in ckpt.iterdir())
         hosts.run("scancel", "--batch", "--signal=USR1", job_id)
         info = _wait_job(hosts, job_id, out)
     finally:
@@ -334,8 +344,8 @@ def test_sbatch_two_nodes_partition_healed_then_preempted_resumes(hosts, synth_d
               "node2: ranks 2-3 local 0-1 x 1 thread(s)]")
     headers = re.findall(r"^dtrain: 4 rank\(s\) x 1 thread\(s\) on (.*), device ", text, re.M)
     assert headers == [layout, layout], text
-    m = re.search(r"checkpoint \S+ written at step (\d+); exiting with code 75", text)
-    assert m and re.search(rf"resumed from \S+ at step {m.group(1)}\b", text), text
+    assert re.search(r"checkpoint \S+ written at step 41; exiting with code 75", text), text
+    assert re.search(r"resumed from \S+ at step 41\b", text), text
     # each checkpoint written once (one file per step, no leftovers), readable on node2
     names = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("ckpt"))
     assert all(re.fullmatch(r"ckpt-\d{8}\.h5", n) for n in names), names
