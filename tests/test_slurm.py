@@ -67,9 +67,9 @@ def _finish(proc, timeout=240):
     return out
 
 
-def _submit(cluster, workdir: Path, data, ckpt_dir, steps, extra=(), ntasks=2):
+def _submit(cluster, workdir: Path, data, ckpt_dir, steps, extra=(), ntasks=2, env=None):
     out = workdir / "job.out"
-    env = dict(cluster.env, DATA_DIR=str(data), CKPT_DIR=str(ckpt_dir))
+    env = dict(cluster.env, DATA_DIR=str(data), CKPT_DIR=str(ckpt_dir), **(env or {}))
     env["EXTRA_FLAGS"] = " ".join(["--steps", str(steps), *COMMON, *extra])
     r = cluster.run(
         "sbatch", "--parsable", "--job-name=dtrain-test", "--nodes=1",
@@ -122,17 +122,20 @@ def test_sbatch_two_tasks_matches_mpiexec(slurm_cluster, synth_data, tmp_path):
 
 
 def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, synth_data, tmp_path):
-    steps = 400  # several seconds of steps, so USR1 lands mid-run
-    ckpt = tmp_path / "job-ckpt"
+    steps = 400
+    ckpt, gates = tmp_path / "job-ckpt", tmp_path / "gates"
+    gates.mkdir()
+    # Rank 1 holds after step 40 until a stop signal reaches it (DTRAIN_FAULT=hold,
+    # dtrain/testhooks.py): USR1 lands mid-run however fast the steps are, at step 41.
     job_id, out = _submit(
-        slurm_cluster, tmp_path, synth_data, ckpt, steps, extra=["--checkpoint-every", "20"]
+        slurm_cluster, tmp_path, synth_data, ckpt, steps, extra=["--checkpoint-every", "20"],
+        env={"DTRAIN_FAULT": f"hold@1:40:{gates}"},
     )
-    # Preempt once training runs: its first periodic checkpoint is on disk.
     deadline = time.monotonic() + 120
-    while not list(ckpt.glob("ckpt-*.h5")):
+    while not (gates / "held-40").exists():
         info = slurm_cluster.job(job_id)
         assert info["JobState"] in ("PENDING", "RUNNING"), f"{info}\n{read_output(out)}"
-        assert time.monotonic() < deadline, f"no checkpoint after 120 s\n{read_output(out)}"
+        assert time.monotonic() < deadline, f"not at step 40 after 120 s\n{read_output(out)}"
         time.sleep(0.2)
     # What Slurm does at --signal=B:USR1@T: signal the batch shell only.
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
@@ -149,7 +152,7 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, synth_data, t
     m = re.search(r"checkpoint \S+ written at step (\d+); exiting with code 75", text)
     assert m, f"no preemption checkpoint in the job output:\n{text}"
     preempted_at = int(m.group(1))
-    assert 0 < preempted_at < steps, text
+    assert preempted_at == 41, text
     assert "training step exited with code 75" in text and "requeueing job" in text, text
     assert re.search(rf"resumed from \S+ at step {preempted_at}\b", text), text
     assert f"training done: {steps} steps" in text, text
