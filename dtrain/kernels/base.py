@@ -156,6 +156,12 @@ class KernelSet:
             )
             return PH
         rec = None if plan.accumulate else buffer(ws, "lstm_rec", (n0, 4 * H), Hp.dtype, xp)
+        # A Gemm that rounds its operands (bf16) gets H's and prev_h's roundings from the
+        # step kernel that writes them (twins), not from a pass of its own per GEMM.
+        h_bits = self.gemm.twin(Hp, "lstm_h")
+        ph_bits = None if PH is None or h_bits is None else self.gemm.twin(PH, "lstm_prev_h")
+        if ph_bits is not None:
+            self.gemm.round_into(PH[:n0], ph_bits[:n0])  # h0's rows: the one rounding here
         prev_h, prev_c, T = h0, zero_c, len(batch_sizes)
         for t, n in enumerate(batch_sizes):
             s = offsets[t]
@@ -166,10 +172,15 @@ class KernelSet:
             else:
                 r = rec[:n]
                 self.gemm.matmul(prev_h[:n], Wh, r)
-            if PH is None:
+            h_next = PH[s + n : s + n + batch_sizes[t + 1]] if PH is not None and t + 1 < T \
+                else None
+            if h_bits is not None:
+                hn_bits = None if h_next is None else ph_bits[s + n : s + n + len(h_next)]
+                self.lstm_step_forward(a, r, prev_c, c, tc, h, b, h_next=h_next,
+                                       bits=(h_bits[s : s + n], hn_bits))
+            elif PH is None:
                 self.lstm_step_forward(a, r, prev_c, c, tc, h, b)
             else:
-                h_next = PH[s + n : s + n + batch_sizes[t + 1]] if t + 1 < T else None
                 self.lstm_step_forward(a, r, prev_c, c, tc, h, b, h_next=h_next)
             prev_h, prev_c = h, c
         return PH
@@ -211,6 +222,9 @@ class KernelSet:
                 plan.parts,
             )
             return da
+        # a rounding Gemm (bf16) gets the gate gradients' rounding from the step kernel
+        d_bits = self.gemm.twin(da, "lstm_da")
+        extra = {}
         pending_T = None  # step t+1's dh_rec, transposed
         for t in range(len(batch_sizes) - 1, -1, -1):
             n, s = batch_sizes[t], offsets[t]
@@ -218,6 +232,8 @@ class KernelSet:
             prev_c = C[offsets[t - 1] : offsets[t - 1] + n] if t > 0 else zero_c[:n]
             a = gates[s : s + n]
             d = a if plan.in_place else da[s : s + n]
+            if d_bits is not None:
+                extra["bits"] = d_bits[s : s + n]
             if plan.reads_transposed:
                 self.lstm_step_backward(
                     d,
@@ -229,10 +245,11 @@ class KernelSet:
                     prev_c,
                     TC[s : s + n],
                     dh_rec_T=pending_T,
+                    **extra,
                 )
             else:
                 self.lstm_step_backward(
-                    d, dH[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, TC[s : s + n]
+                    d, dH[s : s + n], dh_rec, dc_rec, n_next, a, prev_c, TC[s : s + n], **extra
                 )
             if plan.reads_transposed and t > 0 and n <= TRANSPOSED_BACKWARD_ROWS:
                 pending_T = recurrent_backward_T(d, Wh, scratch, self)

@@ -82,6 +82,12 @@ class Gemm:
         instead of at every GEMM that reads it. Here nothing to do."""
         return contextlib.nullcontext()
 
+    def twin(self, x, slot):
+        """Where a kernel that writes ``x`` may also write the operand form this Gemm would
+        otherwise make of it at every GEMM that reads it (bf16: ``cpu/gemm_bf16.py``), or
+        None: nothing to write (here, and outside an ``operands_fixed`` block)."""
+        return None
+
     def _recorded(self, kind, fn, a, b, out):
         t0 = time.perf_counter()
         result = fn(a, b, out)

@@ -198,7 +198,8 @@ class CaptioningModel:
         h0 += p["b_proj"]
 
         x = ws.get("embed", (total, self.wordvec_dim), dtype, xp)
-        take_rows(p["W_embed"], words, x, self.kernels)
+        # twin: a Gemm that rounds its operands (bf16) gets them from the kernel writing them
+        take_rows(p["W_embed"], words, x, self.kernels, bits=gemm.twin(x, "embed"))
         hidden, cache = cell.packed_forward(x, h0, p["Wx"], p["Wh"], p["b"], packed.batch_sizes, ws,
                                             self.kernels)
 
@@ -208,14 +209,16 @@ class CaptioningModel:
         else:
             score_pos = to_device(packed.score_pos, xp)
             scored = ws.get("scored", (len(packed.score_pos), self.hidden_dim), dtype, xp)
-            take_rows(hidden, score_pos, scored, self.kernels)
+            take_rows(hidden, score_pos, scored, self.kernels, bits=gemm.twin(scored, "scored"))
         scores = ws.get("scores", (scored.shape[0], self.vocab_size), dtype, xp)
         gemm.matmul(scored, p["W_vocab"], scores)
         # the kernel adds b_vocab in its first pass and sums its gradient in its last
         if self.kernels is not None:
+            bits = None if forward_only else gemm.twin(scores, "dscores")
             loss = self.kernels.softmax_cross_entropy(
                 scores, targets, normalizer, bias=p["b_vocab"],
-                bias_grad=None if forward_only else g["b_vocab"])
+                bias_grad=None if forward_only else g["b_vocab"],
+                **({} if bits is None else {"bits": bits}))
             dscores = scores
         else:
             scores += p["b_vocab"]

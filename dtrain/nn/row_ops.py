@@ -8,12 +8,16 @@ import numpy as np
 from ..backend import get_array_module
 
 
-def take_rows(src, idx, out, kernels=None):
+def take_rows(src, idx, out, kernels=None, bits=None):
     """out[i] = src[idx[i]] (``take`` along axis 0), by ``kernels`` where they offer it
-    (one pass on every thread of the CPU's shared pool)."""
+    (one pass on every thread of the CPU's shared pool). ``bits``, when given (out's twin
+    from ``Gemm.twin``; only ever given with the CPU kernels), receives the rows' bf16
+    rounding in the same pass."""
     gather = getattr(kernels, "gather_rows", None)
     if gather is not None:
-        return gather(src, idx, out)
+        return gather(src, idx, out) if bits is None else gather(src, idx, out, bits=bits)
+    if bits is not None:
+        raise ValueError("take_rows: bits (a bf16 twin) needs the CPU kernels")
     return get_array_module(src).take(src, idx, axis=0, out=out)
 
 

@@ -18,6 +18,14 @@ Invariants:
   finite-difference probe, a reused workspace buffer) is rounded again, never read stale.
 - Activations are rounded into buffers this object owns and reuses (grown when a pass needs
   more, never shrunk): no allocation per GEMM once the largest batch has run.
+- Twins (``twin``): a float32 buffer whose producing kernel writes its bf16 rounding as well
+  (``rounding.py``: the hidden states, the gate gradients, dscores, the gathered rows) is
+  registered with its twin; a GEMM operand lying in that buffer (a row block, a transposed
+  view) reads the twin at the same offset and strides and rounds nothing. The producer
+  writes every twin row with the float32 row, before any GEMM reads it, and nothing else
+  writes the buffer while it is registered; registrations end with the ``operands_fixed``
+  block they were made in (a pass), never outliving the data. ``verify_twins`` (tests)
+  checks every twin read against a fresh rounding.
 - An output element's bits do not depend on how many rows or columns its GEMM has, so not on
   the rank count, the packed step's size or the thread count. MKL gives a row (column) of a
   GEMM of 2 or more rows (columns) the same bits whatever their number, but computes a
@@ -43,6 +51,12 @@ from ..bf16 import gemm_arrays, gemm_rows, round_value
 from ..gemm import Gemm
 from . import dispatch
 from .jit import OPTS, SPLIT_OPTS, bounds
+
+# False: no twins (every operand rounded by the GEMM that reads it), the unfused reference
+# the fused step is compared with (tests/test_bf16_fused.py). verify_twins: every twin read
+# is checked against a fresh rounding of its float32 operand (tests only: slow).
+fusing = True
+verify_twins = False
 
 # A buffer that must grow grows by this factor beyond the request, so that the packed
 # batches' varying token counts settle after a few steps instead of growing at every one.
@@ -104,6 +118,7 @@ class Bf16Gemm(Gemm):
         self._weights = {}  # _key(array or array.T) -> (bits, trans) while operands_fixed
         self._depth = 0  # operands_fixed blocks open
         self._stores = {}  # slot -> flat buffer, reused (uint16 bits; float32 for _two_wide)
+        self._twins = {}  # slot -> (address, bytes, flat bits, depth) while registered
 
     def _store(self, slot, shape, dtype=np.uint16):
         size = int(np.prod(shape))
@@ -136,15 +151,57 @@ class Bf16Gemm(Gemm):
 
     def _round(self, x, slot):
         """(bits, trans) with op(bits) = x rounded to bf16 (``operands_fixed``'s copy if x is
-        one of its arrays or a transposed view of one)."""
+        one of its arrays or a transposed view of one; a twin's part if x lies in a twin's
+        buffer)."""
         hit = self._weights.get(_key(x))
         if hit is not None:
             return hit
+        if self._twins:
+            view = self._twin_view(x)
+            if view is not None:
+                return _rows_form(view)
         src, trans = _rows_form(x)
         bits = self._store(slot, src.shape)
+        self.round_into(src, bits)
+        return bits, trans
+
+    def round_into(self, src, bits):
+        """bits = src rounded to bf16 (src float32 2-D, unit column stride; bits uint16)."""
         dispatch.run(src.size, round_rows, round_rows_split, src, bits,
                      serial_tail=(0, src.shape[0]))
-        return bits, trans
+        return bits
+
+    def twin(self, x, slot):
+        """A uint16 buffer of x's shape that x's producing kernel fills with x's bf16
+        rounding, registered until the innermost open ``operands_fixed`` block ends: GEMMs
+        reading x, or a part or transposed view of it, read it instead of rounding x. None
+        outside such a block, or for an x that is not a C-contiguous float32 array."""
+        if (self._depth == 0 or not fusing or not isinstance(x, np.ndarray)
+                or x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous):
+            return None
+        bits = self._store(("twin", slot), x.shape)
+        self._twins[slot] = (x.ctypes.data, x.nbytes, bits.reshape(-1), self._depth)
+        return bits
+
+    def _twin_view(self, x):
+        """The bits of x from the twin whose buffer holds it, or None."""
+        address = x.ctypes.data
+        for slot, (start, size, flat, _) in self._twins.items():
+            if start <= address < start + size:
+                rows, cols = x.strides
+                if rows % 4 or cols % 4:
+                    return None
+                view = np.ndarray(x.shape, np.uint16, flat, (address - start) // 2,
+                                  (rows // 2, cols // 2))
+                if verify_twins:
+                    expected = np.empty(x.shape, np.uint16)
+                    for i in range(x.shape[0]):
+                        bf16.round_row(x[i], expected[i])
+                    if not np.array_equal(view, expected):
+                        raise AssertionError(f"Bf16Gemm: the twin {slot!r} is stale for an "
+                                             f"operand {x.shape} at offset {address - start}")
+                return view
+        return None
 
     @contextlib.contextmanager
     def operands_fixed(self, *arrays):
@@ -162,6 +219,8 @@ class Bf16Gemm(Gemm):
             yield
         finally:
             self._weights, self._depth = outer, depth
+            if self._twins:  # registered inside the block: they end with it
+                self._twins = {k: v for k, v in self._twins.items() if v[3] <= depth}
 
     def _product(self, a, b, out, beta):
         """out = a @ b + beta out, a and b float32 rounded to bf16, out float32."""

@@ -13,7 +13,19 @@ import numpy as np
 
 from ... import alloc
 from ..base import Capabilities, KernelSet
-from . import adam, blas, cells, dispatch, embedding, fixedpoint, jit, loops, rows, softmax
+from . import (
+    adam,
+    blas,
+    cells,
+    dispatch,
+    embedding,
+    fixedpoint,
+    jit,
+    loops,
+    rounding,
+    rows,
+    softmax,
+)
 from .gemm import CpuGemm
 from .jit import PARTIAL_ROWS
 
@@ -66,13 +78,17 @@ class CpuKernels(KernelSet):
 
     # -- the cells' steps ---------------------------------------------------------------
 
-    def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias, h_next=None):
+    def lstm_step_forward(self, a, r, prev_c, c, tc, h, bias, h_next=None, bits=None):
         """One LSTM step in place; ``a`` holds x Wx (its bias ``bias`` not yet added) and
         ``r`` h Wh, or ``r`` is None and ``a`` holds both (``gemm.accumulate`` added the
         recurrent product to it: ``capabilities.gemm_accumulates``). ``h_next``, when given (k <= n
         rows), also receives h's first k rows: the next step's block of prev_h
-        (``capabilities.step_writes_prev_h``)."""
+        (``capabilities.step_writes_prev_h``). ``bits``, when given, is (h's twin rows,
+        h_next's twin rows or None): h's bf16 rounding is written there too (``rounding.py``)."""
         n = a.shape[0]
+        if bits is not None:
+            self._lstm_step_forward_bf16(a, r, prev_c, c, tc, h, bias, h_next, *bits)
+            return
         if not self.fast32:
             if r is None:
                 raise ValueError("lstm_step_forward: r=None (a accumulated) is for float32 only")
@@ -90,6 +106,19 @@ class CpuKernels(KernelSet):
             dispatch.run(a.size, cells.lstm_fwd32, cells.lstm_fwd32_split, a, r, bias, prev_c[:n],
                          c, tc, h, h_next, h_next.shape[0], self._zero_bias(a.shape[1]))
 
+    def _lstm_step_forward_bf16(self, a, r, prev_c, c, tc, h, bias, h_next, h_bits, hn_bits):
+        if r is not None or not self.fast32:  # no Gemm that rounds leaves r (it accumulates)
+            self.lstm_step_forward(a, r, prev_c, c, tc, h, bias, h_next)
+            self.gemm.round_into(h, h_bits)
+            if h_next is not None:
+                hn_bits[...] = h_bits[: h_next.shape[0]]
+            return
+        n = a.shape[0]
+        if h_next is None:
+            h_next, hn_bits = self._no_rows(h), self._no_rows(h_bits)
+        dispatch.run(a.size, rounding.lstm_fwd32_acc_bf16, rounding.lstm_fwd32_acc_bf16_split,
+                     a, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0], h_bits, hn_bits)
+
     def _no_rows(self, like):
         """An empty (0, H) array of ``like``'s dtype (kept: the hot path allocates nothing)."""
         key = (like.shape[1], like.dtype)
@@ -104,14 +133,24 @@ class CpuKernels(KernelSet):
         jit.exp32_into(x, out)
         return out
 
-    def lstm_step_backward(self, d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc, dh_rec_T=None):
+    def lstm_step_backward(self, d, dh_up, dh_rec, dc_rec, n_next, a, prev_c, tc, dh_rec_T=None,
+                           bits=None):
         """One LSTM step back into ``d``, which may be ``a`` itself (the training step's case:
         the gate gradients replace the gates); otherwise ``a`` is copied there first.
         ``dh_rec_T`` (H, n_next), when given, is the transpose of the dh_rec rows the step
         reads: each thread copies its own rows first
-        (``capabilities.backward_reads_transposed``)."""
+        (``capabilities.backward_reads_transposed``). ``bits``, when given (d's twin rows),
+        receives the gate gradients' bf16 rounding too (``rounding.py``)."""
         if d is not a:
             np.copyto(d, a)
+        if bits is not None and self.fast32:
+            self._lstm_step_backward_bf16(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, dh_rec_T,
+                                          bits)
+            return
+        if bits is not None:
+            self.lstm_step_backward(d, dh_up, dh_rec, dc_rec, n_next, d, prev_c, tc, dh_rec_T)
+            self.gemm.round_into(d, bits)
+            return
         if dh_rec_T is not None:
             address = blas.ffi().addresses.get(d.dtype)
             if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
@@ -124,6 +163,21 @@ class CpuKernels(KernelSet):
                 return
         dispatch.run(d.size, cells.lstm_bwd_in_place, cells.lstm_bwd_split, d, dh_up, dh_rec,
                      dc_rec, n_next, prev_c, tc)
+
+    def _lstm_step_backward_bf16(self, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, dh_rec_T,
+                                 bits):
+        if dh_rec_T is not None:
+            address = blas.ffi().addresses.get(d.dtype)
+            if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
+                    or not (dh_rec_T.flags.c_contiguous and dh_rec.flags.c_contiguous):
+                dh_rec[:n_next] = dh_rec_T.T
+            else:
+                compiled = _loops()
+                dispatch.run(d.size, compiled.lstm_bwd_T_bf16, compiled.lstm_bwd_T_bf16_split,
+                             address, dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, bits)
+                return
+        dispatch.run(d.size, rounding.lstm_bwd_bf16, rounding.lstm_bwd_bf16_split, d, dh_up,
+                     dh_rec, dc_rec, n_next, prev_c, tc, bits)
 
     def rnn_step_forward(self, a, r):
         (cells.rnn_fwd32 if self.fast32 else cells.rnn_fwd)(a, r)
@@ -139,10 +193,12 @@ class CpuKernels(KernelSet):
 
     # -- loss, embedding, rows --------------------------------------------------------------
 
-    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None, bias_grad=None):
+    def softmax_cross_entropy(self, scores, targets, normalizer, bias=None, bias_grad=None,
+                              bits=None):
         """Loss (float) and, in place in ``scores``, its gradient; ``bias`` (V,), when
         given, is added to every row of ``scores`` first; ``bias_grad`` (V,), when given,
-        receives the gradient's column sums (the gradient of ``bias``)."""
+        receives the gradient's column sums (the gradient of ``bias``); ``bits``, when
+        given (scores' twin), the gradient's bf16 rounding (``rounding.py``)."""
         M = scores.shape[0]
         if self._row_loss.size < M:
             self._row_loss = alloc.empty(M, np.float64)
@@ -153,6 +209,8 @@ class CpuKernels(KernelSet):
             softmax.softmax_xent(scores, targets, 1.0 / normalizer, row_loss)
             if bias_grad is not None:
                 scores.sum(axis=0, out=bias_grad)
+            if bits is not None:
+                self.gemm.round_into(scores, bits)
             return float(row_loss.sum()) / normalizer
         V = scores.shape[1]
         if bias is None:
@@ -161,8 +219,13 @@ class CpuKernels(KernelSet):
         if self._partials.size < blocks * V:
             self._partials = alloc.empty(blocks * V, self.dtype)
         partials = self._partials[: blocks * V].reshape(blocks, V)
-        dispatch.run(scores.size, softmax.softmax_xent32, softmax.softmax_xent32_split, scores,
-                     bias, targets, 1.0 / normalizer, row_loss, partials)
+        if bits is None:
+            dispatch.run(scores.size, softmax.softmax_xent32, softmax.softmax_xent32_split,
+                         scores, bias, targets, 1.0 / normalizer, row_loss, partials)
+        else:
+            dispatch.run(scores.size, rounding.softmax_xent32_bf16,
+                         rounding.softmax_xent32_bf16_split, scores, bias, targets,
+                         1.0 / normalizer, row_loss, partials, bits)
         if bias_grad is not None:
             softmax.sum_partials(partials, bias_grad)
         return float(row_loss.sum()) / normalizer
@@ -210,10 +273,18 @@ class CpuKernels(KernelSet):
                            bits, exponent)
         return bad == 0
 
-    def gather_rows(self, src, idx, out):
-        """out[i] = src[idx[i]]: ``np.take(src, idx, axis=0, out=out)`` (2-D, C-contiguous)."""
-        bad = dispatch.run(out.size, rows.gather_rows, rows.gather_rows_split, src, idx, out,
-                           serial_tail=(0, out.shape[0]))
+    def gather_rows(self, src, idx, out, bits=None):
+        """out[i] = src[idx[i]]: ``np.take(src, idx, axis=0, out=out)`` (2-D, C-contiguous);
+        ``bits``, when given (out's twin), receives the rows' bf16 rounding too."""
+        if bits is not None and out.dtype == np.float32:
+            bad = dispatch.run(out.size, rounding.gather_rows_bf16,
+                               rounding.gather_rows_bf16_split, src, idx, out, bits,
+                               serial_tail=(0, out.shape[0]))
+        else:
+            bad = dispatch.run(out.size, rows.gather_rows, rows.gather_rows_split, src, idx,
+                               out, serial_tail=(0, out.shape[0]))
+            if bits is not None:
+                self.gemm.round_into(out, bits)
         if bad:
             wrong = idx[(idx < 0) | (idx >= src.shape[0])]
             raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size "

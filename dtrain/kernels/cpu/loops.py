@@ -20,6 +20,7 @@ from numba import prange
 from .blas import read_ticks
 from .cells import lstm_bwd_in_place, lstm_bwd_part, lstm_fwd32_acc, lstm_fwd_part
 from .jit import bounds, stable
+from .rounding import lstm_bwd_bf16
 
 # log columns: kind, ticks, then (data address, rows, columns, row stride, column stride
 # in bytes) of a, b and out
@@ -80,7 +81,26 @@ def _backward_steps(ffi):
             rows_from_T(fn, src_T, dh_rec, lo, min(hi, n_next))
             lstm_bwd_part(p, parts, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
 
-    return {"lstm_bwd_T": lstm_bwd_T, "lstm_bwd_T_split": lstm_bwd_T_split}
+    @stable(f"lstm_bwd_T_bf16.{width}", cache=True, nogil=True, error_model="numpy")
+    def lstm_bwd_T_bf16(fn, src_T, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, d_bits):
+        # lstm_bwd_T whose gate gradients are also rounded into d_bits (rounding.py)
+        rows_from_T(fn, src_T, dh_rec, 0, n_next)
+        lstm_bwd_bf16(a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, d_bits)
+
+    @stable(f"lstm_bwd_T_bf16_split.{width}", cache=True, nogil=True, error_model="numpy",
+            parallel=True)
+    def lstm_bwd_T_bf16_split(parts, fn, src_T, a, dh_up, dh_rec, dc_rec, n_next, prev_c, tc,
+                              d_bits):
+        n = a.shape[0]
+        for p in prange(parts):
+            lo, hi = bounds(n, parts, p, 1)
+            rows_from_T(fn, src_T, dh_rec, lo, min(hi, n_next))
+            k = min(max(n_next - lo, 0), hi - lo)
+            lstm_bwd_bf16(a[lo:hi], dh_up[lo:hi], dh_rec[lo:hi], dc_rec[lo:hi], k,
+                          prev_c[lo:hi], tc[lo:hi], d_bits[lo:hi])
+
+    return {"lstm_bwd_T": lstm_bwd_T, "lstm_bwd_T_split": lstm_bwd_T_split,
+            "lstm_bwd_T_bf16": lstm_bwd_T_bf16, "lstm_bwd_T_bf16_split": lstm_bwd_T_bf16_split}
 
 
 def _forward_loops(ffi):

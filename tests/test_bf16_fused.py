@@ -1,0 +1,111 @@
+"""bf16 operand rounding fused into the kernels that write the operands (issue 24).
+
+The LSTM step kernels (hidden states, gate gradients), the softmax (dscores) and the row
+gather (embedded words, scored rows) write each row's bf16 rounding beside its float32
+result, into twins the bf16 Gemm reads (dtrain/kernels/cpu/rounding.py, gemm_bf16.py).
+Fused and unfused steps must give the same bits; every twin read is checked against a fresh
+rounding here; and the GEMMs must really stop rounding those operands themselves.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dtrain.kernels import bf16
+
+OK, WHY = bf16.available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"bf16 GEMMs cannot run here: {WHY}")
+
+CHILD = """
+import sys
+import numpy as np
+from dtrain import kernels
+from dtrain.kernels import pool
+from dtrain.kernels.cpu import gemm_bf16
+from dtrain.nn.model import CaptioningModel
+import test_precision as tp
+
+kernels.set_num_threads(int(sys.argv[1]))
+rounded = []  # elements the GEMMs rounded themselves, per pass (not the weights)
+plain_round = gemm_bf16.Bf16Gemm.round_into
+
+def counting_round(self, src, bits):
+    if self._depth >= 1:  # inside the pass: not the weights (rounded as the pass opens)
+        rounded.append(src.size)
+    return plain_round(self, src, bits)
+
+def run(fusing, cell, score_all):
+    gemm_bf16.fusing = fusing
+    gemm_bf16.verify_twins = fusing
+    m = CaptioningModel(tp.vocab(300), input_dim=64, wordvec_dim=64, hidden_dim=128, seed=0,
+                        precision="bf16", cell_type=cell)
+    feats, caps = tp.batch(np.random.default_rng(5), n=96, t=9, d=64, v=300)
+    if not score_all:
+        caps[::3, 3] = 0  # a NULL inside some captions: only the real targets are scored
+    gemm_bf16.Bf16Gemm.round_into = counting_round
+    rounded.clear()
+    loss, grads = m.loss(feats, caps)
+    gemm_bf16.Bf16Gemm.round_into = plain_round
+    assert m.gemm._twins == {} and m.gemm._depth == 0
+    return loss, grads, sum(rounded)
+
+for cell in ("lstm", "gru"):
+    for score_all in (True, False):
+        loss_f, fused, n_fused = run(True, cell, score_all)
+        loss_u, unfused, n_unfused = run(False, cell, score_all)
+        same = loss_f == loss_u and all(np.array_equal(fused[k], unfused[k]) for k in fused)
+        print(cell, score_all, pool.threads(), same, n_fused, n_unfused)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_rounding_gives_the_unfused_bits_and_rounds_far_less(threads):
+    """One bf16 training pass with the rounding fused into the kernels (every twin read
+    checked against a fresh rounding) and one without: the same loss and gradients, bit for
+    bit, on one thread and split across two (the kernels' split forms); for the LSTM the
+    GEMMs themselves round less than a tenth of what they round unfused (what is left: the
+    weights, the image features, h0 and dh0). The GRU's steps keep the GEMMs' own rounding.
+    """
+    p = subprocess.run([sys.executable, "-c", CHILD, str(threads)], capture_output=True,
+                       text=True, timeout=300, cwd=os.path.dirname(__file__))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split() for line in p.stdout.split("\n") if line]
+    assert len(rows) == 4, p.stdout
+    for cell, _, used, same, n_fused, n_unfused in rows:
+        assert used == str(threads) and same == "True", p.stdout
+        # the GRU's steps are not fused (only the words, scored rows and dscores are)
+        assert int(n_fused) * (10 if cell == "lstm" else 1) < int(n_unfused), p.stdout
+
+
+def test_a_stale_twin_is_caught_and_twins_end_with_their_block(monkeypatch):
+    """The checks above can fail: a twin whose float32 buffer changed after its producer
+    wrote it is reported at the GEMM that reads it; outside an operands_fixed block no twin
+    is handed out, and a block's twins are forgotten when it ends."""
+    from dtrain.kernels.cpu import gemm_bf16
+
+    monkeypatch.setattr(gemm_bf16, "verify_twins", True)
+    g, rng = gemm_bf16.Bf16Gemm(), np.random.default_rng(0)
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    out = np.empty((4, 16), np.float32)
+    assert g.twin(x, "x") is None  # no block open
+    with g.operands_fixed(w):
+        bits = g.twin(x, "x")
+        g.round_into(x, bits)  # what the producing kernel does
+        g.matmul(x[2:6], w, out)  # a row block of x: read from the twin
+        ref = np.empty_like(out)
+        gemm_bf16.Bf16Gemm().matmul(x[2:6], w, ref)
+        assert np.array_equal(out, ref)
+        x[3, 5] += 1.0  # written behind the twin's back
+        with pytest.raises(AssertionError, match="twin 'x' is stale"):
+            g.matmul(x[2:6], w, out)
+        with pytest.raises(AssertionError, match="stale"):
+            g.matmul(x[:4].T, out, np.empty((32, 16), np.float32))  # a transposed view
+    assert g._twins == {}
+    g.matmul(x[2:6], w, out)  # rounded afresh now: the changed element counts
+    expected = np.empty_like(out)
+    gemm_bf16.Bf16Gemm().matmul(x[2:6].copy(), w, expected)
+    assert np.array_equal(out, expected)
