@@ -109,3 +109,31 @@ def test_a_stale_twin_is_caught_and_twins_end_with_their_block(monkeypatch):
     expected = np.empty_like(out)
     gemm_bf16.Bf16Gemm().matmul(x[2:6].copy(), w, expected)
     assert np.array_equal(out, expected)
+
+
+def test_the_bf16_floor_replays_operands_converted_before_the_timing(monkeypatch):
+    """The GEMM floor of a bf16 step is its GEMMs' own time: the replay converts every operand
+    once, before timing, as the step's kernels hand theirs over already converted (twins,
+    weights once per pass); without that the floor would time a rounding per GEMM."""
+    from dtrain.bench import floor
+    from dtrain.kernels.cpu.gemm_bf16 import Bf16Gemm
+
+    g, rng = Bf16Gemm(), np.random.default_rng(1)
+    a = rng.standard_normal((64, 48)).astype(np.float32)
+    w = rng.standard_normal((48, 32)).astype(np.float32)
+    h = rng.standard_normal((64, 32)).astype(np.float32)
+    out, acc, back = (np.empty((64, 32), np.float32), np.zeros((64, 48), np.float32),
+                      np.empty((48, 64), np.float32))
+    gemms = (floor._layouts(a, w, out, "matmul") + floor._layouts(h, w.T, acc, "accumulate")
+             + floor._layouts(w, h, back, "transposed"))
+    kinds = {"matmul": g.matmul, "accumulate": g.accumulate, "transposed": g.transposed}
+    rounded = []
+    plain = Bf16Gemm.round_into
+    monkeypatch.setattr(Bf16Gemm, "round_into",
+                        lambda self, src, bits: rounded.append(src.shape) or plain(self, src, bits))
+    assert floor.replay_gemms(gemms, repeats=3, kernel_gemms=kinds,
+                              operands_fixed=g.operands_fixed) > 0
+    assert len(rounded) == 6  # each GEMM's two operands, once, not once per replay
+    rounded.clear()
+    floor.replay_gemms(gemms, repeats=3, kernel_gemms=kinds)
+    assert len(rounded) == 6 * 4  # the warm pass and 3 timed ones, every operand every time

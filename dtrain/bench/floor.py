@@ -214,12 +214,29 @@ def replay_ops(gemms, seed=0):
                   for ptr, shape, strides, dt in call) for call in gemms]
 
 
-def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0, kernel_gemms=None):
+def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0, kernel_gemms=None, operands_fixed=None):
     """Median seconds of the recorded GEMMs run alone, in order, on arrays of the same layouts.
     ``kernel_gemms`` maps the kinds of GEMM the kernels made ("accumulate": out += a @ b;
-    "transposed": out = a @ b.T) to the calls that replay them; "matmul" is numpy.matmul."""
+    "transposed": out = a @ b.T) to the calls that replay them; "matmul" is numpy.matmul.
+    ``operands_fixed`` (the step's ``Gemm.operands_fixed``), when given, is opened around the
+    replay with every operand: a Gemm that converts its operands (bf16) converts each once,
+    before the timing, as the step's kernels hand it their operands already converted; the
+    floor is then the GEMMs' own time."""
     if not gemms:
         return 0.0
+    if operands_fixed is not None:
+        ops = replay_ops(gemms, seed)
+        inputs = list({id(x): x for _, *call in _with_ops(gemms, ops) for x in call[:2]}.values())
+        with operands_fixed(*inputs):
+            return _replay(gemms, ops, repeats, kernel_gemms)
+    return _replay(gemms, replay_ops(gemms, seed), repeats, kernel_gemms)
+
+
+def _with_ops(gemms, ops):
+    return [(call[3], *o) for call, o in zip(gemms, ops)]
+
+
+def _replay(gemms, ops, repeats, kernel_gemms):
 
     def matmul(a, b, out):
         np.matmul(a, b, out=out)
@@ -229,7 +246,7 @@ def replay_gemms(gemms, repeats=FLOOR_REPEATS, seed=0, kernel_gemms=None):
     if missing:
         raise ValueError(f"GEMMs of kind {sorted(missing)} were recorded: replay them with the "
                          "kernels' calls")
-    calls = [(replay[call[3]], *ops) for call, ops in zip(gemms, replay_ops(gemms, seed))]
+    calls = [(replay[kind], *o) for kind, *o in _with_ops(gemms, ops)]
     # one warm pass: pages touched, BLAS threads awake (an accumulating GEMM adds to the gate
     # rows the input projection wrote just before it, as in the step: nothing grows)
     for fn, a, b, out in calls:
@@ -268,7 +285,8 @@ def profile_steps(build, model, adam, reducer, step, batches, normalizer, batch_
             parts[key].append(prof.times.get(key, 0.0))
         steps_t.append(prof.time_steps)
         counts.append(len(prof.gemms))
-        floors.append(replay_gemms(prof.gemms, kernel_gemms=prof.kernel_gemms))
+        floors.append(replay_gemms(prof.gemms, kernel_gemms=prof.kernel_gemms,
+                                   operands_fixed=model.gemm.operands_fixed))
 
     t_model, t_adam, t_reducer, t_step = build(8, TINY_WIDTH, TINY_WIDTH)
     tiny = [(tiny_captions(c, model.null_idx), np.zeros((c.shape[0], TINY_WIDTH), np.float32))
