@@ -137,3 +137,69 @@ def test_the_bf16_floor_replays_operands_converted_before_the_timing(monkeypatch
     rounded.clear()
     floor.replay_gemms(gemms, repeats=3, kernel_gemms=kinds)
     assert len(rounded) == 6 * 4  # the warm pass and 3 timed ones, every operand every time
+
+
+# -- the weights: rounded by Adam's pass over them, read by the next step's GEMMs -------------
+
+
+def _bf16_step(micro_batch=None):
+    from test_precision import vocab
+
+    from dtrain.nn.model import CaptioningModel
+    from dtrain.nn.optim import Adam
+    from dtrain.parallel.accumulate import FloatAccumulator
+    from dtrain.parallel.reducer import LocalReducer
+    from dtrain.step import TrainStep
+
+    model = CaptioningModel(vocab(60), input_dim=24, wordvec_dim=16, hidden_dim=32, seed=0,
+                            precision="bf16")
+    adam = Adam(model.num_params, dtype=np.float32, kernels=model.kernels)
+    step = TrainStep(model, adam, FloatAccumulator(LocalReducer(None)), micro_batch=micro_batch)
+    return model, step
+
+
+def _steps(micro_batch, n=4):
+    from test_precision import batch
+
+    model, step = _bf16_step(micro_batch)
+    for k in range(n):
+        feats, caps = batch(np.random.default_rng(10 + k), n=8, t=7, d=24, v=60)
+        step(feats, caps, 8, 1e-2)
+    return model, step
+
+
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_adam_rounds_the_weights_for_the_next_step_with_the_same_bits(monkeypatch, micro_batch):
+    """Adam writes the updated parameters' bf16 rounding in its own pass; the next step's
+    GEMMs read the weights from there (every read checked against a fresh rounding): four
+    steps give the parameters of four steps whose GEMMs round the weights themselves, bit for
+    bit. The weights are rounded by the GEMM side once, in the first step, however many
+    micro-shards a step has (the step opens one block around its passes)."""
+    from dtrain.kernels.cpu import gemm_bf16
+
+    monkeypatch.setattr(gemm_bf16, "verify_twins", True)
+    weight_roundings = []
+    plain = gemm_bf16.Bf16Gemm.round_into
+    monkeypatch.setattr(gemm_bf16.Bf16Gemm, "round_into", lambda self, src, bits: (
+        weight_roundings.append(src.shape) if self._depth == 0 else None,
+        plain(self, src, bits))[1])
+    fused, step = _steps(micro_batch)
+    assert step._weight_bits is not None and step._weight_bits_current
+    assert len(weight_roundings) == 4  # W_proj, Wx, Wh, W_vocab, in step 1 only
+    monkeypatch.setattr(gemm_bf16, "fusing", False)
+    unfused, other = _steps(micro_batch)
+    assert other._weight_bits is None
+    assert np.array_equal(fused.param_buffer, unfused.param_buffer)
+    assert np.array_equal(step._weight_bits, gemm_bf16.bf16.to_bf16(fused.param_buffer))
+
+
+def test_parameters_written_behind_the_optimizers_back_are_caught():
+    """The step trusts Adam's rounding only after its own update; a spot check catches
+    parameters changed between two steps by something else (here: all of them)."""
+    from test_precision import batch
+
+    model, step = _steps(None, n=2)
+    model.param_buffer *= 1.5
+    feats, caps = batch(np.random.default_rng(0), n=8, t=7, d=24, v=60)
+    with pytest.raises(RuntimeError, match="bf16 copy is stale"):
+        step(feats, caps, 8, 1e-2)

@@ -76,11 +76,19 @@ class Gemm:
             return self._transposed(a, b, out)
         return self._recorded("transposed", self._transposed, a, b, out)
 
-    def operands_fixed(self, *arrays):
+    def operands_fixed(self, *arrays, converted=None):
         """A block (``with``, may nest) in which ``arrays`` do not change: a Gemm that converts
         its operands (bf16, ``cpu/gemm_bf16.py``) converts each of those once for the block
-        instead of at every GEMM that reads it. Here nothing to do."""
+        instead of at every GEMM that reads it. ``converted``, when given, is (buffer, its
+        ``param_twin`` already written by the optimizer): arrays lying in that buffer are
+        taken from there, not converted. Here nothing to do."""
         return contextlib.nullcontext()
+
+    def param_twin(self, buffer):
+        """A buffer the optimizer may fill with ``buffer``'s (the flat parameters') operand
+        form as it updates them (``Adam.step(bits=)``), for ``operands_fixed(converted=)``;
+        None when this Gemm reads its operands as they are (here)."""
+        return None
 
     def twin(self, x, slot):
         """Where a kernel that writes ``x`` may also write the operand form this Gemm would

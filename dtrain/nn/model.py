@@ -169,10 +169,18 @@ class CaptioningModel:
                          embed_offset=self.embed_offset, embed_shape=self.shapes["W_embed"],
                          embed_ids=ids, embed_rows=rows, embed_dense=dense, kernels=self.kernels)
 
-    def _packed_pass(self, features, packed, normalizer, forward_only, vocab_ready=None):
-        # the weights do not change during a pass: a converting Gemm (bf16) converts them once
+    def weights_fixed(self, converted=None):
+        """``gemm.operands_fixed`` over the four GEMM weights: a converting Gemm (bf16) converts
+        them once for the block (or takes them from ``converted``, the optimizer's rounding of
+        the flat parameters, ``Gemm.param_twin``). A pass opens one; the training step opens
+        one around all the passes of a step, so they are converted once per step."""
         p = self.params
-        with self.gemm.operands_fixed(p["W_proj"], p["Wx"], p["Wh"], p["W_vocab"]):
+        return self.gemm.operands_fixed(p["W_proj"], p["Wx"], p["Wh"], p["W_vocab"],
+                                        converted=converted)
+
+    def _packed_pass(self, features, packed, normalizer, forward_only, vocab_ready=None):
+        # the weights do not change during a pass (already converted if a step's block is open)
+        with self.weights_fixed():
             return self._packed_body(features, packed, normalizer, forward_only, vocab_ready)
 
     def _packed_body(self, features, packed, normalizer, forward_only, vocab_ready):

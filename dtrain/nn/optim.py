@@ -41,15 +41,20 @@ class Adam:
         self.t += 1
         return lr / (1.0 - self.beta1**self.t), 1.0 / (1.0 - self.beta2**self.t)
 
-    def step(self, params, grads, lr=None):
-        """One in-place update of ``params`` from ``grads`` (both flat)."""
+    def step(self, params, grads, lr=None, bits=None):
+        """One in-place update of ``params`` from ``grads`` (both flat). ``bits`` (the CPU
+        kernels only), when given, receives the updated parameters rounded to bf16 by the
+        same pass (``Gemm.param_twin``: the next step's bf16 GEMMs read the weights there)."""
         lr = self.lr if lr is None else lr
+        if bits is not None and self.kernels is None:
+            raise ValueError("Adam.step: bits (bf16 weights) need the CPU kernels")
         self.advance(lr)
         bias1 = 1.0 - self.beta1**self.t
         bias2 = 1.0 - self.beta2**self.t
         if self.kernels is not None:
+            extra = {} if bits is None else {"bits": bits}
             self.kernels.adam_update(params, grads, self.m, self.v, lr, self.beta1, self.beta2,
-                                     self.eps, bias1, bias2)
+                                     self.eps, bias1, bias2, **extra)
             return
         xp = self.xp
         if self._scratch is None or self._scratch.shape != params.shape:

@@ -19,6 +19,7 @@ graph itself, and says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -121,6 +122,12 @@ class TrainStep:
         self.step_pass = gpu if gpu is not None else CpuPass(model, vocab_ready)
         # one GPU rank, one pass: the pass ran Adam inside its graph (GpuTrainStep decides)
         self.adam_in_pass = bool(self.step_pass.adam_in_pass)
+        # A Gemm that converts its operands (bf16) gets the weights converted by Adam's pass
+        # over them (param_twin) and reads them from there in the next step: current only
+        # after this object's own update, and nothing else writes the parameters between
+        # two steps (a guard in operands_fixed spot-checks it).
+        self._weight_bits = None if gpu is not None else model.gemm.param_twin(model.param_buffer)
+        self._weight_bits_current = False
 
     def describe(self) -> str:
         micro = f", micro-batch {self.micro_batch}" if self.micro_batch else ""
@@ -164,19 +171,25 @@ class TrainStep:
         t0 = time.perf_counter()
         shards = self._shards(captions.shape[0])
         reduced = None
-        while reduced is None:  # None: the fixed-point sums asked again, with new scales
-            acc.start()
-            for rows in shards:
-                grads = step_pass.forward_backward(features[rows], captions[rows], normalizer, lr)
-                if check is not None:
-                    check(grads)
-                acc.add(grads)
-            t1 = time.perf_counter()
-            reduced = acc.finish(stop)
+        bits, model = self._weight_bits, self.model
+        converted = (model.param_buffer, bits) if self._weight_bits_current else None
+        with model.weights_fixed(converted) if self.gpu is None else contextlib.nullcontext():
+            while reduced is None:  # None: the fixed-point sums asked again, with new scales
+                acc.start()
+                for rows in shards:
+                    grads = step_pass.forward_backward(features[rows], captions[rows],
+                                                       normalizer, lr)
+                    if check is not None:
+                        check(grads)
+                    acc.add(grads)
+                t1 = time.perf_counter()
+                reduced = acc.finish(stop)
         t2 = time.perf_counter()
         if not self.adam_in_pass:
             self._check_finite(reduced)
-            self.optimizer.step(self.model.param_buffer, self.model.grad_buffer, lr=lr)
+            extra = {} if bits is None else {"bits": bits}
+            self.optimizer.step(model.param_buffer, model.grad_buffer, lr=lr, **extra)
+            self._weight_bits_current = bits is not None
         t3 = time.perf_counter()
         forward_end = grads.forward_end if len(shards) == 1 else 0.0
         marks = {"start": t0, "forward_end": forward_end, "backward_end": t1, "reduce_end": t2,

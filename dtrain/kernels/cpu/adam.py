@@ -9,7 +9,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..bf16 import round_value
 from .jit import OPTS, SPLIT_OPTS, bounds
+
+# adam_bf16 updates and rounds this many elements at a time (in L1 between the two)
+ROUND_BLOCK = 2048
 
 
 # Adam is memory-bound: keep its arithmetic in the buffer's dtype (no float64
@@ -51,3 +55,25 @@ def adam_split(parts, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
     for q in prange(parts):
         lo, hi = bounds(n, parts, q, 16)
         adam(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], lr, b1, b2, eps, bias1, bias2)
+
+
+@njit(**OPTS)
+def adam_bf16(p, g, m, v, lr, b1, b2, eps, bias1, bias2, bits):
+    # adam, block by block, each block of updated parameters rounded to bf16 into bits while
+    # in L1 (--precision bf16: the next step's GEMMs read the weights from there). Each
+    # element's update is the same arithmetic however the buffer is cut: the same bits.
+    n = p.size
+    for lo in range(0, n, ROUND_BLOCK):
+        hi = min(lo + ROUND_BLOCK, n)
+        adam(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], lr, b1, b2, eps, bias1, bias2)
+        for k in range(lo, hi):
+            bits[k] = round_value(p[k])
+
+
+@njit(**SPLIT_OPTS)
+def adam_bf16_split(parts, p, g, m, v, lr, b1, b2, eps, bias1, bias2, bits):
+    n = p.size
+    for q in prange(parts):
+        lo, hi = bounds(n, parts, q, 16)
+        adam_bf16(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], lr, b1, b2, eps, bias1, bias2,
+                  bits[lo:hi])

@@ -203,12 +203,33 @@ class Bf16Gemm(Gemm):
                 return view
         return None
 
+    def param_twin(self, buffer):
+        """uint16 of the flat float32 parameters' size: Adam writes their rounding there."""
+        if not (isinstance(buffer, np.ndarray) and buffer.dtype == np.float32
+                and buffer.ndim == 1 and buffer.flags.c_contiguous) or not fusing:
+            return None
+        return self._store("params", buffer.shape)
+
+    def _check_converted(self, buffer, bits):
+        """A cheap guard against a parameter twin gone stale (the parameters written by
+        something other than the optimizer since): 64 spread elements compared."""
+        idx = np.linspace(0, buffer.size - 1, num=min(64, buffer.size)).astype(np.int64)
+        if not np.array_equal(bf16.to_bf16(buffer[idx]), bits[idx]):
+            raise RuntimeError("Bf16Gemm: the parameters changed since the optimizer rounded "
+                               "them (their bf16 copy is stale)")
+
     @contextlib.contextmanager
-    def operands_fixed(self, *arrays):
+    def operands_fixed(self, *arrays, converted=None):
         """While open, ``arrays`` (float32, unchanged inside) are rounded once here and every
         GEMM that reads one of them, or its transpose, reads that copy. Blocks nest: an inner
-        block adds its arrays, and its exit forgets only those."""
+        block adds its arrays, and its exit forgets only those. ``converted`` = (buffer, bits):
+        bits is buffer's rounding, written by Adam (``param_twin``); arrays lying in buffer
+        are read from there (a twin for the block) and not rounded."""
         outer, depth = self._weights, self._depth
+        if converted is not None and fusing:
+            buffer, bits = converted
+            self._check_converted(buffer, bits)
+            self._twins["params"] = (buffer.ctypes.data, buffer.nbytes, bits, depth + 1)
         fixed = dict(outer)
         for i, x in enumerate(arrays):
             bits, trans = self._round(x, ("fixed", depth, i))

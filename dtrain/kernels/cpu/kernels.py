@@ -402,8 +402,17 @@ class CpuKernels(KernelSet):
 
     # -- optimizer and reducer ----------------------------------------------------------------
 
-    def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2):
-        dispatch.run(p.size, adam.adam, adam.adam_split, p, g, m, v, lr, b1, b2, eps, bias1, bias2)
+    def adam_update(self, p, g, m, v, lr, b1, b2, eps, bias1, bias2, bits=None):
+        """Adam in place over the flat buffers; ``bits`` (uint16, p's size), when given,
+        receives the updated parameters rounded to bf16 in the same pass."""
+        if bits is None:
+            dispatch.run(p.size, adam.adam, adam.adam_split, p, g, m, v, lr, b1, b2, eps, bias1,
+                         bias2)
+            return
+        if p.dtype != np.float32 or bits.shape != p.shape or bits.dtype != np.uint16:
+            raise ValueError("adam_update: bits must be uint16 of the float32 parameters' shape")
+        dispatch.run(p.size, adam.adam_bf16, adam.adam_bf16_split, p, g, m, v, lr, b1, b2, eps,
+                     bias1, bias2, bits)
 
     def quantize_add(self, acc, g, scale):
         """acc (int64) += rint(g * scale); returns max |g| (float)."""
