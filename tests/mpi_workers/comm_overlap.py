@@ -12,6 +12,8 @@ Usage: comm_overlap.py   (under mpiexec -n 2 or -n 3; asserts on every rank, pri
    steps; the model's hook started the early part inside every pass.
 """
 
+import threading
+
 import numpy as np
 
 from dtrain.config import TrainConfig
@@ -116,6 +118,12 @@ def main(comm):
     assert reducer.early is not None and reducer.early_in_pass == 3, step.describe()
     assert "during BPTT" in step.describe()
     assert np.array_equal(plain.view(np.uint32), overlapped.view(np.uint32))
+    # one progress thread for the process, started at the first overlapped sum and kept
+    # (not one per step); it polls nothing once every sum has been waited for
+    from dtrain.parallel import pending
+
+    assert [t.name for t in threading.enumerate()].count("dtrain-iallreduce") == 1
+    assert pending._PROGRESS._jobs == []
     if comm.rank == 0:
         print(f"bf16 max error / sum|g|: {rel:.3g} (bound {BF16_SUM_BOUND:.3g})", flush=True)
         print("OK", flush=True)
