@@ -203,3 +203,87 @@ def test_parameters_written_behind_the_optimizers_back_are_caught():
     feats, caps = batch(np.random.default_rng(0), n=8, t=7, d=24, v=60)
     with pytest.raises(RuntimeError, match="bf16 copy is stale"):
         step(feats, caps, 8, 1e-2)
+
+
+def test_the_step_kernels_write_twin_rows_of_their_own_results():
+    """The LSTM step kernels with bits: the float32 results are those without, and the bits
+    are their rounding (forward with the recurrent product added (r=None) or apart (r), both
+    with the next step's prev_h rows; backward with dh_rec given transposed or not); float64
+    asks for no bits and is refused."""
+    from dtrain.kernels.bf16 import to_bf16
+    from dtrain.kernels.cpu import CpuKernels
+
+    k, rng = CpuKernels(np.float32), np.random.default_rng(3)
+    n, H, k_next = 6, 8, 4
+
+    def arrays():
+        r = np.random.default_rng(9)
+        return {"a": r.standard_normal((n, 4 * H)).astype(np.float32),
+                "r": r.standard_normal((n, 4 * H)).astype(np.float32),
+                "pc": r.standard_normal((n, H)).astype(np.float32),
+                "b": r.standard_normal(4 * H).astype(np.float32)}
+
+    for with_r in (False, True):
+        outs = []
+        for fused in (False, True):
+            x = arrays()
+            c, tc, h = (np.empty((n, H), np.float32) for _ in range(3))
+            h_next = np.empty((k_next, H), np.float32)
+            bits = (np.empty((n, H), np.uint16), np.empty((k_next, H), np.uint16))
+            k.lstm_step_forward(x["a"], x["r"] if with_r else None, x["pc"], c, tc, h, x["b"],
+                                h_next=h_next, bits=bits if fused else None)
+            outs.append((x["a"], c, tc, h, h_next, bits))
+        (*plain, _), (*fused, bits) = outs
+        assert all(np.array_equal(p, f) for p, f in zip(plain, fused))
+        assert np.array_equal(bits[0], to_bf16(fused[3]))
+        assert np.array_equal(bits[1], to_bf16(fused[4]))
+    for transposed in (False, True):
+        outs = []
+        for fused in (False, True):
+            x = arrays()
+            dh_up = np.random.default_rng(5).standard_normal((n, H)).astype(np.float32)
+            dh_rec = np.random.default_rng(6).standard_normal((n, H)).astype(np.float32)
+            dh_T = np.ascontiguousarray(dh_rec[:k_next].T) if transposed else None
+            dc_rec = np.random.default_rng(7).standard_normal((n, H)).astype(np.float32)
+            bits = np.empty((n, 4 * H), np.uint16)
+            extra = {"bits": bits} if fused else {}
+            k.lstm_step_backward(x["a"], dh_up, dh_rec, dc_rec, k_next, x["a"], x["pc"],
+                                 rng.standard_normal((n, H)).astype(np.float32) * 0 + 0.5,
+                                 dh_rec_T=dh_T, **extra)
+            outs.append((x["a"], dh_rec, dc_rec, bits))
+        assert all(np.array_equal(p, f) for p, f in zip(outs[0][:3], outs[1][:3]))
+        assert np.array_equal(outs[1][3], to_bf16(outs[1][0]))
+    k64 = CpuKernels(np.float64)
+    a = np.zeros((2, 4 * H))
+    with pytest.raises(ValueError, match="need float32"):
+        k64.lstm_step_forward(a, a, a[:, :H], a[:, :H], a[:, :H], a[:, :H], a[0],
+                              bits=(np.empty((2, H), np.uint16), None))
+
+
+def test_the_softmax_and_the_gather_write_twin_rows_of_their_own_results():
+    """The softmax (rows split into blocks of PARTIAL_ROWS, a partial block at the end) and
+    the row gather with bits: the float32 results are those without, the bits their rounding."""
+    from dtrain.kernels.bf16 import to_bf16
+    from dtrain.kernels.cpu import CpuKernels
+
+    k, rng = CpuKernels(np.float32), np.random.default_rng(4)
+    scores = rng.standard_normal((150, 37)).astype(np.float32)
+    targets, b = rng.integers(0, 37, 150), rng.standard_normal(37).astype(np.float32)
+    plain, fused = scores.copy(), scores.copy()
+    db_plain, db_fused = np.empty(37, np.float32), np.empty(37, np.float32)
+    bits = np.empty(scores.shape, np.uint16)
+    loss = k.softmax_cross_entropy(plain, targets, 7.0, bias=b, bias_grad=db_plain)
+    assert k.softmax_cross_entropy(fused, targets, 7.0, bias=b, bias_grad=db_fused,
+                                   bits=bits) == loss
+    assert np.array_equal(plain, fused) and np.array_equal(db_plain, db_fused)
+    assert np.array_equal(bits, to_bf16(fused))
+    src = rng.standard_normal((40, 24)).astype(np.float32)
+    idx = rng.integers(0, 40, 33)
+    out, gbits = np.empty((33, 24), np.float32), np.empty((33, 24), np.uint16)
+    k.gather_rows(src, idx, out, bits=gbits)
+    assert np.array_equal(out, src[idx]) and np.array_equal(gbits, to_bf16(src[idx]))
+    with pytest.raises(IndexError):
+        k.gather_rows(src, np.array([0, 40]), out[:2], bits=gbits[:2])
+    with pytest.raises(ValueError, match="need float32"):
+        CpuKernels(np.float64).gather_rows(src.astype(np.float64), idx, out.astype(np.float64),
+                                           bits=gbits)

@@ -47,10 +47,11 @@ import numpy as np
 from numba import njit, prange
 
 from .. import bf16
-from ..bf16 import gemm_arrays, gemm_rows, round_value
+from ..bf16 import gemm_arrays, gemm_rows
 from ..gemm import Gemm
 from . import dispatch
-from .jit import OPTS, SPLIT_OPTS, bounds
+from .jit import SPLIT_OPTS, bounds
+from .rounding import round_rows, round_rows_split
 
 # False: no twins (every operand rounded by the GEMM that reads it), the unfused reference
 # the fused step is compared with (tests/test_bf16_fused.py). verify_twins: every twin read
@@ -61,23 +62,6 @@ verify_twins = False
 # A buffer that must grow grows by this factor beyond the request, so that the packed
 # batches' varying token counts settle after a few steps instead of growing at every one.
 GROWTH = 1.25
-
-
-@njit(**OPTS)
-def round_rows(src, dst, lo, hi):
-    """dst[i] = bf16 bits of src[i] for rows lo..hi: src float32 2-D with unit column stride
-    (row views allowed), dst uint16 of the same shape."""
-    for i in range(lo, hi):
-        s, d = src[i], dst[i]
-        for j in range(s.shape[0]):
-            d[j] = round_value(s[j])
-
-
-@njit(**SPLIT_OPTS)
-def round_rows_split(parts, src, dst):
-    for p in prange(parts):
-        lo, hi = bounds(src.shape[0], parts, p, 1)
-        round_rows(src, dst, lo, hi)
 
 
 @njit(**SPLIT_OPTS)

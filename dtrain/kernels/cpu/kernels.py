@@ -107,9 +107,11 @@ class CpuKernels(KernelSet):
                          c, tc, h, h_next, h_next.shape[0], self._zero_bias(a.shape[1]))
 
     def _lstm_step_forward_bf16(self, a, r, prev_c, c, tc, h, bias, h_next, h_bits, hn_bits):
-        if r is not None or not self.fast32:  # no Gemm that rounds leaves r (it accumulates)
+        if not self.fast32:
+            raise ValueError("lstm_step_forward: bits (bf16 twin rows) need float32")
+        if r is not None:  # the bf16 Gemm accumulates (no r): this order is for other Gemms
             self.lstm_step_forward(a, r, prev_c, c, tc, h, bias, h_next)
-            self.gemm.round_into(h, h_bits)
+            self.round_into(h, h_bits)
             if h_next is not None:
                 hn_bits[...] = h_bits[: h_next.shape[0]]
             return
@@ -118,6 +120,13 @@ class CpuKernels(KernelSet):
             h_next, hn_bits = self._no_rows(h), self._no_rows(h_bits)
         dispatch.run(a.size, rounding.lstm_fwd32_acc_bf16, rounding.lstm_fwd32_acc_bf16_split,
                      a, bias, prev_c[:n], c, tc, h, h_next, h_next.shape[0], h_bits, hn_bits)
+
+    def round_into(self, src, bits):
+        """bits = src rounded to bf16 (src float32 2-D, unit column stride; bits uint16 of its
+        shape): the fallback of the kernels below whose bf16 form does not cover a case."""
+        dispatch.run(src.size, rounding.round_rows, rounding.round_rows_split, src, bits,
+                     serial_tail=(0, src.shape[0]))
+        return bits
 
     def _no_rows(self, like):
         """An empty (0, H) array of ``like``'s dtype (kept: the hot path allocates nothing)."""
@@ -143,39 +152,42 @@ class CpuKernels(KernelSet):
         receives the gate gradients' bf16 rounding too (``rounding.py``)."""
         if d is not a:
             np.copyto(d, a)
-        if bits is not None and self.fast32:
+        if bits is not None:
+            if not self.fast32:
+                raise ValueError("lstm_step_backward: bits (bf16 twin rows) need float32")
             self._lstm_step_backward_bf16(d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, dh_rec_T,
                                           bits)
             return
-        if bits is not None:
-            self.lstm_step_backward(d, dh_up, dh_rec, dc_rec, n_next, d, prev_c, tc, dh_rec_T)
-            self.gemm.round_into(d, bits)
+        address = self._rows_from_T(dh_rec_T, dh_rec, n_next)
+        if address is not None:
+            compiled = _loops()
+            dispatch.run(d.size, compiled.lstm_bwd_T, compiled.lstm_bwd_T_split, address,
+                         dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
             return
-        if dh_rec_T is not None:
-            address = blas.ffi().addresses.get(d.dtype)
-            if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
-                    or not (dh_rec_T.flags.c_contiguous and dh_rec.flags.c_contiguous):
-                dh_rec[:n_next] = dh_rec_T.T
-            else:
-                compiled = _loops()
-                dispatch.run(d.size, compiled.lstm_bwd_T, compiled.lstm_bwd_T_split, address,
-                             dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc)
-                return
         dispatch.run(d.size, cells.lstm_bwd_in_place, cells.lstm_bwd_split, d, dh_up, dh_rec,
                      dc_rec, n_next, prev_c, tc)
 
+    def _rows_from_T(self, dh_rec_T, dh_rec, n_next):
+        """omatcopy's address when the step kernel can copy its dh_rec rows from ``dh_rec_T``
+        itself; otherwise (no ``dh_rec_T``: None; a layout omatcopy cannot take: the rows
+        copied here first) None."""
+        if dh_rec_T is None:
+            return None
+        address = blas.ffi().addresses.get(dh_rec.dtype)
+        if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
+                or not (dh_rec_T.flags.c_contiguous and dh_rec.flags.c_contiguous):
+            dh_rec[:n_next] = dh_rec_T.T
+            return None
+        return address
+
     def _lstm_step_backward_bf16(self, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, dh_rec_T,
                                  bits):
-        if dh_rec_T is not None:
-            address = blas.ffi().addresses.get(d.dtype)
-            if address is None or dh_rec_T.shape != (dh_rec.shape[1], n_next) \
-                    or not (dh_rec_T.flags.c_contiguous and dh_rec.flags.c_contiguous):
-                dh_rec[:n_next] = dh_rec_T.T
-            else:
-                compiled = _loops()
-                dispatch.run(d.size, compiled.lstm_bwd_T_bf16, compiled.lstm_bwd_T_bf16_split,
-                             address, dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, bits)
-                return
+        address = self._rows_from_T(dh_rec_T, dh_rec, n_next)
+        if address is not None:
+            compiled = _loops()
+            dispatch.run(d.size, compiled.lstm_bwd_T_bf16, compiled.lstm_bwd_T_bf16_split,
+                         address, dh_rec_T, d, dh_up, dh_rec, dc_rec, n_next, prev_c, tc, bits)
+            return
         dispatch.run(d.size, rounding.lstm_bwd_bf16, rounding.lstm_bwd_bf16_split, d, dh_up,
                      dh_rec, dc_rec, n_next, prev_c, tc, bits)
 
@@ -199,6 +211,8 @@ class CpuKernels(KernelSet):
         given, is added to every row of ``scores`` first; ``bias_grad`` (V,), when given,
         receives the gradient's column sums (the gradient of ``bias``); ``bits``, when
         given (scores' twin), the gradient's bf16 rounding (``rounding.py``)."""
+        if bits is not None and not self.fast32:
+            raise ValueError("softmax_cross_entropy: bits (a bf16 twin) need float32")
         M = scores.shape[0]
         if self._row_loss.size < M:
             self._row_loss = alloc.empty(M, np.float64)
@@ -209,8 +223,6 @@ class CpuKernels(KernelSet):
             softmax.softmax_xent(scores, targets, 1.0 / normalizer, row_loss)
             if bias_grad is not None:
                 scores.sum(axis=0, out=bias_grad)
-            if bits is not None:
-                self.gemm.round_into(scores, bits)
             return float(row_loss.sum()) / normalizer
         V = scores.shape[1]
         if bias is None:
@@ -276,15 +288,15 @@ class CpuKernels(KernelSet):
     def gather_rows(self, src, idx, out, bits=None):
         """out[i] = src[idx[i]]: ``np.take(src, idx, axis=0, out=out)`` (2-D, C-contiguous);
         ``bits``, when given (out's twin), receives the rows' bf16 rounding too."""
-        if bits is not None and out.dtype == np.float32:
+        if bits is None:
+            bad = dispatch.run(out.size, rows.gather_rows, rows.gather_rows_split, src, idx,
+                               out, serial_tail=(0, out.shape[0]))
+        elif out.dtype == np.float32:
             bad = dispatch.run(out.size, rounding.gather_rows_bf16,
                                rounding.gather_rows_bf16_split, src, idx, out, bits,
                                serial_tail=(0, out.shape[0]))
         else:
-            bad = dispatch.run(out.size, rows.gather_rows, rows.gather_rows_split, src, idx,
-                               out, serial_tail=(0, out.shape[0]))
-            if bits is not None:
-                self.gemm.round_into(out, bits)
+            raise ValueError("gather_rows: bits (a bf16 twin) need float32")
         if bad:
             wrong = idx[(idx < 0) | (idx >= src.shape[0])]
             raise IndexError(f"index {int(wrong[0])} is out of bounds for axis 0 with size "

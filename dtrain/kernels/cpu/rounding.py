@@ -36,6 +36,23 @@ def round_row(src, dst):
 
 
 @njit(**OPTS)
+def round_rows(src, dst, lo, hi):
+    """dst[i] = bf16 bits of src[i] for rows lo..hi: src float32 2-D with unit column stride
+    (row views allowed), dst uint16 of the same shape."""
+    for i in range(lo, hi):
+        s, d = src[i], dst[i]
+        for j in range(s.shape[0]):
+            d[j] = round_value(s[j])
+
+
+@njit(**SPLIT_OPTS)
+def round_rows_split(parts, src, dst):
+    for p in prange(parts):
+        lo, hi = bounds(src.shape[0], parts, p, 1)
+        round_rows(src, dst, lo, hi)
+
+
+@njit(**OPTS)
 def lstm_fwd32_acc_bf16(a, b, prev_c, c, tc, h, h_next, n_next, h_bits, hn_bits):
     # lstm_fwd32_acc row by row; each h row, while in L1, rounded into h_bits and (rows
     # below n_next) hn_bits, the twin of the next step's prev_h block
