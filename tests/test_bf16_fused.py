@@ -52,7 +52,7 @@ def run(fusing, cell, score_all):
     assert m.gemm._twins == {} and m.gemm._depth == 0
     return loss, grads, sum(rounded)
 
-for cell in ("lstm", "gru"):
+for cell in ("lstm", "gru", "rnn"):
     for score_all in (True, False):
         loss_f, fused, n_fused = run(True, cell, score_all)
         loss_u, unfused, n_unfused = run(False, cell, score_all)
@@ -65,19 +65,19 @@ for cell in ("lstm", "gru"):
 def test_fused_rounding_gives_the_unfused_bits_and_rounds_far_less(threads):
     """One bf16 training pass with the rounding fused into the kernels (every twin read
     checked against a fresh rounding) and one without: the same loss and gradients, bit for
-    bit, on one thread and split across two (the kernels' split forms); for the LSTM the
-    GEMMs themselves round less than a tenth of what they round unfused (what is left: the
-    weights, the image features, h0 and dh0). The GRU's steps keep the GEMMs' own rounding.
-    """
+    bit, on one thread and split across two (the kernels' split forms), for every cell; the
+    GEMMs themselves round less than a tenth (the RNN: a fifth) of what they round unfused
+    (what is left: the image features, h0, dh0, and for the GRU and RNN the stacked prev_h
+    of dWh)."""
     p = subprocess.run([sys.executable, "-c", CHILD, str(threads)], capture_output=True,
                        text=True, timeout=300, cwd=os.path.dirname(__file__))
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [line.split() for line in p.stdout.split("\n") if line]
-    assert len(rows) == 4, p.stdout
+    assert len(rows) == 6, p.stdout
     for cell, _, used, same, n_fused, n_unfused in rows:
         assert used == str(threads) and same == "True", p.stdout
-        # the GRU's steps are not fused (only the words, scored rows and dscores are)
-        assert int(n_fused) * (10 if cell == "lstm" else 1) < int(n_unfused), p.stdout
+        # left to the GEMMs: the features, h0, dh0 and (GRU, RNN) the stacked prev_h
+        assert int(n_fused) * (5 if cell == "rnn" else 10) < int(n_unfused), p.stdout
 
 
 def test_a_stale_twin_is_caught_and_twins_end_with_their_block(monkeypatch):
@@ -287,3 +287,45 @@ def test_the_softmax_and_the_gather_write_twin_rows_of_their_own_results():
     with pytest.raises(ValueError, match="need float32"):
         CpuKernels(np.float64).gather_rows(src.astype(np.float64), idx, out.astype(np.float64),
                                            bits=gbits)
+
+
+def test_the_rnn_and_gru_step_kernels_write_twin_rows_of_their_own_results():
+    from dtrain.kernels.bf16 import to_bf16
+    from dtrain.kernels.cpu import CpuKernels
+
+    k, n, H, k_next = CpuKernels(np.float32), 5, 8, 3
+
+    def rand(*shape, seed=0):
+        return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+    # RNN forward (a becomes h) and backward
+    a1, a2, r = rand(n, H), rand(n, H), rand(n, H, seed=1)
+    bits = np.empty((n, H), np.uint16)
+    k.rnn_step_forward(a1, r)
+    k.rnn_step_forward(a2, r, bits=bits)
+    assert np.array_equal(a1, a2) and np.array_equal(bits, to_bf16(a2))
+    d1, d2 = np.empty((n, H), np.float32), np.empty((n, H), np.float32)
+    k.rnn_step_backward(d1, rand(n, H, seed=2), rand(n, H, seed=3), k_next, a1)
+    k.rnn_step_backward(d2, rand(n, H, seed=2), rand(n, H, seed=3), k_next, a1, bits=bits)
+    assert np.array_equal(d1, d2) and np.array_equal(bits, to_bf16(d2))
+    # GRU forward and backward
+    outs = []
+    for fused in (False, True):
+        a, hn, h = rand(n, 3 * H, seed=4), np.empty((n, H), np.float32), np.empty((n, H),
+                                                                                 np.float32)
+        hb = np.empty((n, H), np.uint16)
+        k.gru_step_forward(a, rand(n, 3 * H, seed=5), rand(n, H, seed=6), hn, h,
+                           **({"bits": hb} if fused else {}))
+        dax, dah = np.empty((n, 3 * H), np.float32), np.empty((n, 3 * H), np.float32)
+        carry = rand(n, H, seed=7)
+        db = (np.empty((n, 3 * H), np.uint16), np.empty((n, 3 * H), np.uint16))
+        k.gru_step_backward(dax, dah, rand(n, H, seed=8), rand(n, H, seed=9), carry, k_next, a,
+                            hn, rand(n, H, seed=6), **({"bits": db} if fused else {}))
+        outs.append((a, hn, h, dax, dah, carry, hb, db))
+    plain, fused = outs
+    assert all(np.array_equal(p, f) for p, f in zip(plain[:6], fused[:6]))
+    assert np.array_equal(fused[6], to_bf16(fused[2]))
+    assert np.array_equal(fused[7][0], to_bf16(fused[3]))
+    assert np.array_equal(fused[7][1], to_bf16(fused[4]))
+    with pytest.raises(ValueError, match="need float32"):
+        CpuKernels(np.float64).rnn_step_forward(a1.astype(np.float64), r, bits=bits)

@@ -191,17 +191,40 @@ class CpuKernels(KernelSet):
         dispatch.run(d.size, rounding.lstm_bwd_bf16, rounding.lstm_bwd_bf16_split, d, dh_up,
                      dh_rec, dc_rec, n_next, prev_c, tc, bits)
 
-    def rnn_step_forward(self, a, r):
+    # ``bits``, when given, receives the bf16 rounding of what the step writes for the GEMMs
+    # to read (h forward; the pre-activation gradients backward, for the GRU a pair)
+    def rnn_step_forward(self, a, r, bits=None):
+        if bits is not None:
+            self._bits_need_float32()
+            rounding.rnn_fwd32_bf16(a, r, bits)
+            return
         (cells.rnn_fwd32 if self.fast32 else cells.rnn_fwd)(a, r)
 
-    def rnn_step_backward(self, d, dh_up, dh_rec, n_next, h):
+    def rnn_step_backward(self, d, dh_up, dh_rec, n_next, h, bits=None):
+        if bits is not None:
+            self._bits_need_float32()
+            rounding.rnn_bwd_bf16(d, dh_up, dh_rec, n_next, h, bits)
+            return
         cells.rnn_bwd(d, dh_up, dh_rec, n_next, h)
 
-    def gru_step_forward(self, a, r, prev_h, hn, h):
+    def gru_step_forward(self, a, r, prev_h, hn, h, bits=None):
+        if bits is not None:
+            self._bits_need_float32()
+            rounding.gru_fwd32_bf16(a, r, prev_h, hn, h, bits)
+            return
         (cells.gru_fwd32 if self.fast32 else cells.gru_fwd)(a, r, prev_h, hn, h)
 
-    def gru_step_backward(self, dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h):
+    def gru_step_backward(self, dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h,
+                          bits=None):
+        if bits is not None:
+            self._bits_need_float32()
+            rounding.gru_bwd_bf16(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h, *bits)
+            return
         cells.gru_bwd(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, prev_h)
+
+    def _bits_need_float32(self):
+        if not self.fast32:
+            raise ValueError("a step kernel's bits (bf16 twin rows) need float32")
 
     # -- loss, embedding, rows --------------------------------------------------------------
 

@@ -5,7 +5,8 @@ unchanged, on one row or one aligned block of rows) and then, while those rows a
 in L1 or L2, their bf16 rounding into the operand's twin (``Bf16Gemm.twin``,
 ``gemm_bf16.py``): the GEMMs that read the operand read the twin and round nothing. Which
 arrays: the LSTM's hidden states and their stacked prev_h copy (the step's forward kernel),
-the gate gradients (its backward kernel), dscores (the softmax), the embedded words and
+the gate gradients (its backward kernel), the RNN's and the GRU's hidden states and
+pre-activation gradients (their step kernels), dscores (the softmax), the embedded words and
 the scored rows (the row gather).
 
 Invariants:
@@ -22,7 +23,7 @@ from __future__ import annotations
 from numba import njit, prange
 
 from ..bf16 import round_value
-from .cells import lstm_bwd_in_place, lstm_fwd32_acc
+from .cells import gru_bwd, gru_fwd32, lstm_bwd_in_place, lstm_fwd32_acc, rnn_bwd, rnn_fwd32
 from .jit import OPTS, PARTIAL_ROWS, SPLIT_OPTS, bounds, wide_vectors
 from .rows import gather_rows
 from .softmax import softmax_xent32
@@ -141,3 +142,42 @@ def gather_rows_bf16_split(parts, src, idx, out, bits):
         lo, hi = bounds(out.shape[0], parts, p, 1)
         bad += gather_rows_bf16(src, idx, out, bits, lo, hi)
     return bad
+
+
+@njit(**OPTS)
+def rnn_fwd32_bf16(a, r, h_bits):
+    # rnn_fwd32 row by row (a becomes h), each h row rounded into h_bits
+    for row in range(a.shape[0]):
+        rnn_fwd32(a[row : row + 1], r[row : row + 1])
+        round_row(a[row], h_bits[row])
+
+
+@njit(**OPTS)
+def rnn_bwd_bf16(d, dh_up, dh_rec, n_next, h, d_bits):
+    # rnn_bwd row by row, each row of pre-activation gradients rounded into d_bits
+    for row in range(h.shape[0]):
+        k = 1 if row < n_next else 0
+        rnn_bwd(d[row : row + 1], dh_up[row : row + 1], dh_rec[row : row + 1], k,
+                h[row : row + 1])
+        round_row(d[row], d_bits[row])
+
+
+@njit(**OPTS)
+def gru_fwd32_bf16(a, r, prev_h, hn, h, h_bits):
+    # gru_fwd32 row by row, each h row rounded into h_bits
+    for row in range(a.shape[0]):
+        gru_fwd32(a[row : row + 1], r[row : row + 1], prev_h[row : row + 1], hn[row : row + 1],
+                  h[row : row + 1])
+        round_row(h[row], h_bits[row])
+
+
+@njit(**OPTS)
+def gru_bwd_bf16(dax, dah, dh_up, dh_rec, carry, n_next, a, hn, ph, dax_bits, dah_bits):
+    # gru_bwd row by row, each row of both pre-activation gradients rounded into its bits
+    for row in range(a.shape[0]):
+        k = 1 if row < n_next else 0
+        gru_bwd(dax[row : row + 1], dah[row : row + 1], dh_up[row : row + 1],
+                dh_rec[row : row + 1], carry[row : row + 1], k, a[row : row + 1],
+                hn[row : row + 1], ph[row : row + 1])
+        round_row(dax[row], dax_bits[row])
+        round_row(dah[row], dah_bits[row])

@@ -77,11 +77,15 @@ def gru_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=No
     rec = L.buffer(ws, "gru_rec", (n0, 3 * H), dtype, xp)
     L.input_projection(x_packed, Wx, b, gates, kernels)
     prev_h, gemm = h0, L.gemm_of(kernels)
+    # a Gemm that rounds its operands (bf16) gets h's rounding from the step kernel
+    h_bits = gemm.twin(Hp, "gru_h") if fused is not None else None
     for t, n in enumerate(batch_sizes):
         s = offsets[t]
         a, r_, hn, h = gates[s : s + n], rec[:n], HN[s : s + n], Hp[s : s + n]
         gemm.matmul(prev_h[:n], Wh, r_)
-        if fused is not None:
+        if h_bits is not None:
+            fused(a, r_, prev_h[:n], hn, h, bits=h_bits[s : s + n])
+        elif fused is not None:
             fused(a, r_, prev_h[:n], hn, h)
         else:
             a[:, : 2 * H] += r_[:, : 2 * H]
@@ -116,12 +120,18 @@ def gru_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
     tmp = L.buffer(ws, "gru_tmp", (n0, H), dtype, xp)
     dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
     scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
+    gemm = L.gemm_of(kernels)
+    dax_bits = gemm.twin(dax, "gru_dax") if fused is not None else None
+    dah_bits = gemm.twin(dah, "gru_dah") if dax_bits is not None else None
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
         dx_t, dh_t = dax[s : s + n], dah[s : s + n]
         a, hn, ph = gates[s : s + n], HN[s : s + n], prev_h[s : s + n]
-        if fused is not None:
+        if dah_bits is not None:
+            fused(dx_t, dh_t, dH_packed[s : s + n], dh_rec, carry, n_next, a, hn, ph,
+                  bits=(dax_bits[s : s + n], dah_bits[s : s + n]))
+        elif fused is not None:
             fused(dx_t, dh_t, dH_packed[s : s + n], dh_rec, carry, n_next, a, hn, ph)
         else:
             r, z, ng = a[:, :H], a[:, H : 2 * H], a[:, 2 * H :]

@@ -45,11 +45,15 @@ def rnn_packed_forward(x_packed, h0, Wx, Wh, b, batch_sizes, ws=None, kernels=No
     L.input_projection(x_packed, Wx, b, Hp, kernels)  # pre-activations, tanh'd in place
     rec = L.buffer(ws, "rnn_rec", (batch_sizes[0] if batch_sizes else 0, H), dtype, xp)
     prev, gemm = h0, L.gemm_of(kernels)
+    # a Gemm that rounds its operands (bf16) gets h's rounding from the step kernel
+    h_bits = gemm.twin(Hp, "rnn_h") if fused is not None else None
     for t, n in enumerate(batch_sizes):
         a = Hp[offsets[t] : offsets[t] + n]
         r = rec[:n]
         gemm.matmul(prev[:n], Wh, r)
-        if fused is not None:
+        if h_bits is not None:
+            fused(a, r, bits=h_bits[offsets[t] : offsets[t] + n])
+        elif fused is not None:
             fused(a, r)
         else:
             a += r
@@ -70,12 +74,15 @@ def rnn_packed_backward(dH_packed, cache, ws=None, kernels=None, out=None, input
     dh_rec = L.buffer(ws, "rnn_dh_rec", (n0, H), dtype, xp)
     dh0 = L.buffer(ws, "dh0", (h0.shape[0], H), dtype, xp, zero=True)
     scratch = L.recurrent_scratch(ws, n0, H, dtype, xp)
+    d_bits = L.gemm_of(kernels).twin(da, "rnn_da") if fused is not None else None
     for t in range(len(batch_sizes) - 1, -1, -1):
         n, s = batch_sizes[t], offsets[t]
         n_next = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
         d = da[s : s + n]
         h = Hp[s : s + n]
-        if fused is not None:
+        if d_bits is not None:
+            fused(d, dH_packed[s : s + n], dh_rec, n_next, h, bits=d_bits[s : s + n])
+        elif fused is not None:
             fused(d, dH_packed[s : s + n], dh_rec, n_next, h)
         else:
             d[...] = dH_packed[s : s + n]
