@@ -67,8 +67,7 @@ def test_fused_rounding_gives_the_unfused_bits_and_rounds_far_less(threads):
     checked against a fresh rounding) and one without: the same loss and gradients, bit for
     bit, on one thread and split across two (the kernels' split forms), for every cell; the
     GEMMs themselves round less than a tenth (the RNN: a fifth) of what they round unfused
-    (what is left: the image features, h0, dh0, and for the GRU and RNN the stacked prev_h
-    of dWh)."""
+    (what is left: h0, dh0, and for the GRU and RNN the stacked prev_h of dWh)."""
     p = subprocess.run([sys.executable, "-c", CHILD, str(threads)], capture_output=True,
                        text=True, timeout=300, cwd=os.path.dirname(__file__))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -76,7 +75,7 @@ def test_fused_rounding_gives_the_unfused_bits_and_rounds_far_less(threads):
     assert len(rows) == 6, p.stdout
     for cell, _, used, same, n_fused, n_unfused in rows:
         assert used == str(threads) and same == "True", p.stdout
-        # left to the GEMMs: the features, h0, dh0 and (GRU, RNN) the stacked prev_h
+        # left to the GEMMs: h0, dh0 and (GRU, RNN) the stacked prev_h
         assert int(n_fused) * (5 if cell == "rnn" else 10) < int(n_unfused), p.stdout
 
 

@@ -200,7 +200,10 @@ class CaptioningModel:
 
         # Initial hidden state from the image features (sorted active rows only).
         feats = ws.get("feats", (n0, self.input_dim), dtype, xp)
-        xp.take(xp.asarray(features, dtype=dtype), order, axis=0, out=feats)
+        features = xp.asarray(features, dtype=dtype)
+        if xp is np:  # the kernels' gather takes C-ordered rows
+            features = np.ascontiguousarray(features)
+        take_rows(features, order, feats, self.kernels, bits=gemm.twin(feats, "feats"))
         h0 = ws.get("h0", (n0, self.hidden_dim), dtype, xp)
         gemm.matmul(feats, p["W_proj"], h0)
         h0 += p["b_proj"]
