@@ -32,6 +32,15 @@ _KERNELS = {"lstm_fwd32": "cells", "lstm_fwd32_acc": "cells", "lstm_bwd_in_place
 _SPLIT_NAMES = {"lstm_bwd_in_place": "lstm_bwd_split"}
 
 
+def _lstm_inputs(rng, batch_sizes, W, H):
+    """float32 (x, h0, Wx, Wh, b) of a packed LSTM batch, and dH."""
+    total, n0 = sum(batch_sizes), batch_sizes[0]
+    args = [rng.standard_normal((total, W)), rng.standard_normal((n0, H)),
+            0.3 * rng.standard_normal((W, 4 * H)), 0.3 * rng.standard_normal((H, 4 * H)),
+            rng.standard_normal(4 * H)]
+    return [a.astype(np.float32) for a in args], rng.standard_normal((total, H)).astype(np.float32)
+
+
 def _module(name):
     import importlib
 
@@ -349,13 +358,8 @@ def test_compiled_backward_loop_gives_the_python_loops_bits(parts, monkeypatch):
         monkeypatch.setattr(dispatch, "SPLIT_MIN_ELEMENTS", 0)
     W, H = 10, 16
     for batch_sizes in ([140, 131, 128, 40, 2, 1], [9, 9, 5, 1, 1]):
-        rng = np.random.default_rng(parts + len(batch_sizes))
-        total, n0 = sum(batch_sizes), batch_sizes[0]
-        args = [rng.standard_normal((total, W)), rng.standard_normal((n0, H)),
-                0.3 * rng.standard_normal((W, 4 * H)), 0.3 * rng.standard_normal((H, 4 * H)),
-                rng.standard_normal(4 * H)]
-        args = [a.astype(np.float32) for a in args]
-        dH = rng.standard_normal((total, H)).astype(np.float32)
+        args, dH = _lstm_inputs(np.random.default_rng(parts + len(batch_sizes)), batch_sizes,
+                                W, H)
         outs = []
         plan = k.lstm_plan(args[1], args[3])
         assert plan.compiled_backward and plan.parts == parts
@@ -670,14 +674,8 @@ def test_gemm_recorder_hears_every_recurrent_gemm_and_changes_no_bit():
     k = CpuKernels(np.float32)
     if not k.capabilities.compiled_loops:
         pytest.skip("no OpenBLAS sgemm found: the compiled loops are not offered")
-    rng = np.random.default_rng(5)
     batch_sizes, W, H = [140, 131, 40, 2], 10, 16
-    total, n0 = sum(batch_sizes), batch_sizes[0]
-    args = [rng.standard_normal((total, W)), rng.standard_normal((n0, H)),
-            0.3 * rng.standard_normal((W, 4 * H)), 0.3 * rng.standard_normal((H, 4 * H)),
-            rng.standard_normal(4 * H)]
-    args = [a.astype(np.float32) for a in args]
-    dH = rng.standard_normal((total, H)).astype(np.float32)
+    args, dH = _lstm_inputs(np.random.default_rng(5), batch_sizes, W, H)
     heard, outs = [], []
     for recorder in (None, lambda *call: heard.append(call)):
         k.gemm.recorder = recorder

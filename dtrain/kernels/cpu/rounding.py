@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from numba import njit, prange
 
-from ..bf16 import round_value
+from ..bf16 import round_row
 from .cells import gru_bwd, gru_fwd32, lstm_bwd_in_place, lstm_fwd32_acc, rnn_bwd, rnn_fwd32
 from .jit import OPTS, PARTIAL_ROWS, SPLIT_OPTS, bounds, wide_vectors
 from .rows import gather_rows
@@ -30,20 +30,11 @@ from .softmax import softmax_xent32
 
 
 @njit(**OPTS)
-def round_row(src, dst):
-    """dst[j] = bf16 bits of src[j]: one row, float32 to uint16."""
-    for j in range(src.shape[0]):
-        dst[j] = round_value(src[j])
-
-
-@njit(**OPTS)
 def round_rows(src, dst, lo, hi):
     """dst[i] = bf16 bits of src[i] for rows lo..hi: src float32 2-D with unit column stride
     (row views allowed), dst uint16 of the same shape."""
     for i in range(lo, hi):
-        s, d = src[i], dst[i]
-        for j in range(s.shape[0]):
-            d[j] = round_value(s[j])
+        round_row(src[i], dst[i])
 
 
 @njit(**SPLIT_OPTS)
